@@ -1,0 +1,82 @@
+"""Paged KV cache bookkeeping: which cache blocks each request owns. Plain Python, no torch.
+
+NOTE: one writer. In the hybrid topology the engine's scheduler owns it; in the rapid
+topology the decode worker does. Blocks carry reference counts so that a block can later be
+shared between requests (prefix caching, forks): a block returns to the free list only when
+its last holder lets go.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return (num_tokens + block_size - 1) // block_size
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+        self._tables: dict[str, list[int]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use, 0..1."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._tables
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def num_new_blocks(self, request_id: str, num_tokens: int) -> int:
+        """Blocks still to allocate so that the request's table covers num_tokens tokens."""
+        return max(0, blocks_needed(num_tokens, self.block_size) - len(self.block_table(request_id)))
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Grow the request's table to cover num_tokens tokens. All or nothing: on False
+        (not enough free blocks) nothing changed."""
+        need = self.num_new_blocks(request_id, num_tokens)
+        if need > len(self._free):
+            return False
+        table = self._tables.setdefault(request_id, [])
+        for _ in range(need):
+            block = self._free.popleft()
+            self._ref_counts[block] = 1
+            table.append(block)
+        return True
+
+    def share(self, src_request_id: str, dst_request_id: str, num_blocks: int) -> None:
+        """Let dst start with the first num_blocks blocks of src (a shared prefix)."""
+        if dst_request_id in self._tables:
+            raise ValueError(f"request {dst_request_id!r} already has blocks")
+        src = self.block_table(src_request_id)
+        if num_blocks > len(src):
+            raise ValueError(f"request {src_request_id!r} has only {len(src)} blocks, not {num_blocks}")
+        for block in src[:num_blocks]:
+            self._ref_counts[block] += 1
+        self._tables[dst_request_id] = list(src[:num_blocks])
+
+    def free(self, request_id: str) -> None:
+        """Release every block the request holds (a no-op for an unknown request)."""
+        for block in reversed(self._tables.pop(request_id, [])):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                # Recently freed blocks go to the front: their memory is likely still warm.
+                self._free.appendleft(block)

@@ -1,0 +1,56 @@
+"""The paged KV cache tensor: one allocation for all layers, keys and values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rapidserve.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def blocks_for_bytes(self, num_bytes: int) -> int:
+        return int(num_bytes // self.bytes_per_block)
+
+
+class KVCache:
+    """NOTE: a single tensor so that it can be handed to another worker as one handle
+    (CUDA IPC / shared memory) in the rapid topology."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        # [layers, 2 (k, v), blocks, block_size, kv_heads, head_dim]. Zeroed: kernels may read
+        # whole blocks, and stale NaNs in unused slots must not reach masked arithmetic.
+        self.tensor = torch.zeros(
+            spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+            dtype=spec.dtype, device=device,
+        )
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensor[i, 0], self.tensor[i, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
