@@ -55,6 +55,7 @@ class ChunkedScheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        self.num_preemptions = 0  # since start, for metrics
 
     # ---- queue changes -----------------------------------------------------------------------
 
@@ -90,6 +91,7 @@ class ChunkedScheduler:
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.WAITING
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
     def schedule(self) -> SchedulerOutput:

@@ -1,0 +1,61 @@
+"""Per-step attention metadata, and the one context object that carries it into the model.
+
+The model's forward keeps the signature `forward(input_ids, positions)`; attention layers read
+what they need about the batch from the forward context set by the runner around each call.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's flattened batch: B sequences, T new tokens in all."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B + 1] int32: start of each sequence's new tokens in the batch
+    seq_lens: torch.Tensor  # [B] int32: tokens in each sequence's context after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32: cache blocks of each sequence, padded
+    # Host copies (no device sync needed to read them).
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata | None = None
+
+
+# NOTE: the only module-level mutable state in the package. Set by the runner for the
+# duration of one forward; read by the attention layers. One forward runs at a time per
+# thread, so the context is thread-local (the rapid topology runs two workers as threads).
+_LOCAL = threading.local()
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = getattr(_LOCAL, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("attention called outside a forward context")
+    return ctx
+
+
+@contextmanager
+def forward_context(attn: AttentionMetadata | None) -> Iterator[ForwardContext]:
+    prev = getattr(_LOCAL, "ctx", None)
+    _LOCAL.ctx = ForwardContext(attn=attn)
+    try:
+        yield _LOCAL.ctx
+    finally:
+        _LOCAL.ctx = prev

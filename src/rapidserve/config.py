@@ -1,0 +1,67 @@
+"""Engine-wide settings: what the CLI flags and `LLM(...)` keyword arguments fill in."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MODES = ("hybrid",)
+LOAD_FORMATS = ("auto", "dummy", "gguf", "safetensors")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'2GiB', '512M', '1e9' or an int -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text))
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size in bytes (examples: 2GiB, 512M, 1000000)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None  # a directory or .gguf to take the tokenizer from
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0
+    mode: str = "hybrid"
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # overrides the sizing from memory
+    kv_cache_memory_bytes: int | None = None  # KV memory on CPU (default 1 GiB) or a fixed GPU amount
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
+        object.__setattr__(self, "kv_cache_memory_bytes", parse_bytes(self.kv_cache_memory_bytes))
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; available: {', '.join(MODES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")

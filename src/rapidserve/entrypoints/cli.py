@@ -1,0 +1,96 @@
+"""The `rapidserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.sampling_params import SamplingParams
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.sampling_seed, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rapidserve.engine import LLMEngine
+
+    params = _sampling_params(args)
+    engine = LLMEngine(engine_config_from_args(args))
+    prompts = args.prompt or ["What is the capital of France?"]
+    t0 = time.perf_counter()
+    ids = []
+    for text in prompts:
+        prompt = engine.chat_prompt([{"role": "user", "content": text}]) if args.chat else text
+        ids.append(engine.add_request(prompt, params))
+    done = {}
+    stream = len(prompts) == 1 and not args.json
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if stream:
+                print(out.delta_text, end="", flush=True)
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in done.values())
+    if stream:
+        print()
+    for text, rid in zip(prompts, ids):
+        o = done[rid].outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": text, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason}))
+        elif not stream:
+            print(f"--- {text!r}\n{o.text}\n[{o.finish_reason}]")
+    print(f"[{len(prompts)} request(s), {n_out} tokens in {elapsed:.2f} s, "
+          f"{n_out / elapsed:.1f} tok/s on {engine.device}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    _add_sampling_args(gen)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Read a llama.cpp GGUF file as an HF-style config dict, HF-named weights and a tokenizer.
+
+The model layer only speaks HF (config.json keys, transformers parameter names,
+rotate-half rope layout), so everything GGUF-specific is translated here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
+    from transformers import PreTrainedTokenizerBase
+
+# GGUF `general.architecture` -> HF `architectures[0]`.
+SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType(
+    {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }
+)
+
+# llama.cpp's converter permutes the q/k rows of these architectures only (its llama
+# graph uses interleaved "normal" rope; qwen2/qwen3 use NEOX rope = HF's rotate-half).
+_QK_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+
+_GLOBAL_TENSORS: Mapping[str, str] = MappingProxyType(
+    {
+        "token_embd": "model.embed_tokens",
+        "output_norm": "model.norm",
+        "output": "lm_head",
+    }
+)
+
+_LAYER_TENSORS: Mapping[str, str] = MappingProxyType(
+    {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+)
+
+_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_TENSOR_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+class GGUFContents(NamedTuple):
+    config: dict[str, Any]
+    weights: Iterator[tuple[str, torch.Tensor]]
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """HF-style config dict (the keys of a config.json) from a GGUF file's metadata."""
+    return _config_from_reader(_open_reader(path), os.fspath(path))
+
+
+def iter_gguf_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, float32 tensor shaped like HF's) for every tensor in the file.
+
+    The file and its metadata are validated when this is called, not on the first
+    next(), so a bad file fails before the caller starts building a model.
+    """
+    return read_gguf(path).weights
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
+    """Config and weights from one parse of the file (parsing the metadata takes seconds)."""
+    path_str = os.fspath(path)
+    reader = _open_reader(path_str)
+    config = _config_from_reader(reader, path_str)
+    names = [(tensor, hf_tensor_name(tensor.name, path_str)) for tensor in reader.tensors]
+    return GGUFContents(config, _dequantized(names, config, path_str))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer (with chat template) embedded in a GGUF file."""
+    # Imported lazily: transformers takes seconds to import and only this needs it.
+    from transformers import AutoTokenizer
+
+    path_str = os.path.abspath(os.fspath(path))
+    try:
+        return AutoTokenizer.from_pretrained(
+            os.path.dirname(path_str),
+            gguf_file=os.path.basename(path_str),
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path_str}: cannot build a tokenizer from this GGUF file: {exc}") from exc
+
+
+def hf_tensor_name(gguf_name: str, path: str = "<gguf>") -> str:
+    """HF parameter name of a GGUF tensor.
+
+    `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`.
+    """
+    if match := _LAYER_TENSOR_RE.fullmatch(gguf_name):
+        layer, kind, suffix = match.groups()
+        if kind in _LAYER_TENSORS:
+            return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+    elif match := _GLOBAL_TENSOR_RE.fullmatch(gguf_name):
+        kind, suffix = match.groups()
+        if kind in _GLOBAL_TENSORS:
+            return f"{_GLOBAL_TENSORS[kind]}.{suffix}"
+    # Refuse rather than skip: an unknown tensor means a feature the model would lack.
+    raise ValueError(f"{path}: unsupported GGUF tensor {gguf_name!r}")
+
+
+def unpermute_qk_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> HF rotate-half layout).
+
+    llama.cpp stores, per head, rows in the order (r0, r_half, r1, r_half+1, ...): the
+    two elements of each rotary pair are adjacent. HF keeps the first halves of all
+    pairs, then all second halves. Works for weights [rows, in] and biases [rows].
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot unpermute {rows} rows into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    per_head = weight.reshape(n_heads, half, 2, *weight.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _open_reader(path: str | os.PathLike[str]) -> GGUFReader:
+    from gguf import GGUFReader
+
+    path_str = os.fspath(path)
+    if not os.path.isfile(path_str):
+        raise ValueError(f"{path_str}: GGUF file not found")
+    try:
+        return GGUFReader(path_str)
+    except (OSError, ValueError, IndexError, KeyError) as exc:
+        # GGUFReader reports a bad magic as ValueError and a truncated file as
+        # whatever numpy raises while slicing past the end.
+        raise ValueError(f"{path_str}: not a readable GGUF file: {exc}") from exc
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _require(reader: GGUFReader, key: str, path: str) -> Any:
+    value = _field(reader, key)
+    if value is None:
+        raise ValueError(f"{path}: GGUF metadata lacks required key {key!r}")
+    return value
+
+
+def _f32(value: float) -> float:
+    # GGUF stores float32: 1e-5 comes back as 9.99999974e-06. The shortest decimal that
+    # round-trips through float32 recovers the number config.json had.
+    return float(str(np.float32(value)))
+
+
+def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
+    arch = _require(reader, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {supported})")
+    if int(_field(reader, "split.count", 1)) > 1:
+        raise ValueError(
+            f"{path}: split GGUF files are unsupported; merge them first (llama-gguf-split --merge)"
+        )
+
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        # llama3-style rope scaling lives in this tensor, not in metadata; ignoring it
+        # would silently give wrong long-context (and subtly wrong short-context) output.
+        raise ValueError(
+            f"{path}: llama3-style rope scaling (rope_freqs.weight tensor) is unsupported; "
+            "use the HF safetensors checkpoint instead"
+        )
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    hidden = int(_require(reader, key("embedding_length"), path))
+    heads = int(_require(reader, key("attention.head_count"), path))
+    kv_heads = int(_field(reader, key("attention.head_count_kv"), heads))
+    head_dim = _field(reader, key("attention.key_length"))
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"{path}: hidden size {hidden} is not a multiple of {heads} heads")
+        head_dim = hidden // heads
+    head_dim = int(head_dim)
+    value_dim = int(_field(reader, key("attention.value_length"), head_dim))
+    rope_dim = int(_field(reader, key("rope.dimension_count"), head_dim))
+    if value_dim != head_dim or rope_dim != head_dim:
+        raise ValueError(
+            f"{path}: unsupported attention geometry: key dim {head_dim}, value dim {value_dim}, "
+            f"rotary dim {rope_dim} (all must be equal)"
+        )
+
+    embed_rows = int(tensors["token_embd.weight"].shape[-1])
+    vocab_size = _field(reader, key("vocab_size"))
+    if vocab_size is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab_size = len(tokens.data) if tokens is not None else embed_rows
+    vocab_size = int(vocab_size)
+    if vocab_size != embed_rows:
+        raise ValueError(
+            f"{path}: vocab size {vocab_size} does not match token_embd.weight's {embed_rows} rows"
+        )
+
+    config: dict[str, Any] = {
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(_require(reader, key("feed_forward_length"), path)),
+        "num_hidden_layers": int(_require(reader, key("block_count"), path)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(_require(reader, key("attention.layer_norm_rms_epsilon"), path)),
+        # 10000 is llama.cpp's default when the key is absent.
+        "rope_theta": _f32(_field(reader, key("rope.freq_base"), 10000.0)),
+        "max_position_embeddings": int(_require(reader, key("context_length"), path)),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "torch_dtype": "float32",
+    }
+    for token in ("bos", "eos"):
+        token_id = _field(reader, f"tokenizer.ggml.{token}_token_id")
+        if token_id is not None:
+            config[f"{token}_token_id"] = int(token_id)
+    rope_scaling = _rope_scaling(reader, arch, path)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(reader: GGUFReader, arch: str, path: str) -> dict[str, Any] | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind is None:
+        # Older converters wrote only a linear scale factor.
+        legacy = _field(reader, f"{arch}.rope.scale_linear")
+        if legacy is None or float(legacy) == 1.0:
+            return None
+        kind, factor = "linear", legacy
+    if kind == "none":
+        return None
+    if factor is None:
+        raise ValueError(f"{path}: rope scaling {kind!r} without {arch}.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind == "yarn":
+        original = _require(reader, f"{arch}.rope.scaling.original_context_length", path)
+        return {
+            "rope_type": "yarn",
+            "factor": _f32(factor),
+            "original_max_position_embeddings": int(original),
+        }
+    raise ValueError(f"{path}: unsupported rope scaling type {kind!r} (supported: linear, yarn)")
+
+
+def _dequantized(
+    names: list[tuple[ReaderTensor, str]], config: Mapping[str, Any], path: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import dequantize
+
+    heads_of: dict[str, int] = {}
+    if config["model_type"] in _QK_PERMUTED_ARCHITECTURES:
+        heads_of = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for tensor, hf_name in names:
+        array = dequantize(tensor.data, tensor.tensor_type)
+        # GGUF lists dims innermost first; HF's [out, in] is the reverse.
+        shape = tuple(int(dim) for dim in reversed(tensor.shape))
+        if array.size != int(np.prod(shape)):
+            raise ValueError(
+                f"{path}: tensor {tensor.name} dequantized to {array.size} values, expected {shape}"
+            )
+        array = array.reshape(shape)
+        layer_match = _LAYER_TENSOR_RE.fullmatch(tensor.name)
+        if layer_match and layer_match.group(2) in heads_of:
+            array = unpermute_qk_rows(array, heads_of[layer_match.group(2)])
+        # F32 tensors come back as views of the read-only memmap: copy those only.
+        array = np.require(array, dtype=np.float32, requirements=["C", "W"])
+        yield hf_name, torch.from_numpy(array)

@@ -1,0 +1,198 @@
+"""The decoder of the Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3), one class.
+
+Runs on a flattened batch: `forward(input_ids [T], positions [T]) -> hidden [T, hidden]`;
+attention reads the batch layout from the forward context (rapidserve.attention.metadata).
+q/k/v and gate/up projections are fused into one matmul each; the loader splits HF weights in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rapidserve.attention.layer import PagedAttention
+from rapidserve.model.config import ModelConfig
+from rapidserve.model.rope import RotaryEmbedding
+
+
+class Linear(nn.Module):
+    """nn.Linear without initialization: weights always come from a loader or dummy init."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 and scale in the input dtype, as transformers does.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.attn = PagedAttention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=1.0 / math.sqrt(cfg.head_dim)
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.attn(q, k, v)  # [T, Hq, D]
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, max_positions)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# HF checkpoint name suffix -> (our fused parameter suffix, shard index).
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size), _freeze=True
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, max_positions) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions [T] -> hidden [T, hidden]
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [N, hidden] -> logits [N, vocab] in float32
+        return self.lm_head(hidden).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def _shard_sizes(self, param_name: str) -> list[int]:
+        """Row sizes of the HF tensors fused into this parameter ([] if it is not fused)."""
+        cfg = self.config
+        module = param_name.rsplit(".", 1)[0]
+        if module.endswith("qkv_proj"):
+            return [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        if module.endswith("gate_up_proj"):
+            return [cfg.intermediate_size, cfg.intermediate_size]
+        return []
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the model; every parameter must be covered exactly."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        tied = self.config.tie_word_embeddings
+        if tied:
+            del params["lm_head.weight"]
+        filled: dict[str, set[int]] = {}  # parameter -> shard indices written (-1: whole)
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue
+            target, shard = name, -1
+            for hf_part, (ours, idx) in _FUSED.items():
+                if f".{hf_part}." in f".{name}":
+                    target, shard = name.replace(hf_part, ours), idx
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"unexpected weight {hf_name!r} in the checkpoint")
+            dst = param.data
+            if shard >= 0:
+                sizes = self._shard_sizes(target)
+                dst = dst.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"the config implies {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            filled.setdefault(target, set()).add(shard)
+        missing = [
+            name
+            for name in params
+            if filled.get(name, set()) != (set(range(len(self._shard_sizes(name)))) or {-1})
+        ]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights: {shown}")
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights like transformers' init (normal, std 0.02; norms 1; biases 0)."""
+        gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.data.zero_()
+            else:
+                param.data.normal_(0.0, 0.02, generator=gen)

