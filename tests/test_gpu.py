@@ -1,0 +1,46 @@
+"""GPU checks of the engine core (skipped without CUDA; run on the device machine)."""
+
+import random
+
+import pytest
+import torch
+
+from rapidserve import LLM, SamplingParams
+from conftest import hf_greedy
+
+pytestmark = pytest.mark.gpu
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 5) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(1, 90))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tiny_models_on_cuda_match_hf(kind, tiny_model_dir):
+    path, hf = tiny_model_dir(kind)
+    prompts = _prompts(6)
+    llm = LLM(model=path, device="cuda", dtype="float32", max_num_batched_tokens=64,
+              kv_cache_memory_bytes="64MiB")
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
+
+
+def test_cuda_chunking_and_preemption_match(tiny_model_dir):
+    path, _ = tiny_model_dir("llama")
+    prompts = _prompts(8)
+    ref = [o.outputs[0].token_ids for o in LLM(model=path, device="cuda", dtype="float32").generate(prompts, GREEDY)]
+    small = LLM(model=path, device="cuda", dtype="float32", num_kv_blocks=12, max_num_batched_tokens=16)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY)] == ref
+    assert small.engine.scheduler.num_preemptions > 0
+
+
+def test_kv_cache_sized_from_free_memory(tiny_model_dir):
+    path, _ = tiny_model_dir("llama")
+    llm = LLM(model=path, device="cuda", gpu_memory_utilization=0.3)
+    free, total = torch.cuda.mem_get_info()
+    used_by_cache = llm.engine.cache.nbytes
+    assert 0.15 * total < used_by_cache < 0.3 * total
+    assert llm.engine.dtype == torch.bfloat16  # auto dtype of a float32 checkpoint on GPU

@@ -1,0 +1,67 @@
+"""Text-level behaviour on the embedded SmolLM2: chat, stop strings, streaming, the CLI."""
+
+import pytest
+
+from rapidserve import LLM, SamplingParams
+from rapidserve.entrypoints.cli import main
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu")
+
+
+def test_chat_answers_sensibly(llm):
+    out = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # the model ends its turn with <|im_end|>
+
+
+def test_stop_string_cuts_exactly(llm):
+    full = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0].text
+    assert "Paris" in full
+    cut = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"]))[0].outputs[0]
+    assert cut.text == full[: full.index("Paris")]
+    assert cut.finish_reason == "stop" and cut.stop_reason == "Paris"
+    kept = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"],
+                                             include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full[: full.index("Paris") + len("Paris")]
+    # a stop string spanning tokens ("of France" is several tokens)
+    span = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["of Fra"]))[0].outputs[0]
+    assert span.text == full[: full.index("of Fra")]
+
+
+def test_streamed_deltas_add_up_to_the_text(llm):
+    eng = llm.engine
+    rid = eng.add_request(eng.chat_prompt([{"role": "user", "content": "Say hello in Japanese and in Greek."}]),
+                          SamplingParams(temperature=0.0, max_tokens=40))
+    deltas, tokens, final = [], [], None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            deltas.append(out.delta_text)
+            tokens += out.delta_token_ids
+            final = out
+    assert final is not None and final.request_id == rid and final.finished
+    assert "".join(deltas) == final.outputs[0].text
+    assert tokens == final.outputs[0].token_ids
+    assert final.outputs[0].text == llm.tokenizer.decode(final.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_chat_without_messages_is_an_error(llm):
+    with pytest.raises(ValueError, match="each message needs a string role"):
+        llm.chat([{"content": "no role"}])
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("")
+
+
+def test_cli_generate(capsys):
+    assert main(["generate", "--device", "cpu", "--chat", "--max-tokens", "20",
+                 "--prompt", "What is the capital of France?"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["generate", "--device", "cpu", "--model", "/no/such/model", "--prompt", "x"]) == 2
+    assert "model not found" in capsys.readouterr().err
