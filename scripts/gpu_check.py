@@ -4,7 +4,10 @@ logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 from rapidserve import LLM, SamplingParams
 res = {}
 t = time.perf_counter()
-llm = LLM(model="preset:llama-3.1-8b", load_format="dummy", max_model_len=4096)
+eager = "--eager" in sys.argv
+backend = "torch" if "--torch" in sys.argv else "auto"
+llm = LLM(model="preset:llama-3.1-8b", load_format="dummy", max_model_len=4096,
+          enforce_eager=eager, attention_backend=backend)
 torch.cuda.synchronize(); res["load_s"] = time.perf_counter() - t
 eng = llm.engine
 res["kv_blocks"] = eng.blocks.num_blocks; res["kv_gib"] = eng.cache.nbytes / 2**30
@@ -27,10 +30,12 @@ torch.cuda.synchronize()
 times = []
 while eng.has_unfinished_requests():
     t = time.perf_counter(); eng.step(); torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+res["mode"] = f"backend={llm.engine.backend.name} graphs={llm.engine.use_graphs}"
 res["decode_step_b1_ms_median"] = round(sorted(times)[len(times)//2] * 1000, 2)
 rid = eng.add_request([1] * 2048, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
 torch.cuda.synchronize(); t = time.perf_counter(); eng.step(); torch.cuda.synchronize()
 res["prefill_2048_ms"] = round((time.perf_counter() - t) * 1000, 1)
 res["prefill_2048_tflops"] = round(16.06e9 * 2048 / ((time.perf_counter() - t)) / 1e12, 1)
 print(json.dumps(res, indent=1))
-json.dump(res, open(os.environ.get("OUT", ".") + "/gpu_check.json", "w"), indent=1)
+name = "gpu_check" + ("_eager" if eager else "") + ("_torch" if backend == "torch" else "")
+json.dump(res, open(os.environ.get("OUT", ".") + f"/{name}.json", "w"), indent=1)

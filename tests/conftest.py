@@ -1,3 +1,7 @@
+import os
+import torch as _torch
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import importlib.util
 import os
 

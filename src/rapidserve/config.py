@@ -39,6 +39,12 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no CUDA graphs
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return not self.enforce_eager
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -63,5 +69,9 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"unknown attention backend {self.attention_backend!r}; available: auto, torch, triton"
+            )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")

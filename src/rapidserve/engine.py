@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from rapidserve.config import EngineConfig
+from rapidserve.attention.backend import select_backend
 from rapidserve.kv.block_manager import BlockManager, blocks_needed
 from rapidserve.kv.cache import KVCache, KVCacheSpec
 from rapidserve.model.loader import LoadedModel, load_model
@@ -17,7 +18,7 @@ from rapidserve.request import Request, RequestStatus
 from rapidserve.runner.model_runner import ModelRunner
 from rapidserve.sampling import IncrementalDetokenizer, find_stop
 from rapidserve.sampling_params import SamplingParams
-from rapidserve.scheduler.chunked import ChunkedScheduler, SchedulerConfig
+from rapidserve.scheduler.chunked import ChunkedScheduler, ScheduledRequest, SchedulerConfig
 
 log = logging.getLogger("rapidserve.engine")
 
@@ -42,9 +43,31 @@ class _TextState:
         self.emitted_tokens = 0  # output tokens already reported in a delta
 
 
+class StepStats(NamedTuple):
+    """What the last `step()` ran, for benchmarks and metrics (`LLMEngine.last_step_stats`)."""
+
+    num_prefill_tokens: int  # prompt tokens (or tokens recomputed after a preemption)
+    num_decode_tokens: int  # one per request that advanced by one token past its prompt
+    num_decode_kv_tokens: int  # KV entries those decodes attend over: the sum of their lengths
+
+    @classmethod
+    def of(cls, scheduled: list[ScheduledRequest]) -> StepStats:
+        prefill = decode = decode_kv = 0
+        for s in scheduled:
+            # A one-token step past the prompt costs what a decode costs (the whole context
+            # read, one KV entry written), even as the tail of a recompute after a preemption.
+            if s.num_new_tokens == 1 and s.start >= s.request.num_prompt_tokens:
+                decode += 1
+                decode_kv += s.start + 1
+            else:
+                prefill += s.num_new_tokens
+        return cls(prefill, decode, decode_kv)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.last_step_stats = StepStats(0, 0, 0)  # what the last step() ran
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         loaded: LoadedModel = load_model(
@@ -56,12 +79,21 @@ class LLMEngine:
         self.dtype = loaded.dtype
         self.max_model_len = loaded.max_model_len
         self.model_name = config.served_model_name or loaded.source.display_name
+        self.backend = select_backend(config.attention_backend, self.device)
+        self.use_graphs = (
+            config.use_cuda_graphs and self.device.type == "cuda" and self.backend.graph_safe
+        )
         spec = KVCacheSpec.for_model(loaded.config, config.block_size, loaded.dtype)
         num_blocks = self._num_kv_blocks(spec, loaded)
         self.cache = KVCache(spec, num_blocks, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.eos_token_ids = self._eos_ids(loaded)
-        self.runner = ModelRunner(loaded.model, self.cache, self.blocks, self.device, self.eos_token_ids)
+        self.runner = ModelRunner(
+            loaded.model, self.cache, self.blocks, self.device, self.eos_token_ids, self.backend,
+            self.max_model_len,
+        )
+        if self.use_graphs:
+            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
         self.scheduler = ChunkedScheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
@@ -104,12 +136,13 @@ class LLMEngine:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        free_before, total = torch.cuda.mem_get_info(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
         n_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         probe_blocks = blocks_needed(n_tokens, spec.block_size)
         probe = KVCache(spec, probe_blocks, self.device)
         probe_mgr = BlockManager(probe_blocks, spec.block_size)
-        runner = ModelRunner(loaded.model, probe, probe_mgr, self.device, ())
+        runner = ModelRunner(loaded.model, probe, probe_mgr, self.device, (), self.backend, n_tokens)
         req = Request("profile", [0] * n_tokens, SamplingParams(temperature=0.0), 1)
         probe_mgr.allocate(req.request_id, n_tokens)
         from rapidserve.scheduler.chunked import ScheduledRequest
@@ -127,9 +160,13 @@ class LLMEngine:
         # Memory used outside torch's allocator (CUDA context, other processes).
         non_torch = (total - free_after) - torch.cuda.memory_allocated(self.device)
         budget = int(total * self.config.gpu_memory_utilization) - peak - max(non_torch, 0)
+        if self.use_graphs:
+            # The graphs' private pool holds about one more step's activations.
+            budget -= peak - weights
         log.info(
-            "GPU memory: total %.1f GiB, peak of weights + step %.2f GiB, other %.2f GiB -> KV %.2f GiB",
-            total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30,
+            "GPU memory: total %.1f GiB, weights %.2f GiB, peak with a step %.2f GiB, other %.2f GiB"
+            " -> KV %.2f GiB", total / 2**30, weights / 2**30, peak / 2**30, non_torch / 2**30,
+            budget / 2**30,
         )
         return max(budget, 0)
 
@@ -202,6 +239,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for each request that got a token."""
         out = self.scheduler.schedule()
+        self.last_step_stats = StepStats.of(out.scheduled)
         if not out.scheduled:
             if self.has_unfinished_requests():
                 # Cannot happen for requests add_request accepted; never spin silently.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rapidserve.attention import torch_ref
+from rapidserve.attention.backend import AttentionBackend, TorchAttention
 from rapidserve.attention.metadata import get_forward_context
 
 
@@ -16,17 +16,19 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        # NOTE: views into the shared KV cache, bound by the runner once the cache exists.
+        # NOTE: views into the shared KV cache and the backend, bound by the runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend = TorchAttention()
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        self.k_cache, self.v_cache = k_cache, v_cache
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: AttentionBackend) -> None:
+        self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]
         meta = get_forward_context().attn
         if meta is None or self.k_cache is None or self.v_cache is None:
             raise RuntimeError("attention needs a bound KV cache and attention metadata")
-        torch_ref.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return torch_ref.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, out)

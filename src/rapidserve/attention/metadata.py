@@ -27,6 +27,10 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     max_query_len: int
     max_seq_len: int
+    # Decode layout: every sequence has exactly one new token (row i of q is sequence i), and
+    # rows may be padding (seq_lens 0, slot -1) when a CUDA graph runs a padded batch.
+    is_decode: bool = False
+    num_splits: int = 1  # KV splits of the decode kernel; fixed per captured graph
 
     @property
     def num_seqs(self) -> int:

@@ -29,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step (the prefill chunk size)")
     g.add_argument("--served-model-name", default=None)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="auto: triton on CUDA, torch on CPU")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -79,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    _add_bench_parsers(sub)
     return parser
+
+
+def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the bench modules pull in torch, which `generate` loads later anyway.
+    from rapidserve.bench import latency, throughput
+
+    bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency) with their floors")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    throughput.add_cli_args(kinds.add_parser(
+        "throughput", help="an offline workload run to completion; --peer transformers compares"))
+    latency.add_cli_args(kinds.add_parser(
+        "latency", help="decode step time per batch size and context, and one long prefill"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,10 @@ class Attention(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=1.0 / math.sqrt(cfg.head_dim)
         )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(
+        self, positions: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x [T, hidden] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], rotary applied
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -68,7 +71,10 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)  # [T, Hq, D]
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        o = self.attn(*self.project(positions, x))  # [T, Hq, D]
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -94,6 +100,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h))
+        return self.finish(h)
+
+    # The layer in two halves around attention, for piecewise CUDA graphs (runner/graphs.py).
+    def before_attention(
+        self, positions: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.project(positions, self.input_layernorm(h))
+
+    def after_attention(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # o [T, Hq, D] (attention output), h [T, hidden] (the layer's input) -> layer output
+        h = h + self.self_attn.o_proj(o.reshape(h.shape[0], -1))
+        return self.finish(h)
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -1,0 +1,78 @@
+"""Attention backends behind one interface: the torch reference and the Triton kernels."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from rapidserve.attention import torch_ref
+from rapidserve.attention.metadata import AttentionMetadata
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class AttentionBackend(Protocol):
+    name: str
+    # Whether a decode step can be captured in a CUDA graph (no host reads of batch data).
+    graph_safe: bool
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor | None = None,  # [T, Hq, D], written in place when given
+    ) -> torch.Tensor: ...
+
+
+class TorchAttention:
+    name = "torch"
+    graph_safe = False
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
+        torch_ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
+        if out is not None:
+            out.copy_(o)
+            return out
+        return o
+
+
+class TritonAttention:
+    name = "triton"
+    graph_safe = True
+
+    def __init__(self) -> None:
+        from rapidserve.attention import triton_ops  # imports triton
+
+        self.ops = triton_ops
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            return self.ops.decode_attention(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                num_splits=meta.num_splits, out=out,
+            )
+        return self.ops.extend_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            meta.max_query_len, scale, out=out,
+        )
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchAttention()
+    try:
+        return TritonAttention()
+    except ImportError as e:
+        if name == "triton":
+            raise ValueError(f"the triton attention backend needs triton: {e}") from e
+        return TorchAttention()

@@ -1,0 +1,151 @@
+"""The device's ceilings and the floors they put under a model's steps.
+
+A floor is the time a step cannot beat on this device: a decode step must read the weights
+and the KV of its batch at the copy bandwidth; a prefill must do its matmul FLOPs at the
+measured bf16 matmul rate. Benchmarks print each measured time next to its floor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from rapidserve.model.config import ModelConfig
+
+log = logging.getLogger("rapidserve.bench")
+
+_COPY_BYTES = 1 << 30  # per buffer: large enough that launch overhead is noise
+_MATMUL_N = 8192
+_TRIALS = 3
+
+
+class DeviceRates(NamedTuple):
+    device_name: str
+    copy_bytes_per_s: float  # device-to-device copy: bytes read + bytes written, per second
+    matmul_flops_per_s: float  # bf16 n×n·n×n matmul
+    matmul_n: int  # 0 when the rates were given, not measured
+
+    @classmethod
+    def given(cls, bandwidth_tbps: float, matmul_tflops: float) -> DeviceRates:
+        """Rates taken from the user (e.g. GPU_FACTS.md's), instead of measured."""
+        if bandwidth_tbps <= 0 or matmul_tflops <= 0:
+            raise ValueError("--bandwidth-tbps and --matmul-tflops must both be positive")
+        return cls("given", bandwidth_tbps * 1e12, matmul_tflops * 1e12, 0)
+
+
+class ModelCost(NamedTuple):
+    """What a model's steps must move and compute, from its config alone."""
+
+    num_params: int  # every parameter: embedding, layers, final norm, lm_head unless tied
+    weight_bytes: int  # num_params at the run's dtype
+    step_weight_bytes: int  # what every forward must read: all but an untied embedding table,
+    # of which a step reads only its batch's rows
+    kv_bytes_per_token: int  # K and V of one token, all layers
+    linear_flops_per_token: int  # 2 × the decoder layers' matmul parameters
+    lm_head_flops_per_token: int  # 2 × hidden × vocab, paid only for tokens that sample
+    attention_flops_per_pair: int  # QK^T and PV for one (query, key) pair, all layers and heads
+
+
+def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    linear = h * (q + 2 * kv) + q * h + 3 * h * inter  # qkv, o, gate/up, down
+    biases = (q + 2 * kv if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
+    biases += 2 * inter + h if cfg.mlp_bias else 0
+    norms = 2 * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    embed = cfg.vocab_size * h
+    lm_head = 0 if cfg.tie_word_embeddings else embed
+    num_params = embed + cfg.num_layers * (linear + biases + norms) + h + lm_head
+    return ModelCost(
+        num_params=num_params,
+        weight_bytes=num_params * itemsize,
+        step_weight_bytes=(num_params - (embed if lm_head else 0)) * itemsize,
+        kv_bytes_per_token=cfg.num_layers * 2 * kv * itemsize,
+        linear_flops_per_token=2 * cfg.num_layers * linear,
+        lm_head_flops_per_token=2 * embed,
+        attention_flops_per_pair=4 * cfg.num_layers * q,
+    )
+
+
+def decode_step_floor_s(cost: ModelCost, rates: DeviceRates, kv_tokens: int) -> float:
+    """A decode step over a batch whose sequences hold `kv_tokens` KV entries in all: the
+    weights and that KV must be read once (activations and the new KV are noise)."""
+    return (cost.step_weight_bytes + kv_tokens * cost.kv_bytes_per_token) / rates.copy_bytes_per_s
+
+
+def prefill_flops(cost: ModelCost, prompt_len: int, context: int = 0) -> int:
+    """FLOPs of prefilling `prompt_len` tokens after `context` cached ones, sampling one
+    token: the layers' matmuls, causal attention, and the lm_head for the last token."""
+    pairs = prompt_len * context + prompt_len * (prompt_len + 1) // 2
+    return (
+        cost.linear_flops_per_token * prompt_len
+        + cost.attention_flops_per_pair * pairs
+        + cost.lm_head_flops_per_token
+    )
+
+
+def prefill_floor_s(cost: ModelCost, rates: DeviceRates, prompt_len: int, context: int = 0) -> float:
+    return prefill_flops(cost, prompt_len, context) / rates.matmul_flops_per_s
+
+
+def measure_device_rates(device: torch.device | str | None = None) -> DeviceRates | None:
+    """Copy bandwidth and bf16 matmul rate of a CUDA device, in about a second; None on CPU
+    (there the floors would describe nothing the engine is tuned for)."""
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if dev.type != "cuda":
+        return None
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(dev):
+        free, _ = torch.cuda.mem_get_info(dev)
+        # Leave most free memory alone: a server (or the peer) may be sized after this.
+        nbytes = min(_COPY_BYTES, free // 8) // (1 << 20) * (1 << 20)
+        if nbytes < 1 << 24:
+            raise ValueError(f"only {free / 2**30:.2f} GiB free on {dev}: too little to measure rates")
+        src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy_s = _best_time(lambda: dst.copy_(src))
+        del src, dst
+        n = _MATMUL_N
+        while n > 1024 and 3 * n * n * 2 > free // 4:
+            n //= 2
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
+        b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
+        c = torch.empty(n, n, dtype=torch.bfloat16, device=dev)
+        matmul_s = _best_time(lambda: torch.matmul(a, b, out=c))
+        del a, b, c
+        torch.cuda.empty_cache()
+    rates = DeviceRates(torch.cuda.get_device_name(dev), 2 * nbytes / copy_s, 2 * n**3 / matmul_s, n)
+    log.info(
+        "device rates on %s: copy %.2f TB/s (read + write), bf16 matmul %d³ %.0f TFLOP/s",
+        rates.device_name, rates.copy_bytes_per_s / 1e12, n, rates.matmul_flops_per_s / 1e12,
+    )
+    return rates
+
+
+def _best_time(fn: Callable[[], object], budget_s: float = 0.4) -> float:
+    """Seconds per call of a GPU operation: the best of a few trials of back-to-back calls
+    between CUDA events (best, as the ceiling is what the floors need)."""
+    for _ in range(3):  # warm-up: cuBLAS heuristics, clocks
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end) / 1e3, 1e-6)
+    iters = max(3, min(1000, int(budget_s / _TRIALS / once)))
+    best = float("inf")
+    for _ in range(_TRIALS):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return best
