@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rapidserve import ops
 from rapidserve.attention.layer import PagedAttention
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.rope import RotaryEmbedding
@@ -38,6 +39,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, dim] or [T, heads, dim] (Qwen3's per-head q/k norm) -> same shape
+        if ops.fused_enabled(x) and x.dim() in (2, 3):
+            from rapidserve.ops.triton_fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Normalize in float32 and scale in the input dtype, as transformers does.
         dtype = x.dtype
         xf = x.float()
@@ -86,7 +92,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if ops.fused_enabled(gate_up):
+            from rapidserve.ops.triton_fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -99,8 +110,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return self.finish(h)
+        return self._add_attention(self.self_attn(positions, self.input_layernorm(h)), h)
 
     # The layer in two halves around attention, for piecewise CUDA graphs (runner/graphs.py).
     def before_attention(
@@ -110,11 +120,23 @@ class DecoderLayer(nn.Module):
 
     def after_attention(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         # o [T, Hq, D] (attention output), h [T, hidden] (the layer's input) -> layer output
-        h = h + self.self_attn.o_proj(o.reshape(h.shape[0], -1))
-        return self.finish(h)
+        return self._add_attention(self.self_attn.o_proj(o.reshape(h.shape[0], -1)), h)
 
     def finish(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _add_attention(self, attn_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # attn_out [T, hidden] (o_proj's output), h [T, hidden] (the layer's input, left
+        # unchanged: callers may still read it) -> layer output
+        if ops.fused_enabled(attn_out):
+            from rapidserve.ops.triton_fused import add_rms_norm
+
+            norm = self.post_attention_layernorm
+            # The residual sum h + attn_out goes into attn_out, a temporary only this layer
+            # holds, so no buffer is allocated for it and h is not written.
+            normed, h = add_rms_norm(attn_out, h, norm.weight, norm.eps, residual_out=attn_out)
+            return h + self.mlp(normed)
+        return self.finish(h + attn_out)
 
 
 # HF checkpoint name suffix -> (our fused parameter suffix, shard index).

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rapidserve import ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2], float32, as transformers computes them."""
@@ -56,6 +58,12 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [T]; q [T, Hq, D]; k [T, Hkv, D]
+        if ops.fused_enabled(q):
+            from rapidserve.ops.triton_fused import rotary
+
+            # NOTE: rotates q and k in place (the CPU path returns new tensors): its caller,
+            # Attention.project, passes this step's fresh projections and keeps only the result.
+            return rotary(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
