@@ -28,6 +28,9 @@ def test_step_inputs_layout():
     assert inp.slot_mapping.tolist() == expect
     assert inp.logits_indices.tolist() == [6]
     assert inp.max_query_len == 6 and inp.max_seq_len == 9
+    assert inp.num_decodes == 0  # a prefill chunk comes first
+    assert StepInputs([b, a], bm).num_decodes == 1
+    assert StepInputs([b], bm).num_decodes == 1
 
 
 def test_step_inputs_padding_for_graphs():

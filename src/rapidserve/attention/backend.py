@@ -59,10 +59,25 @@ class TritonAttention:
                 q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
                 num_splits=meta.num_splits, out=out,
             )
-        return self.ops.extend_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            meta.max_query_len, scale, out=out,
+        nd = meta.num_decodes
+        if nd == 0:
+            return self.ops.extend_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                meta.max_query_len, scale, out=out,
+            )
+        # NOTE: the scheduler puts decodes first, so their rows are q[:nd]. The extend kernel
+        # indexes q by absolute query offsets, so it takes the tail of query_start_loc as is.
+        out = torch.empty_like(q) if out is None else out
+        self.ops.decode_attention(
+            q[:nd], k_cache, v_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale,
+            num_splits=meta.num_splits, out=out[:nd],
         )
+        if nd < meta.seq_lens.shape[0]:
+            self.ops.extend_attention(
+                q, k_cache, v_cache, meta.query_start_loc[nd:], meta.seq_lens[nd:],
+                meta.block_tables[nd:], meta.max_query_len, scale, out=out,
+            )
+        return out
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:

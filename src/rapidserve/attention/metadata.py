@@ -31,6 +31,9 @@ class AttentionMetadata:
     # rows may be padding (seq_lens 0, slot -1) when a CUDA graph runs a padded batch.
     is_decode: bool = False
     num_splits: int = 1  # KV splits of the decode kernel; fixed per captured graph
+    # Leading sequences with exactly one new token. A mixed step runs them through the decode
+    # kernel (one pass over each KV head group) and the rest through the extend kernel.
+    num_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:

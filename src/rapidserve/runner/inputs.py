@@ -32,6 +32,8 @@ class StepInputs:
         t = int(qsl[-1])
         self.num_seqs, self.num_tokens = b, t
         self.max_query_len = int(n_new.max())
+        # Leading one-token sequences (decodes: the scheduler orders them first).
+        self.num_decodes = int(np.argmax(n_new != 1)) if (n_new != 1).any() else b
         seq_lens = starts + n_new
         self.max_seq_len = int(seq_lens.max())
         seq_index = np.repeat(np.arange(b), n_new)  # [T]

@@ -14,7 +14,8 @@ from rapidserve.kv.block_manager import BlockManager, blocks_needed
 from rapidserve.kv.cache import KVCache
 from rapidserve.model.llama import CausalLM
 from rapidserve.runner.graphs import (
-    DecodeGraphs, PiecewiseGraphs, StaticInputs, decode_batch_sizes, pick, token_buckets,
+    DecodeGraphs, PiecewiseGraphs, StaticInputs, decode_batch_sizes, decode_num_splits, pick,
+    token_buckets,
 )
 from rapidserve.runner.inputs import StepInputs
 from rapidserve.sampling import Sampler, SamplingBatch, make_generator
@@ -47,6 +48,9 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         for i, attn in enumerate(model.attention_layers):
             attn.bind(*cache.layer(i), backend)
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        )
         self.static: StaticInputs | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
@@ -91,7 +95,16 @@ class ModelRunner:
             seq_lens_host=inp.seq_lens.tolist(),
             max_query_len=inp.max_query_len,
             max_seq_len=inp.max_seq_len,
+            **self._decode_split(inp),
         )
+
+    def _decode_split(self, inp: StepInputs) -> dict[str, int]:
+        """How a mixed step's leading decodes are run (see AttentionMetadata.num_decodes)."""
+        nd = inp.num_decodes
+        if nd == 0:
+            return {}
+        return {"num_decodes": nd,
+                "num_splits": decode_num_splits(nd, self.model.config.num_kv_heads, self.num_sms)}
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int]:
@@ -126,6 +139,7 @@ class ModelRunner:
                     seq_lens=s.seq_lens[:b], block_tables=s.block_tables[:b],
                     query_start_loc_host=[], seq_lens_host=[],
                     max_query_len=inp.max_query_len, max_seq_len=inp.max_seq_len,
+                    **self._decode_split(inp),
                 )
                 hidden = self.piecewise.run(n, t, meta)
                 return self._select_logits(hidden, inp)
