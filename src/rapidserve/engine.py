@@ -145,8 +145,6 @@ class LLMEngine:
         runner = ModelRunner(loaded.model, probe, probe_mgr, self.device, (), self.backend, n_tokens)
         req = Request("profile", [0] * n_tokens, SamplingParams(temperature=0.0), 1)
         probe_mgr.allocate(req.request_id, n_tokens)
-        from rapidserve.scheduler.chunked import ScheduledRequest
-
         runner.execute([ScheduledRequest(req, 0, n_tokens, True)])
         # Logits of the widest sampling step.
         with torch.inference_mode():

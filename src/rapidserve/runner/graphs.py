@@ -16,6 +16,7 @@ import torch
 
 from rapidserve.attention.metadata import AttentionMetadata, forward_context
 from rapidserve.model.llama import CausalLM
+from rapidserve.runner.inputs import StepInputs
 
 log = logging.getLogger("rapidserve.engine")
 
@@ -56,17 +57,18 @@ class StaticInputs:
         self.seq_lens = torch.zeros(max_seqs, **i32)
         self.block_tables = torch.zeros(max_seqs, table_width, **i32)
 
-    def load(self, inp: "object", n_tokens: int, n_seqs: int) -> None:
+    def load(self, inp: StepInputs, n_tokens: int, n_seqs: int) -> None:
         """Copy a padded StepInputs (numpy) into the first n_tokens / n_seqs rows."""
-        def put(dst: torch.Tensor, src) -> None:  # type: ignore[no-untyped-def]
+        pairs = (
+            (self.input_ids[:n_tokens], inp.input_ids),
+            (self.positions[:n_tokens], inp.positions),
+            (self.slot_mapping[:n_tokens], inp.slot_mapping),
+            (self.query_start_loc[: n_seqs + 1], inp.query_start_loc),
+            (self.seq_lens[:n_seqs], inp.seq_lens),
+            (self.block_tables[:n_seqs], inp.block_tables),
+        )
+        for dst, src in pairs:
             dst.copy_(torch.from_numpy(src), non_blocking=True)
-
-        put(self.input_ids[:n_tokens], inp.input_ids)  # type: ignore[attr-defined]
-        put(self.positions[:n_tokens], inp.positions)  # type: ignore[attr-defined]
-        put(self.slot_mapping[:n_tokens], inp.slot_mapping)  # type: ignore[attr-defined]
-        put(self.query_start_loc[: n_seqs + 1], inp.query_start_loc)  # type: ignore[attr-defined]
-        put(self.seq_lens[:n_seqs], inp.seq_lens)  # type: ignore[attr-defined]
-        put(self.block_tables[:n_seqs], inp.block_tables)  # type: ignore[attr-defined]
 
     def decode_metadata(self, n: int, num_splits: int) -> AttentionMetadata:
         return AttentionMetadata(
