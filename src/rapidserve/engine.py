@@ -285,8 +285,9 @@ class LLMEngine:
         finished = req.status.finished
         if finished:
             del self._text[req.request_id]
-        new_ids = req.output_token_ids[state.emitted_tokens:]
-        state.emitted_tokens = req.num_output_tokens
+        out_ids = req.output_token_ids
+        new_ids = out_ids[state.emitted_tokens:]
+        state.emitted_tokens = len(out_ids)
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -295,7 +296,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=0,
                     text=state.text,
-                    token_ids=req.output_token_ids,
+                    token_ids=out_ids,
                     finish_reason=req.status.value if finished else None,
                     stop_reason=req.stop_reason,
                 )
