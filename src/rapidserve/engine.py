@@ -1,4 +1,9 @@
-"""LLMEngine: the synchronous engine over the hybrid topology (one worker, chunked prefill)."""
+"""The engine front (prompts, detokenization, stop strings, outputs) and the hybrid engine.
+
+`LLMEngine` runs the hybrid topology in this process: one worker whose steps mix running decodes
+with prefill chunks. `create_engine` picks the engine of the configured mode (the rapid
+topology's lives in rapidserve.serving.rapid).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,18 @@ import itertools
 import logging
 from typing import Any, NamedTuple
 
-import torch
-
 from rapidserve.config import EngineConfig
-from rapidserve.attention.backend import select_backend
 from rapidserve.kv.block_manager import BlockManager, blocks_needed
-from rapidserve.kv.cache import KVCache, KVCacheSpec
-from rapidserve.model.loader import LoadedModel, load_model
+from rapidserve.model.config import ModelConfig
 from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.request import Request, RequestStatus
 from rapidserve.runner.model_runner import ModelRunner
+from rapidserve.runner.setup import prepare_model, resolve_device  # noqa: F401 (re-exported)
 from rapidserve.sampling import IncrementalDetokenizer, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ChunkedScheduler, ScheduledRequest, SchedulerConfig
 
 log = logging.getLogger("rapidserve.engine")
-
-_CPU_KV_BYTES = 1 << 30
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA GPU")
-    return device
 
 
 class _TextState:
@@ -64,109 +55,40 @@ class StepStats(NamedTuple):
         return cls(prefill, decode, decode_kv)
 
 
-class LLMEngine:
+class EngineFront:
+    """What every topology's engine shares: prompt validation, detokenization, stop strings and
+    the outputs handed back. Subclasses run the model (`step`) and own the KV cache."""
+
+    # Set by subclasses before requests arrive.
+    model_config: ModelConfig
+    tokenizer: Any
+    max_model_len: int
+    model_name: str
+    eos_token_ids: tuple[int, ...]
+    num_kv_blocks: int
+    block_size: int
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.last_step_stats = StepStats(0, 0, 0)  # what the last step() ran
-        self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
-        loaded: LoadedModel = load_model(
-            config.model, config.load_format, config.dtype, self.device,
-            config.max_model_len, config.tokenizer, config.seed,
-        )
-        self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.dtype = loaded.dtype
-        self.max_model_len = loaded.max_model_len
-        self.model_name = config.served_model_name or loaded.source.display_name
-        self.backend = select_backend(config.attention_backend, self.device)
-        self.use_graphs = (
-            config.use_cuda_graphs and self.device.type == "cuda" and self.backend.graph_safe
-        )
-        spec = KVCacheSpec.for_model(loaded.config, config.block_size, loaded.dtype)
-        num_blocks = self._num_kv_blocks(spec, loaded)
-        self.cache = KVCache(spec, num_blocks, self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.eos_token_ids = self._eos_ids(loaded)
-        self.runner = ModelRunner(
-            loaded.model, self.cache, self.blocks, self.device, self.eos_token_ids, self.backend,
-            self.max_model_len,
-        )
-        if self.use_graphs:
-            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
-        self.scheduler = ChunkedScheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
-        )
+        self._requests: dict[str, Request] = {}  # unfinished, by id
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
-        log.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
-            self.cache.nbytes / 2**30,
-        )
 
-    # ---- set-up ------------------------------------------------------------------------------
+    # ---- to be provided by a topology --------------------------------------------------------
 
-    def _eos_ids(self, loaded: LoadedModel) -> tuple[int, ...]:
-        ids = set(loaded.config.eos_token_ids)
-        tok = loaded.tokenizer
-        if tok is not None and getattr(tok, "eos_token_id", None) is not None:
-            ids.add(int(tok.eos_token_id))
-        return tuple(sorted(ids))
+    def _submit(self, req: Request) -> None:
+        raise NotImplementedError
 
-    def _num_kv_blocks(self, spec: KVCacheSpec, loaded: LoadedModel) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if cfg.kv_cache_memory_bytes is not None:
-            n = spec.blocks_for_bytes(cfg.kv_cache_memory_bytes)
-        elif self.device.type == "cpu":
-            n = spec.blocks_for_bytes(_CPU_KV_BYTES)
-        else:
-            n = spec.blocks_for_bytes(self._profile_free_gpu_memory(spec, loaded))
-        if n < 1:
-            raise ValueError(
-                f"no memory left for the KV cache (one block needs {spec.bytes_per_block} bytes); "
-                "raise --gpu-memory-utilization or --kv-cache-memory-bytes, or use a smaller model"
-            )
-        return n
+    def _release(self, req: Request, decided_by_worker: bool) -> None:
+        """Free what a finished or aborted request holds (unless its worker already did)."""
+        raise NotImplementedError
 
-    def _profile_free_gpu_memory(self, spec: KVCacheSpec, loaded: LoadedModel) -> int:
-        """Memory the KV cache may take: the utilization target minus what the weights and a
-        forward at the largest step (activations, logits) use at their peak."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        _, total = torch.cuda.mem_get_info(self.device)
-        weights = torch.cuda.memory_allocated(self.device)
-        n_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        probe_blocks = blocks_needed(n_tokens, spec.block_size)
-        probe = KVCache(spec, probe_blocks, self.device)
-        probe_mgr = BlockManager(probe_blocks, spec.block_size)
-        runner = ModelRunner(loaded.model, probe, probe_mgr, self.device, (), self.backend, n_tokens)
-        req = Request("profile", [0] * n_tokens, SamplingParams(temperature=0.0), 1)
-        probe_mgr.allocate(req.request_id, n_tokens)
-        runner.execute([ScheduledRequest(req, 0, n_tokens, True)])
-        # Logits of the widest sampling step.
-        with torch.inference_mode():
-            h = torch.zeros(self.config.max_num_seqs, loaded.config.hidden_size, dtype=loaded.dtype, device=self.device)
-            loaded.model.compute_logits(h)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del probe, runner, h
-        torch.cuda.empty_cache()
-        free_after, _ = torch.cuda.mem_get_info(self.device)
-        # Memory used outside torch's allocator (CUDA context, other processes).
-        non_torch = (total - free_after) - torch.cuda.memory_allocated(self.device)
-        budget = int(total * self.config.gpu_memory_utilization) - peak - max(non_torch, 0)
-        if self.use_graphs:
-            # The graphs' private pool holds about one more step's activations.
-            budget -= peak - weights
-        log.info(
-            "GPU memory: total %.1f GiB, weights %.2f GiB, peak with a step %.2f GiB, other %.2f GiB"
-            " -> KV %.2f GiB", total / 2**30, weights / 2**30, peak / 2**30, non_torch / 2**30,
-            budget / 2**30,
-        )
-        return max(budget, 0)
+    def step(self) -> list[RequestOutput]:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop workers, if the topology has any."""
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -204,17 +126,19 @@ class LLMEngine:
             )
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        need = blocks_needed(len(ids) + max_tokens, self.blocks.block_size)
-        if need > self.blocks.num_blocks:
+        if blocks_needed(len(ids) + max_tokens, self.block_size) > self.num_kv_blocks:
             raise ValueError(
                 f"the request needs up to {len(ids) + max_tokens} tokens of KV cache, more than the "
-                f"whole cache holds ({self.blocks.num_blocks * self.blocks.block_size}); lower "
+                f"whole cache holds ({self.num_kv_blocks * self.block_size}); lower "
                 "max_tokens or give the cache more memory"
             )
         if request_id is None:
             request_id = str(next(self._ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params, max_tokens, prompt=text)
-        self.scheduler.add(req)
+        self._submit(req)
+        self._requests[request_id] = req
         detok = None
         if params.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
@@ -222,62 +146,51 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
-        req = self.scheduler.get(request_id)
+        req = self._requests.pop(request_id, None)
         if req is None:
             return False
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        req.status = RequestStatus.FINISHED_ABORTED
+        self._release(req, decided_by_worker=False)
         self._text.pop(request_id, None)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return bool(self._requests)
 
-    # ---- stepping ----------------------------------------------------------------------------
+    # ---- outputs -----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for each request that got a token."""
-        out = self.scheduler.schedule()
-        self.last_step_stats = StepStats.of(out.scheduled)
-        if not out.scheduled:
-            if self.has_unfinished_requests():
-                # Cannot happen for requests add_request accepted; never spin silently.
-                raise RuntimeError(f"the scheduler could not place any of {self.scheduler.num_unfinished} requests")
-            return []
-        tokens = iter(self.runner.execute(out.scheduled))
-        results = []
-        for s in out.scheduled:
-            if s.samples:
-                results.append(self._process_token(s.request, next(tokens)))
-        return results
-
-    def _finish(self, req: Request, status: RequestStatus, reason: int | str | None = None) -> None:
-        req.stop_reason = reason
-        self.scheduler.finish(req, status)
-        self.runner.release(req.request_id)
-
-    def _process_token(self, req: Request, token: int) -> RequestOutput:
+    def _on_token(
+        self,
+        req: Request,
+        token: int,
+        decided: tuple[RequestStatus | None, int | None] | None = None,
+    ) -> RequestOutput:
+        """Take a request's next token. `decided` is a worker's token-level verdict (EOS, stop
+        ids, length; it has then freed the request); None means judge it here."""
         req.append_token(token)
+        status, reason = decided if decided is not None else req.token_stop(token, self.eos_token_ids)
+        by_worker = decided is not None and status is not None
         state = self._text[req.request_id]
         p = req.params
         prev_len = len(state.text)
         if state.detokenizer is not None:
             state.text += state.detokenizer.add([token])
-        n_out = req.num_output_tokens
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                self._finish(req, RequestStatus.FINISHED_STOPPED)
-            elif token in p.stop_token_ids:
-                self._finish(req, RequestStatus.FINISHED_STOPPED, token)
-            elif p.stop and state.detokenizer is not None:
-                hit = find_stop(state.text[:prev_len], state.text[prev_len:], p.stop, p.include_stop_str_in_output)
-                if hit is not None:
-                    state.text = state.text[: hit.cut]
-                    self._finish(req, RequestStatus.FINISHED_STOPPED, hit.stop)
-        if not req.status.finished and n_out >= req.max_tokens:
-            self._finish(req, RequestStatus.FINISHED_LENGTH)
-        if req.status.finished and req.stop_reason not in p.stop and state.detokenizer is not None:
-            # Release a character the last token left incomplete (shown as U+FFFD).
-            state.text += state.detokenizer.flush()
+        cut_by_stop_string = False
+        if (
+            status is not RequestStatus.FINISHED_STOPPED and p.stop and state.detokenizer is not None
+            and req.num_output_tokens >= p.min_tokens
+        ):
+            hit = find_stop(state.text[:prev_len], state.text[prev_len:], p.stop, p.include_stop_str_in_output)
+            if hit is not None:
+                state.text = state.text[: hit.cut]
+                status, reason, cut_by_stop_string = RequestStatus.FINISHED_STOPPED, hit.stop, True
+        if status is not None:
+            req.status, req.stop_reason = status, reason
+            del self._requests[req.request_id]
+            self._release(req, decided_by_worker=by_worker)
+            if not cut_by_stop_string and state.detokenizer is not None:
+                # Release a character the last token left incomplete (shown as U+FFFD).
+                state.text += state.detokenizer.flush()
         return self._output(req, prev_len)
 
     def _output(self, req: Request, prev_text_len: int) -> RequestOutput:
@@ -324,3 +237,65 @@ class LLMEngine:
         )
         # The template already holds any BOS it wants: add no special tokens again.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class LLMEngine(EngineFront):
+    """The hybrid topology: one worker; each step mixes running decodes with prefill chunks."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.mode != "hybrid":
+            raise ValueError(f"LLMEngine runs the hybrid mode; use create_engine() for {config.mode!r}")
+        super().__init__(config)
+        prepared = prepare_model(config)
+        loaded = prepared.loaded
+        self.device = prepared.device
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.dtype = loaded.dtype
+        self.max_model_len = loaded.max_model_len
+        self.model_name = config.served_model_name or loaded.source.display_name
+        self.backend = prepared.backend
+        self.use_graphs = prepared.use_graphs
+        self.cache = prepared.cache
+        self.num_kv_blocks, self.block_size = self.cache.num_blocks, config.block_size
+        self.blocks = BlockManager(self.num_kv_blocks, config.block_size)
+        self.eos_token_ids = prepared.eos_token_ids
+        self.runner = ModelRunner(
+            loaded.model, self.cache, self.blocks, self.device, self.eos_token_ids, self.backend,
+            self.max_model_len,
+        )
+        if self.use_graphs:
+            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = ChunkedScheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
+
+    def _submit(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def _release(self, req: Request, decided_by_worker: bool) -> None:
+        self.scheduler.finish(req, req.status)
+        self.runner.release(req.request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns an output for each request that got a token."""
+        out = self.scheduler.schedule()
+        self.last_step_stats = StepStats.of(out.scheduled)
+        if not out.scheduled:
+            if self.has_unfinished_requests():
+                # Cannot happen for requests add_request accepted; never spin silently.
+                raise RuntimeError(
+                    f"the scheduler could not place any of {self.scheduler.num_unfinished} requests"
+                )
+            return []
+        tokens = iter(self.runner.execute(out.scheduled))
+        return [self._on_token(s.request, next(tokens)) for s in out.scheduled if s.samples]
+
+
+def create_engine(config: EngineConfig) -> EngineFront:
+    """The engine of the configured topology (`config.mode`)."""
+    if config.mode == "rapid":
+        from rapidserve.serving.rapid import RapidEngine
+
+        return RapidEngine(config)
+    return LLMEngine(config)

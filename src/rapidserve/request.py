@@ -70,6 +70,22 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
 
+    def token_stop(
+        self, token_id: int, eos_token_ids: tuple[int, ...]
+    ) -> tuple[RequestStatus | None, int | None]:
+        """Whether the token just appended ends the request, by token-level rules only (EOS,
+        stop token ids, length): (status, stop reason), or (None, None). Stop strings are
+        text-level and checked by the engine front."""
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token_id in eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token_id in p.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token_id
+        if self.num_output_tokens >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, tokens={self.num_tokens}, "

@@ -34,10 +34,10 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rapidserve.engine import LLMEngine
+    from rapidserve.engine import create_engine
 
     params = _sampling_params(args)
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = create_engine(engine_config_from_args(args))
     prompts = args.prompt or ["What is the capital of France?"]
     t0 = time.perf_counter()
     ids = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from rapidserve.config import EngineConfig
-from rapidserve.engine import LLMEngine
+from rapidserve.engine import EngineFront, create_engine
 from rapidserve.outputs import RequestOutput
 from rapidserve.sampling_params import SamplingParams
 
@@ -14,7 +14,7 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine: EngineFront = create_engine(EngineConfig(model=model, **kwargs))
 
     @property
     def tokenizer(self) -> Any:
