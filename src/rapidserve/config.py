@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MODES = ("hybrid",)
+MODES = ("hybrid", "rapid")
+PLACEMENTS = ("process", "thread")
 LOAD_FORMATS = ("auto", "dummy", "gguf", "safetensors")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -31,6 +32,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     mode: str = "hybrid"
+    placement: str = "process"  # rapid mode: workers as two processes or two threads
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -51,6 +53,8 @@ class EngineConfig:
         object.__setattr__(self, "kv_cache_memory_bytes", parse_bytes(self.kv_cache_memory_bytes))
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; available: {', '.join(MODES)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; available: {', '.join(PLACEMENTS)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

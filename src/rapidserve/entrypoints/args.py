@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from rapidserve.config import DTYPES, LOAD_FORMATS, MODES, EngineConfig
+from rapidserve.config import DTYPES, LOAD_FORMATS, MODES, PLACEMENTS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPES + ("bf16", "fp16", "fp32", "half"))
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--mode", default="hybrid", choices=MODES)
+    g.add_argument("--mode", default="hybrid", choices=MODES,
+                   help="hybrid: chunked prefill in one batch; rapid: concurrent prefill and decode workers")
+    g.add_argument("--placement", default="process", choices=PLACEMENTS,
+                   help="rapid mode: the two workers as processes (default) or threads")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -48,6 +48,16 @@ class KVCache:
             dtype=spec.dtype, device=device,
         )
 
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> "KVCache":
+        """A cache over an existing tensor (another worker's), allocating nothing."""
+        layers, _, blocks, block_size, heads, dim = tensor.shape
+        cache = cls.__new__(cls)
+        cache.spec = KVCacheSpec(layers, heads, dim, block_size, tensor.dtype)
+        cache.num_blocks = blocks
+        cache.tensor = tensor
+        return cache
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[i, 0], self.tensor[i, 1]
 

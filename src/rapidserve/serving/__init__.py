@@ -1,0 +1,1 @@
+"""Serving topologies over the engine library: the rapid topology's workers live here."""

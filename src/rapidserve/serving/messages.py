@@ -1,0 +1,121 @@
+"""Typed messages between the engine front and the rapid topology's workers.
+
+Small records only: token ids, block ids, a sampled token. The KV cache and the weights never
+travel (both workers hold the same tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rapidserve.sampling_params import SamplingParams
+
+
+# ---- front -> decode worker ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---- decode worker -> prefill worker -------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefillWork:
+    """Prefill every token the request has (its prompt, plus its outputs after a preemption)
+    into the given blocks and sample the next token."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_tokens: int
+    block_ids: list[int]
+    generator_state: Any = None  # a seeded request's random stream (a CPU ByteTensor)
+
+
+@dataclass(frozen=True)
+class CancelPrefill:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class SharedTensors:
+    """The decode worker's model and KV cache, handed to the prefill worker once (CUDA IPC
+    or shared memory under process placement; plain references under thread placement)."""
+
+    model: Any
+    kv_cache: Any
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]  # banned while a request is below its min_tokens
+
+
+# ---- prefill worker -> decode worker -------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrefillDone:
+    request_id: str
+    token: int
+    generator_state: Any = None
+
+
+@dataclass(frozen=True)
+class PrefillDropped:
+    request_id: str
+
+
+# ---- decode worker -> front ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token: int
+    status: str | None  # a RequestStatus value when the token ends the request
+    stop_reason: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """The decode worker's state after a loop turn (for metrics and tests)."""
+
+    num_free_blocks: int
+    num_blocks: int
+    num_running: int
+    num_waiting: int
+    num_prefilling: int
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    events: list[TokenEvent]
+    stats: WorkerStats
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Sent by the decode worker once the model and the cache exist."""
+
+    num_kv_blocks: int
+    block_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    role: str  # "prefill" or "decode"
+    message: str

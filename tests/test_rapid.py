@@ -1,0 +1,170 @@
+"""The rapid topology on CPU: prefill and decode workers (threads or processes) sharing one model
+and one KV cache give the hybrid mode's tokens; preemption, aborts, load and a killed worker."""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from rapidserve import LLM, SamplingParams
+from rapidserve.config import EngineConfig
+from rapidserve.engine import create_engine
+from rapidserve.serving.rapid import RapidEngine, WorkerError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int = 3, max_len: int = 100) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(n)]
+
+
+def _run(engine, prompts, params, arrivals_every: int = 0, timeout_s: float = 120.0) -> dict[str, list[int]]:
+    """Submit the prompts (one every `arrivals_every` steps, or all at once) and run to the end."""
+    done, ids = {}, []
+    deadline = time.monotonic() + timeout_s
+    pending = list(prompts)
+    while pending or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish in time"
+        if pending:
+            batch = pending if not arrivals_every else pending[:1]
+            for p in batch:
+                ids.append(engine.add_request(p, params if isinstance(params, SamplingParams) else params[len(ids)]))
+            pending = pending[len(batch):]
+        for _ in range(max(1, arrivals_every)):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+    return {i: done[i] for i in ids}
+
+
+def _wait_all_free(engine: RapidEngine, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engine.step()
+        s = engine.worker_stats
+        if s is not None and s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_prefilling == 0:
+            return
+        assert time.monotonic() < deadline, f"blocks not freed: {s}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    prompts = _prompts(10)
+    return prompts, [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny):
+    engine = create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process"))
+    yield engine
+    engine.shutdown()
+
+
+def _thread_engine(tiny, **kw) -> RapidEngine:
+    return create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="thread", **kw))
+
+
+@pytest.mark.parametrize("arrivals_every", [0, 2])
+def test_thread_placement_matches_hybrid(tiny, reference, arrivals_every):
+    prompts, ref = reference
+    engine = _thread_engine(tiny)
+    try:
+        assert list(_run(engine, prompts, GREEDY, arrivals_every).values()) == ref
+        _wait_all_free(engine)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("arrivals_every", [0, 3])
+def test_process_placement_matches_hybrid(process_engine, reference, arrivals_every):
+    prompts, ref = reference
+    assert list(_run(process_engine, prompts, GREEDY, arrivals_every).values()) == ref
+    _wait_all_free(process_engine)
+
+
+def test_preemption_under_a_tiny_cache(tiny, reference):
+    prompts, ref = reference
+    engine = _thread_engine(tiny, num_kv_blocks=12, block_size=16)
+    try:
+        assert list(_run(engine, prompts, GREEDY).values()) == ref
+        _wait_all_free(engine)
+        assert engine.worker_stats.num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+def test_aborts_during_prefill_and_decode(process_engine):
+    eng = process_engine
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    a = eng.add_request([1] * 90, long)  # aborted before it can have run
+    b = eng.add_request([2] * 10, long)  # aborted while decoding
+    c = eng.add_request([3] * 10, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert eng.abort_request(a)
+    got_b = 0
+    deadline = time.monotonic() + 30
+    while got_b < 3:
+        assert time.monotonic() < deadline
+        got_b += sum(len(o.delta_token_ids) for o in eng.step() if o.request_id == b)
+    assert eng.abort_request(b) and not eng.abort_request(b)
+    finished = {}
+    while eng.has_unfinished_requests():
+        assert time.monotonic() < deadline
+        finished.update({o.request_id: o for o in eng.step() if o.finished})
+    assert set(finished) == {c} and len(finished[c].outputs[0].token_ids) == 5
+    _wait_all_free(eng)
+
+
+def test_many_concurrent_short_requests(process_engine, tiny):
+    prompts = _prompts(200, seed=9, max_len=30)
+    rng = random.Random(1)
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 9), ignore_eos=True) for _ in prompts]
+    ref = [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, params)]
+    got = _run(process_engine, prompts, params, timeout_s=180)
+    assert list(got.values()) == ref  # nothing lost, nothing duplicated, in order
+    _wait_all_free(process_engine)
+
+
+def test_killing_the_prefill_process_fails_pending_requests(tiny):
+    eng = create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process"))
+    workers = dict(eng.workers)
+    try:
+        for p in _prompts(4):
+            eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        eng.step()
+        os.kill(workers["prefill"].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="prefill worker"):
+            while time.monotonic() - t0 < 20:
+                eng.step()
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(WorkerError):
+            eng.add_request([1, 2, 3], GREEDY)
+    finally:
+        eng.shutdown()
+    for w in workers.values():
+        w.join(timeout=10)
+        assert not w.is_alive()
+
+
+def test_rapid_mode_stop_strings_and_chat_match_hybrid():
+    hybrid = LLM(device="cpu")
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"], include_stop_str_in_output=True)
+    want = hybrid.chat(q, params)[0].outputs[0]
+    rapid = LLM(device="cpu", mode="rapid", placement="thread")
+    try:
+        got = rapid.chat(q, params)[0].outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+            want.text, want.token_ids, want.finish_reason, want.stop_reason)
+        assert got.text.endswith("Paris")
+        _wait_all_free(rapid.engine)
+    finally:
+        rapid.engine.shutdown()
