@@ -190,8 +190,18 @@ class PrefillWorker:
 # ---- entry points (a thread's or a process's target) -------------------------------------------
 
 
+def _own_stream(config: EngineConfig) -> None:
+    """Give this worker its own CUDA stream, so that the two workers' kernels can overlap
+    (threads of one process would otherwise share the default stream)."""
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+
+
 def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
     try:
+        _own_stream(config)
         DecodeWorker(config, inbox, to_prefill, to_front, share).run()
     except BaseException as e:  # noqa: BLE001 - report anything, then stop
         to_front.put(m.WorkerFailed("decode", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -205,6 +215,7 @@ def prefill_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any
             return
         if not isinstance(first, m.SharedTensors):
             raise RuntimeError(f"expected the shared model and cache first, got {type(first).__name__}")
+        _own_stream(config)
         PrefillWorker(config, inbox, to_decode, first).run()
     except BaseException as e:  # noqa: BLE001
         to_front.put(m.WorkerFailed("prefill", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
