@@ -168,3 +168,19 @@ def test_rapid_mode_stop_strings_and_chat_match_hybrid():
         _wait_all_free(rapid.engine)
     finally:
         rapid.engine.shutdown()
+
+
+def test_stats_have_the_same_shape_in_both_modes(tiny):
+    hybrid = create_engine(EngineConfig(model=tiny, device="cpu", num_kv_blocks=50))
+    rapid = _thread_engine(tiny, num_kv_blocks=50)
+    try:
+        for eng in (hybrid, rapid):
+            eng.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+            deadline = time.monotonic() + 10
+            while eng.stats().num_running == 0:
+                assert time.monotonic() < deadline
+                eng.step()
+            s = eng.stats()
+            assert s.num_total_blocks == 50 and s.num_free_blocks < 50 and 0 < s.kv_cache_usage < 1
+    finally:
+        rapid.shutdown()

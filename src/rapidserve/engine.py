@@ -55,6 +55,20 @@ class StepStats(NamedTuple):
         return cls(prefill, decode, decode_kv)
 
 
+class EngineStats(NamedTuple):
+    """The engine's state for metrics: the same fields in every topology."""
+
+    num_running: int
+    num_waiting: int  # not yet running (in the rapid mode: including prompts being prefilled)
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks if self.num_total_blocks else 0.0
+
+
 class EngineFront:
     """What every topology's engine shares: prompt validation, detokenization, stop strings and
     the outputs handed back. Subclasses run the model (`step`) and own the KV cache."""
@@ -89,6 +103,9 @@ class EngineFront:
 
     def shutdown(self) -> None:
         """Stop workers, if the topology has any."""
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -272,6 +289,12 @@ class LLMEngine(EngineFront):
 
     def _submit(self, req: Request) -> None:
         self.scheduler.add(req)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_free_blocks,
+            self.blocks.num_blocks, self.scheduler.num_preemptions,
+        )
 
     def _release(self, req: Request, decided_by_worker: bool) -> None:
         self.scheduler.finish(req, req.status)

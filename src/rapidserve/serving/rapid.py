@@ -17,7 +17,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineFront
+from rapidserve.engine import EngineFront, EngineStats
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.loader import resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
@@ -153,6 +153,14 @@ class RapidEngine(EngineFront):
     def _submit(self, req: Request) -> None:
         self._check_alive()
         self.to_decode.put(m.Submit(req.request_id, req.prompt_token_ids, req.params, req.max_tokens))
+
+    def stats(self) -> EngineStats:
+        """As of the decode worker's latest report."""
+        s = self.worker_stats
+        if s is None:
+            return EngineStats(0, 0, self.num_kv_blocks, self.num_kv_blocks, 0)
+        return EngineStats(s.num_running, s.num_waiting + s.num_prefilling, s.num_free_blocks,
+                           s.num_blocks, s.num_preemptions)
 
     def _release(self, req: Request, decided_by_worker: bool) -> None:
         if not decided_by_worker and self.failed is None:
