@@ -7,9 +7,15 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 from rapidserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from rapidserve.entrypoints.openai.server import ServerConfig
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +74,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rapidserve.async_engine import AsyncEngine
+    from rapidserve.engine import create_engine
+    from rapidserve.entrypoints.openai.server import ServerConfig, build_app
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                 max_queue_len=args.max_queue_len,
+                                 graceful_shutdown_s=args.graceful_shutdown_timeout)
+    engine = AsyncEngine(create_engine(engine_config_from_args(args)))
+    try:
+        _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level)
+    finally:
+        engine.shutdown()  # and the rapid mode's workers
+    if engine.error is not None:
+        print(f"error: the engine failed: {engine.error!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
+    import signal
+
+    import uvicorn
+
+    log = logging.getLogger("rapidserve.server")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                port = self.servers[0].sockets[0].getsockname()[1]  # the real one, for --port 0
+                print(f"rapidserve: serving {model_name} at http://{config.host}:{port}/v1", flush=True)
+
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=log_level.lower(),
+        access_log=logging.getLogger().isEnabledFor(logging.INFO),
+        timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="off",
+    ))
+
+    def stopped(sig: int, _frame: object) -> None:
+        log.info("stopped by %s", signal.Signals(sig).name)
+
+    # NOTE: uvicorn catches SIGINT/SIGTERM, shuts down gracefully (open requests get
+    # --graceful-shutdown-timeout seconds), then raises the signal again against the handlers it
+    # found. These make that a clean return, so the engine thread is stopped and we exit 0.
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
+    server.run()
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, help="the model (as --model; vLLM's form)")
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    g.add_argument("--max-queue-len", type=int, default=1024,
+                   help="requests admitted and not finished; more are answered 503")
+    g.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
+                   help="seconds open requests may still run after SIGTERM")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -79,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    _add_serve_parser(sub)
     _add_bench_parsers(sub)
     return parser
 

@@ -171,7 +171,9 @@ class RapidEngine(EngineFront):
         some when there are none yet."""
         self._check_alive()
         outputs: list[RequestOutput] = []
-        msg = self._next_message(timeout=_POLL_S if self._requests else 0.0)
+        # NOTE: always wait a little: a caller that spins on step() must not starve the
+        # workers (under thread placement they need the GIL to make progress).
+        msg = self._next_message(timeout=_POLL_S)
         while msg is not None:
             if isinstance(msg, m.StepEvents):
                 self.worker_stats = msg.stats

@@ -1,0 +1,399 @@
+"""AsyncEngine: the asyncio front of an engine (any topology) stepped by one dedicated thread.
+
+Two sides meet here:
+
+- the engine thread (one, named ``rapidserve-engine``) owns the engine (`LLMEngine` in the
+  hybrid mode, `RapidEngine` in the rapid mode: whatever `create_engine` built). It runs
+  commands (admit a request, abort one, a read such as tokenizing) between steps and steps
+  while any request is unfinished; when there is nothing to do it blocks on its inbox, so an
+  idle server spends no CPU.
+- the event loop (one) owns every `RequestStream`. The engine thread hands it each step's
+  outputs in one `loop.call_soon_threadsafe` call; they land in per-request `asyncio.Queue`s.
+
+NOTE: only the engine thread touches the engine (its scheduler, block manager, tokenizer) once
+the AsyncEngine is built: one writer, no locks around engine state. The loop side sees the engine
+through `stats()`, a snapshot the engine thread publishes after each step and each batch of
+commands, and through `call()`, which runs a function on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, TypeVar
+
+from rapidserve.engine import EngineFront, EngineStats
+from rapidserve.outputs import RequestOutput
+from rapidserve.sampling_params import SamplingParams
+
+log = logging.getLogger("rapidserve.engine")
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (a step raised, or shutdown() was called)."""
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render with the model's chat template (on the engine thread)."""
+
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+
+
+Prompt = str | list[int] | ChatPrompt
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """vLLM's server rule: a request that cannot fit is refused, not silently shortened."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {num_prompt_tokens} tokens (and at least one token must be generated). "
+            "Please reduce the length of the prompt."
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens} in the completion). Please reduce the length of the prompt or max_tokens."
+        )
+
+
+def prompt_token_ids(engine: EngineFront, prompt: Prompt) -> list[int]:
+    """The token ids of a prompt (run on the engine thread: it uses the engine's tokenizer)."""
+    if isinstance(prompt, ChatPrompt):
+        import jinja2
+
+        try:
+            return engine.chat_prompt(prompt.messages, prompt.add_generation_prompt)
+        except jinja2.TemplateError as e:
+            # Templates reject some conversations themselves (e.g. roles out of order).
+            raise ValueError(f"the chat template rejected the messages: {e}") from e
+    return engine.encode_prompt(prompt)[1]
+
+
+def _admit(engine: EngineFront, prompt: Prompt, params: SamplingParams, request_id: str) -> int:
+    ids = prompt_token_ids(engine, prompt)
+    check_context_length(len(ids), params.max_tokens, engine.max_model_len)
+    engine.add_request(ids, params, request_id)
+    return len(ids)
+
+
+class _Command(NamedTuple):
+    fn: Callable[[EngineFront], Any]
+    future: asyncio.Future[Any] | None  # None: fire and forget (aborts)
+
+
+_STOP = object()  # the inbox item that ends the engine thread
+_ABORTED = object()  # the stream item that ends an aborted request's iteration
+
+# After the last request ends, an idle engine thread keeps stepping (every _SETTLE_POLL_S, for
+# _SETTLE_S) before it sleeps: engines whose stats come from worker reports (rapid) need that
+# to show the blocks of the last requests freed.
+_SETTLE_S = 1.0
+_SETTLE_POLL_S = 0.05
+
+
+class _Failure(NamedTuple):
+    message: str
+
+
+class RequestStream:
+    """One request's outputs, as an async iterator; closing it early aborts the request.
+
+    Iteration yields each RequestOutput (one per step that gave the request a token) and stops
+    after the finished one. If the engine dies it raises EngineDeadError. Cancelling a consumer
+    waiting on it, or calling `close()` before the end, aborts the request in the engine and so
+    frees its KV blocks.
+    """
+
+    def __init__(self, request_id: str, engine: AsyncEngine) -> None:
+        self.request_id = request_id
+        self.arrival_time = time.monotonic()
+        # time.monotonic() on the engine thread when each output was produced (one per token).
+        self.token_times: list[float] = []
+        self.num_prompt_tokens = 0
+        self.finished = False  # the engine has delivered its last output (or failed it)
+        self._done = False  # the consumer has seen the end
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._engine = engine
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        if item is _ABORTED:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self._done = True
+            raise EngineDeadError(item.message)
+        if item.finished:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Stop consuming; aborts the request if the engine has not finished it."""
+        self._done = True
+        if not self.finished:
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    # ---- called by the AsyncEngine on the loop thread ----------------------------------------
+
+    def _put(self, item: Any, finished: bool) -> None:
+        if finished:
+            self.finished = True
+        self._queue.put_nowait(item)
+
+
+class AsyncEngine:
+    """An engine stepped by its own thread, driven from one asyncio event loop. It takes the
+    engine over: shutdown() also shuts the engine down (its workers, in the rapid mode)."""
+
+    def __init__(self, engine: EngineFront, join_timeout_s: float = 60.0) -> None:
+        self._engine = engine
+        self._join_timeout_s = join_timeout_s
+        # Read once here, before the thread starts: these never change afterwards.
+        self.model_name: str = engine.model_name
+        self.model_root: str = engine.config.model or engine.model_name
+        self.max_model_len: int = engine.max_model_len
+        self.mode: str = engine.config.mode
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # NOTE: `_lock` orders "submit a command" against "the engine thread stopped", so that
+        # no command is left in the inbox after the thread drained it for the last time.
+        self._lock = threading.Lock()
+        self._dead = False
+        self._error: BaseException | None = None
+        self._dead_message = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}  # loop thread only
+        self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- loop side ---------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return not self._dead and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that killed the engine thread, if one did."""
+        return self._error
+
+    @property
+    def num_requests(self) -> int:
+        """Requests admitted and not yet finished or aborted."""
+        return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def call(self, fn: Callable[[EngineFront], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps and return its result
+        (its exception is raised here; the engine carries on)."""
+        loop = self._bind_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._submit(_Command(fn, future))
+        return await future
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Admit a request and return the stream of its outputs.
+
+        Raises ValueError (bad prompt or parameters, or too long for the context) before
+        anything is generated, and EngineDeadError when the engine is not running.
+        """
+        self._bind_loop()
+        if self._dead:
+            raise EngineDeadError(self._dead_message)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id, self)
+        # Registered before submitting, so no output can arrive for an unknown stream.
+        self._streams[request_id] = stream
+        try:
+            stream.num_prompt_tokens = await self.call(
+                lambda e: _admit(e, prompt, params, request_id)
+            )
+        except asyncio.CancelledError:
+            # The admission may still happen on the engine thread: abort after it (FIFO inbox).
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if it has finished); its stream ends without more outputs."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or self._dead:
+            return
+        stream._put(_ABORTED, finished=True)
+        try:
+            self._submit(_Command(lambda e: e.abort_request(request_id), None))
+        except EngineDeadError:
+            pass
+
+    def shutdown(self) -> None:
+        """Stop the engine thread after its current step; pending requests fail. Idempotent;
+        call it from any thread (not from the engine thread)."""
+        with self._lock:
+            if not self._dead:
+                self._inbox.put(_STOP)
+        self._thread.join(self._join_timeout_s)
+        if self._thread.is_alive():
+            log.warning("engine thread did not stop within %.0f s", self._join_timeout_s)
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None or self._loop.is_closed():
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an AsyncEngine serves one event loop at a time; this is another one")
+        return loop
+
+    def _submit(self, command: _Command) -> None:
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError(self._dead_message)
+            self._inbox.put(command)
+
+    def _deliver(self, outputs: list[RequestOutput], t: float) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted after this step was scheduled
+                continue
+            stream.token_times.append(t)
+            if out.finished:
+                del self._streams[out.request_id]
+            stream._put(out, out.finished)
+
+    def _fail_all(self, message: str) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._put(_Failure(message), finished=True)
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn(*args) on the event loop (nothing to do if no loop has used us yet)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed: nobody is left to tell
+            log.debug("event loop closed; dropped a delivery")
+
+    def _next_commands(self) -> list[Any]:
+        items = []
+        if not self._engine.has_unfinished_requests():
+            try:
+                if time.monotonic() < self._settle_until:
+                    items.append(self._inbox.get(timeout=_SETTLE_POLL_S))
+                else:
+                    items.append(self._inbox.get())  # idle: sleep until there is something to do
+            except queue.Empty:
+                return items
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _run(self) -> None:
+        engine = self._engine
+        device = getattr(engine, "device", None)
+        if device is not None and device.type == "cuda":
+            import torch
+
+            # The current device is per thread; kernels launch on it.
+            torch.cuda.set_device(device)
+        log.info("engine thread started (model %s, mode %s)", self.model_name, self.mode)
+        try:
+            while True:
+                had_requests = engine.has_unfinished_requests()
+                commands = self._next_commands()
+                for item in commands:
+                    if item is _STOP:
+                        self._stop("the engine has shut down", None)
+                        log.info("engine thread stopped")
+                        return
+                    self._execute(item)
+                # Idle steps are no-ops for the hybrid engine; in the rapid mode they read the
+                # workers' reports, so that stats() sees the blocks of the last requests freed.
+                if engine.has_unfinished_requests() or time.monotonic() < self._settle_until:
+                    outputs = engine.step()
+                    if outputs:
+                        self._post(self._deliver, outputs, time.monotonic())
+                if had_requests and not engine.has_unfinished_requests():
+                    self._settle_until = time.monotonic() + _SETTLE_S
+                self._stats = engine.stats()
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine; say so everywhere
+            log.exception("engine step failed; failing every request")
+            self._stop(f"the engine failed: {type(e).__name__}: {e}", e)
+
+    def _execute(self, command: _Command) -> None:
+        if command.future is None:
+            command.fn(self._engine)  # an abort: an exception here is an engine failure
+            return
+        try:
+            result = command.fn(self._engine)
+        except Exception as e:  # the caller's problem (e.g. a bad prompt), not the engine's
+            self._post(_set_exception, command.future, e)
+        else:
+            self._post(_set_result, command.future, result)
+
+    def _stop(self, message: str, error: BaseException | None) -> None:
+        try:
+            self._engine.shutdown()  # its workers, if the topology has any
+        except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report
+            log.exception("engine shutdown failed")
+        with self._lock:
+            self._dead = True
+            self._error = error
+            self._dead_message = message
+            pending = []
+            while True:
+                try:
+                    pending.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        for item in pending:
+            if isinstance(item, _Command) and item.future is not None:
+                self._post(_set_exception, item.future, EngineDeadError(message))
+        self._post(self._fail_all, message)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # the caller may have been cancelled
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,103 @@
+"""ServerMetrics: the Prometheus metrics of one server app (vLLM's names, `rapidserve:` prefix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from rapidserve.async_engine import RequestStream
+from rapidserve.engine import EngineStats
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)
+_ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class ServerMetrics:
+    """Gauges read from the engine's stats at scrape time; histograms and counters fed as
+    requests end.
+
+    NOTE: each app gets its own CollectorRegistry (not prometheus_client's global one), so
+    that several apps in one process (tests) do not collide on metric names.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self._running = gauge("rapidserve:num_requests_running", "Requests in the running batch.")
+        self._waiting = gauge("rapidserve:num_requests_waiting", "Requests waiting to be scheduled.")
+        self._kv_usage = gauge("rapidserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")
+        self._kv_free = gauge("rapidserve:kv_cache_free_blocks", "KV cache blocks free.")
+        self._kv_total = gauge("rapidserve:kv_cache_total_blocks", "KV cache blocks in all.")
+        self._sm_decode = gauge(
+            "rapidserve:sm_partition_decode_sms",
+            "SMs given to decode by the rapid mode's partition (0: no partition, other modes).",
+        )
+        self._ttft = histogram(
+            "rapidserve:time_to_first_token_seconds", "Time from arrival to the first token.",
+            _LATENCY_BUCKETS)
+        self._itl = histogram(
+            "rapidserve:inter_token_latency_seconds", "Time between two tokens of a request.",
+            _ITL_BUCKETS)
+        self._e2e = histogram(
+            "rapidserve:e2e_request_latency_seconds", "Time from arrival to the last token.",
+            _LATENCY_BUCKETS)
+        self._prompt_tokens = counter("rapidserve:prompt_tokens_total", "Prompt tokens prefilled.")
+        self._generation_tokens = counter("rapidserve:generation_tokens_total", "Tokens generated.")
+        self._preemptions = counter("rapidserve:num_preemptions_total", "Requests preempted.")
+        self._labels = (model_name,)
+        self._preemptions_seen = 0
+        # Export every series from the start (at 0), not from its first observation.
+        for metric in (self._running, self._waiting, self._kv_usage, self._kv_free, self._kv_total,
+                       self._sm_decode, self._ttft, self._itl, self._e2e, self._prompt_tokens,
+                       self._generation_tokens, self._preemptions):
+            metric.labels(*self._labels)
+
+    def set_decode_sms(self, num_sms: int) -> None:
+        """The rapid mode's current partition (set by that mode when it lands)."""
+        self._sm_decode.labels(*self._labels).set(num_sms)
+
+    def update(self, stats: EngineStats) -> None:
+        """Refresh the gauges from the engine's latest snapshot (at scrape time)."""
+        lb = self._labels
+        self._running.labels(*lb).set(stats.num_running)
+        self._waiting.labels(*lb).set(stats.num_waiting)
+        self._kv_usage.labels(*lb).set(stats.kv_cache_usage)
+        self._kv_free.labels(*lb).set(stats.num_free_blocks)
+        self._kv_total.labels(*lb).set(stats.num_total_blocks)
+        # The engine counts preemptions since start; the counter advances by what is new.
+        if stats.num_preemptions > self._preemptions_seen:
+            self._preemptions.labels(*lb).inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
+
+    def observe_request(self, stream: RequestStream) -> None:
+        """Record a request that has ended (finished, aborted or failed)."""
+        times = stream.token_times
+        lb = self._labels
+        if not times:
+            return
+        self._prompt_tokens.labels(*lb).inc(stream.num_prompt_tokens)
+        self._generation_tokens.labels(*lb).inc(len(times))
+        self._ttft.labels(*lb).observe(times[0] - stream.arrival_time)
+        itl = self._itl.labels(*lb)
+        for a, b in zip(times, times[1:]):
+            itl.observe(b - a)
+        self._e2e.labels(*lb).observe(times[-1] - stream.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,325 @@
+"""The OpenAI API's request and response bodies (with vLLM's extensions), as pydantic models.
+
+Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
+unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
+Parameters the engine cannot honour (n > 1, logprobs, penalties, ...) are refused with a 400
+rather than ignored: a client must not believe it got what it asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from rapidserve.sampling_params import SamplingParams
+
+_REQUEST = ConfigDict(strict=True, extra="ignore")
+
+
+class RequestError(ValueError):
+    """A request field with a value this server refuses (out of range, or not supported)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields completions and chat share."""
+
+    model_config = _REQUEST
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
+
+    def _max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _check_supported(self) -> None:
+        if self.n != 1:
+            raise RequestError("n", f"n must be 1 (one choice per prompt), got {self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise RequestError(name, f"{name} is not supported (only 0)")
+        if self.repetition_penalty not in (None, 1.0):
+            raise RequestError("repetition_penalty", "repetition_penalty is not supported (only 1)")
+        if self.logit_bias:
+            raise RequestError("logit_bias", "logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options", "stream_options is only allowed with stream=true")
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters; ValueError (naming the field) if a value is out of range."""
+        self._check_supported()
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=self.seed,
+            max_tokens=self._max_tokens(),
+            min_tokens=self.min_tokens,
+            stop=self.stop or (),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.echo:
+            raise RequestError("echo", "echo is not supported")
+        if self.logprobs is not None:
+            raise RequestError("logprobs", "logprobs are not supported")
+        if self.best_of not in (None, 1):
+            raise RequestError("best_of", f"best_of must be 1, got {self.best_of}")
+        if self.suffix:
+            raise RequestError("suffix", "suffix is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt per choice."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise RequestError("prompt", "the prompt is empty")
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text content only."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise RequestError(
+                        "messages", f"only text content parts are supported, got {part.type!r}"
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM's extension
+
+    def _max_tokens(self) -> int | None:
+        # None: as many as the context leaves room for.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _check_supported(self) -> None:
+        super()._check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise RequestError("logprobs", "logprobs are not supported")
+        if self.tools:
+            raise RequestError("tools", "tools are not supported")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise RequestError("response_format", "only response_format {\"type\": \"text\"} is supported")
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        if not self.messages:
+            raise RequestError("messages", "messages must not be empty")
+        return [m.template_message() for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = _REQUEST
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _REQUEST
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+FinishReason = Literal["stop", "length"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """A streamed completion chunk: the same shape, one token's text per choice."""
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    """Only the first chunk names the role: absent fields are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "rapidserve"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

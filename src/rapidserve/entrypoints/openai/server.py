@@ -1,0 +1,562 @@
+"""The OpenAI-compatible HTTP server: `build_app(async_engine, ServerConfig) -> FastAPI`.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both stream over SSE), GET /v1/models,
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET /version.
+
+Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with vLLM's type
+names (BadRequestError, NotFoundError, ...) and the HTTP status as `code`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rapidserve import __version__
+from rapidserve.async_engine import (
+    AsyncEngine, ChatPrompt, EngineDeadError, Prompt, RequestStream, prompt_token_ids,
+)
+from rapidserve.engine import EngineFront
+from rapidserve.entrypoints.openai.metrics import ServerMetrics
+from rapidserve.entrypoints.openai.protocol import (
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
+    CompletionResponse, CompletionStreamResponse, DeltaMessage, DetokenizeRequest, ErrorInfo,
+    ErrorResponse, ModelCard, ModelList, TokenizeRequest, UsageInfo,
+)
+from rapidserve.entrypoints.openai.streamed_text import StreamedText
+from rapidserve.outputs import RequestOutput
+from rapidserve.sampling_params import SamplingParams
+
+log = logging.getLogger("rapidserve.server")
+
+T = TypeVar("T")
+
+_ERROR_TYPES = {
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    405: "MethodNotAllowedError", 413: "RequestTooLargeError", 429: "RateLimitError",
+    500: "InternalServerError", 503: "ServiceUnavailableError",
+}
+_OPEN_PATHS = ("/health", "/metrics", "/version")  # answered without the API key
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # vLLM binds 0.0.0.0; here exposing the server is a choice
+    port: int = 8000
+    api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
+    max_queue_len: int = 1024  # requests admitted and not finished; more get 503
+    graceful_shutdown_s: float = 10.0  # on SIGTERM, how long open requests may still run
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue_len < 1:
+            raise ValueError(f"max_queue_len must be at least 1, got {self.max_queue_len}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+        if self.graceful_shutdown_s < 0:
+            raise ValueError(f"graceful_shutdown_s must be >= 0, got {self.graceful_shutdown_s}")
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(
+        message=message, type=_ERROR_TYPES.get(status, "APIError"), param=param, code=status))
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param).model_dump(), status_code=status,
+                        headers=headers)
+
+
+def _bad_request(e: ValueError) -> APIError:
+    param = getattr(e, "param", None)
+    if param is None:
+        # SamplingParams' messages start with the parameter's name.
+        first = str(e).split(" ", 1)[0]
+        param = first if first in _SAMPLING_FIELDS else None
+    return APIError(400, str(e), param)
+
+
+def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """One line out of pydantic's errors, and the top-level field they concern."""
+    by_field: dict[str, list[tuple[list[Any], str]]] = {}
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return f"Invalid JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        by_field.setdefault(str(loc[0]) if loc else "", []).append((loc, str(err.get("msg"))))
+    parts = []
+    for field, errs in by_field.items():
+        # A union field reports one error per member type, each under the member's name.
+        members = {loc[1] for loc, _ in errs if len(loc) > 1 and isinstance(loc[1], str)}
+        if len(members) > 1:
+            parts.append(f"{field}: the value matches none of the accepted types ({errs[0][1]})")
+        else:
+            for loc, msg in errs:
+                parts.append(f"{'.'.join(str(x) for x in loc) or 'body'}: {msg}")
+    first = next(iter(by_field), "")
+    return "; ".join(parts[:3]) or "invalid request", first or None
+
+
+def _finish_reason(output: RequestOutput) -> str | None:
+    if not output.finished:
+        return None
+    return "length" if output.outputs[0].finish_reason == "length" else "stop"
+
+
+def _stop_reason(output: RequestOutput) -> int | str | None:
+    return output.outputs[0].stop_reason if output.finished else None
+
+
+def _sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+_SSE_DONE = "data: [DONE]\n\n"
+
+
+class _ApiKeyMiddleware:
+    """401 for requests without `Authorization: Bearer <key>` (health and metrics stay open)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = error_response(
+                    401, "Invalid or missing API key: send the header 'Authorization: Bearer <key>'.",
+                    headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends (done, client gone, cancelled),
+    even if its body was never started."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # NOTE: the body has been read already, so receive() blocks until the client goes away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """The result of `work`, or None (after cancelling it) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # cancelling the consumers aborts their requests
+    return task.result() if task in done else None
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) from several streams as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    inbox: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                inbox.put_nowait((i, out))
+        except Exception as e:  # EngineDeadError, surfaced in order
+            inbox.put_nowait((i, e))
+            return
+        inbox.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await inbox.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class _Batch:
+    """The engine requests of one HTTP request (one per prompt), and their release."""
+
+    def __init__(self, server: OpenAIServer, streams: list[RequestStream]) -> None:
+        self.streams = streams
+        self._server = server
+        self._closed = False
+
+    def close(self) -> None:
+        """Abort what is unfinished, record metrics, give back the queue slots. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in self.streams:
+            stream.close()
+            self._server.metrics.observe_request(stream)
+        self._server.release(len(self.streams))
+
+
+class OpenAIServer:
+    """Request handling behind the routes; one per app."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = ServerMetrics(engine.model_name)
+        self._admitted = 0  # engine requests admitted and not released (the bounded queue)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+    def release(self, n: int) -> None:
+        self._admitted -= n
+
+    async def admit(self, prompts: list[Prompt], params: SamplingParams, request_id: str) -> _Batch:
+        n = len(prompts)
+        if self._admitted + n > self.config.max_queue_len:
+            raise APIError(
+                503, f"The server is at capacity ({self.config.max_queue_len} requests queued or "
+                "running); retry later.", headers={"Retry-After": "1"})
+        # Reserved before awaiting, so concurrent admissions cannot overshoot the bound.
+        self._admitted += n
+        ids = [f"{request_id}-{i}" for i in range(n)]
+        try:
+            # All prompts go to the engine thread together: one round trip, not one per prompt.
+            results = await asyncio.gather(
+                *(self.engine.generate(p, params, rid) for p, rid in zip(prompts, ids)),
+                return_exceptions=True,
+            )
+        except BaseException:  # cancelled: streams already admitted were dropped by gather
+            for rid in ids:
+                self.engine.abort(rid)
+            self.release(n)
+            raise
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        self.release(n - len(streams))  # the failed ones never held a slot
+        batch = _Batch(self, streams)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            batch.close()
+            err = errors[0]
+            if isinstance(err, ValueError):
+                raise _bad_request(err)
+            if isinstance(err, EngineDeadError):
+                raise APIError(500, str(err))
+            raise err
+        return batch
+
+    async def collect(self, batch: _Batch) -> list[RequestOutput]:
+        """The final output of every stream."""
+
+        async def last(stream: RequestStream) -> RequestOutput:
+            final = None
+            async for out in stream:
+                final = out
+            if final is None or not final.finished:
+                raise EngineDeadError(f"request {stream.request_id} was aborted")
+            return final
+
+        return await asyncio.gather(*(last(s) for s in batch.streams))
+
+    async def run_full(self, request: Request, batch: _Batch,
+                       respond: Callable[[list[RequestOutput]], BaseModel]) -> Response:
+        """A non-streaming answer; a client that leaves first has its requests aborted."""
+        try:
+            finals = await _until_disconnect(request, self.collect(batch))
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from e
+        finally:
+            batch.close()
+        if finals is None:
+            log.info("client disconnected; aborted %d request(s)", len(batch.streams))
+            return Response(status_code=499)
+        return JSONResponse(respond(finals).model_dump())
+
+    # ---- completions -------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        try:
+            params = body.sampling_params()
+            prompts: list[Prompt] = list(body.prompts())
+        except ValueError as e:
+            raise _bad_request(e) from e
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        batch = await self.admit(prompts, params, request_id)
+        created = int(time.time())
+        model = self.engine.model_name
+        if body.stream:
+            return _SSEResponse(
+                self._completion_events(batch, params, request_id, created, body.include_usage),
+                batch.close)
+
+        def respond(finals: list[RequestOutput]) -> CompletionResponse:
+            return CompletionResponse(
+                id=request_id, created=created, model=model,
+                choices=[CompletionChoice(index=i, text=o.outputs[0].text,
+                                          finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
+                         for i, o in enumerate(finals)],
+                usage=_usage(finals))
+
+        return await self.run_full(request, batch, respond)
+
+    async def _completion_events(self, batch: _Batch, params: SamplingParams, request_id: str,
+                                 created: int, include_usage: bool) -> AsyncIterator[str]:
+        texts = [StreamedText(params) for _ in batch.streams]
+        finals: list[RequestOutput] = []
+        model = self.engine.model_name
+        try:
+            async for i, out in _merged(batch.streams):
+                if out.finished:
+                    finals.append(out)
+                yield _sse(CompletionStreamResponse(
+                    id=request_id, created=created, model=model,
+                    choices=[CompletionChoice(index=i, text=texts[i].delta(out),
+                                              finish_reason=_finish_reason(out),
+                                              stop_reason=_stop_reason(out))]))
+            if include_usage:
+                yield _sse(CompletionStreamResponse(
+                    id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
+        except EngineDeadError as e:
+            yield _sse(_error_body(500, str(e)))
+        yield _SSE_DONE
+
+    # ---- chat --------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        try:
+            params = body.sampling_params()
+            prompt = ChatPrompt(body.template_messages(), body.add_generation_prompt)
+        except ValueError as e:
+            raise _bad_request(e) from e
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        batch = await self.admit([prompt], params, request_id)
+        created = int(time.time())
+        model = self.engine.model_name
+        if body.stream:
+            return _SSEResponse(
+                self._chat_events(batch, params, request_id, created, body.include_usage),
+                batch.close)
+
+        def respond(finals: list[RequestOutput]) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                id=request_id, created=created, model=model,
+                choices=[ChatChoice(index=i, message=ChatResponseMessage(content=o.outputs[0].text),
+                                    finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
+                         for i, o in enumerate(finals)],
+                usage=_usage(finals))
+
+        return await self.run_full(request, batch, respond)
+
+    async def _chat_events(self, batch: _Batch, params: SamplingParams, request_id: str,
+                           created: int, include_usage: bool) -> AsyncIterator[str]:
+        text = StreamedText(params)
+        model = self.engine.model_name
+        final: RequestOutput | None = None
+        first = True
+        try:
+            # NOTE: every chunk carries one token; the role rides on the first token's chunk
+            # (no token-less chunk goes out before the first token).
+            async for _, out in _merged(batch.streams):
+                final = out if out.finished else None
+                delta = DeltaMessage(role="assistant" if first else None, content=text.delta(out))
+                first = False
+                yield _sse(ChatCompletionChunk(
+                    id=request_id, created=created, model=model,
+                    choices=[ChatStreamChoice(index=0, delta=delta, finish_reason=_finish_reason(out),
+                                              stop_reason=_stop_reason(out))]))
+            if include_usage and final is not None:
+                yield _sse(ChatCompletionChunk(
+                    id=request_id, created=created, model=model, choices=[], usage=_usage([final])))
+        except EngineDeadError as e:
+            yield _sse(_error_body(500, str(e)))
+        yield _SSE_DONE
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        try:
+            if body.messages is not None:
+                chat = ChatPrompt([m.template_message() for m in body.messages], body.add_generation_prompt)
+                tokens = await self.engine.call(lambda e: prompt_token_ids(e, chat))
+            else:
+                text, add = body.prompt, body.add_special_tokens
+                tokens = await self.engine.call(lambda e: _encode(e, text or "", add))
+        except ValueError as e:
+            raise _bad_request(e) from e
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from e
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_model_len}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        tokens = body.tokens
+        try:
+            text = await self.engine.call(lambda e: _decode(e, tokens))
+        except ValueError as e:
+            raise APIError(400, str(e), "tokens") from e
+        except EngineDeadError as e:
+            raise APIError(500, str(e)) from e
+        return {"prompt": text}
+
+    def model_card(self) -> ModelCard:
+        e = self.engine
+        return ModelCard(id=e.model_name, root=e.model_root, max_model_len=e.max_model_len)
+
+
+def _usage(finals: list[RequestOutput]) -> UsageInfo:
+    return UsageInfo.of(sum(len(o.prompt_token_ids) for o in finals),
+                        sum(len(o.outputs[0].token_ids) for o in finals))
+
+
+def _tokenizer(engine: EngineFront) -> Any:
+    if engine.tokenizer is None:
+        raise ValueError("this model has no tokenizer: start the server with --tokenizer")
+    return engine.tokenizer
+
+
+def _encode(engine: EngineFront, text: str, add_special_tokens: bool) -> list[int]:
+    return list(_tokenizer(engine).encode(text, add_special_tokens=add_special_tokens))
+
+
+def _decode(engine: EngineFront, tokens: list[int]) -> str:
+    tokenizer = _tokenizer(engine)
+    vocab = engine.model_config.vocab_size
+    for t in tokens:
+        if not 0 <= t < vocab:
+            raise ValueError(f"token id {t} is not in the vocabulary [0, {vocab})")
+    return str(tokenizer.decode(tokens))
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. The caller owns the engine (and shuts it down)."""
+    config = config or ServerConfig()
+    server = OpenAIServer(engine, config)
+    app = FastAPI(title="rapidserve", version=__version__)
+    app.state.server = server
+    if config.api_key is not None:
+        app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("answering %d: %s", exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await server.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await server.chat(body, request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[server.model_card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        server.check_model(model_id)
+        return server.model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await server.detokenize(body)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        reason = repr(engine.error) if engine.error is not None else "the engine is not running"
+        return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        server.metrics.update(engine.stats())
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    return app

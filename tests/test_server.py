@@ -1,0 +1,639 @@
+"""The OpenAI-compatible server, live on loopback, and the AsyncEngine under it.
+
+One default-model engine serves two apps (a plain one, and one with an API key and a queue of
+one) from one uvicorn event loop in a background thread; tiny random models cover the engine
+unit tests, an engine failure and the `serve` command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from rapidserve import SamplingParams
+from rapidserve.async_engine import AsyncEngine, EngineDeadError
+from rapidserve.config import EngineConfig
+from rapidserve.engine import LLMEngine, create_engine
+from rapidserve.entrypoints.cli import build_parser
+from rapidserve.entrypoints.openai.server import ServerConfig, build_app
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+API_KEY = "sekret"
+TIMEOUT = httpx.Timeout(60.0)
+
+
+class LiveServers:
+    """uvicorn servers for several apps on one event loop, in a background thread."""
+
+    def __init__(self, *apps) -> None:
+        self.servers = [
+            uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                          lifespan="off", timeout_graceful_shutdown=2))
+            for app in apps
+        ]
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(s.serve() for s in self.servers))
+
+    def start(self) -> list[str]:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not all(s.started for s in self.servers):
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return [f"http://127.0.0.1:{s.servers[0].sockets[0].getsockname()[1]}" for s in self.servers]
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.should_exit = True
+        self._thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine(LLMEngine(EngineConfig(
+        device="cpu", max_num_seqs=64, kv_cache_memory_bytes="256MiB", max_model_len=512)))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def urls(engine):
+    live = LiveServers(build_app(engine, ServerConfig()),
+                       build_app(engine, ServerConfig(api_key=API_KEY, max_queue_len=1)))
+    yield live.start()
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def url(urls) -> str:
+    return urls[0]
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(model=None, messages=QUESTION, **kw)  # type: ignore[arg-type]
+
+
+def _sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def _wait_idle(url: str, engine: AsyncEngine, timeout: float = 20.0) -> str:
+    """Poll /metrics (bounded) until no request runs and every KV block is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(url + "/metrics").text
+        free = _metric(text, "rapidserve:kv_cache_free_blocks")
+        total = _metric(text, "rapidserve:kv_cache_total_blocks")
+        running = _metric(text, "rapidserve:num_requests_running")
+        if free == total and running == 0 and engine.num_requests == 0:
+            return text
+        assert time.monotonic() < deadline, f"blocks not freed: {free}/{total}, running {running}"
+        time.sleep(0.1)
+
+
+def _tokenize(url: str, prompt: str) -> list[int]:
+    r = httpx.post(url + "/tokenize", json={"prompt": prompt})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+# ---- the openai client -----------------------------------------------------------------------
+
+
+def test_models_and_health(url, engine):
+    assert httpx.get(url + "/health").status_code == 200
+    models = httpx.get(url + "/v1/models").json()
+    assert models["object"] == "list"
+    card = models["data"][0]
+    assert card["id"] == engine.model_name and card["root"] and card["max_model_len"] == 512
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list()] == [engine.model_name]
+    assert httpx.get(url + "/version").json()["version"]
+
+
+def test_completion_string_list_and_token_ids(client, url, engine):
+    prompt = "The capital of France is"
+    one = client.completions.create(model=engine.model_name, prompt=prompt, max_tokens=6, temperature=0)
+    assert len(one.choices) == 1 and one.choices[0].text
+    assert one.choices[0].finish_reason in ("stop", "length")
+    ids = _tokenize(url, prompt)
+    assert one.usage.prompt_tokens == len(ids)
+    assert one.usage.completion_tokens <= 6
+    assert one.usage.total_tokens == one.usage.prompt_tokens + one.usage.completion_tokens
+    # A batch of prompts: one choice per prompt, in order; token ids give the same text.
+    batch = client.completions.create(model=engine.model_name, prompt=[prompt, "Hello, my name is"],
+                                      max_tokens=6, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == one.choices[0].text
+    by_ids = client.completions.create(model=engine.model_name, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == one.choices[0].text
+    nested = client.completions.create(model=engine.model_name, prompt=[ids, ids[:3]], max_tokens=2,
+                                       temperature=0)
+    assert len(nested.choices) == 2 and nested.choices[0].text == one.choices[0].text[: len(nested.choices[0].text)]
+
+
+def test_chat_answers_paris(client):
+    out = _chat(client, max_tokens=20, temperature=0)
+    assert "Paris" in out.choices[0].message.content
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    # max_completion_tokens (the newer name) wins over max_tokens
+    short = _chat(client, max_tokens=20, max_completion_tokens=2, temperature=0)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_with_usage_matches_the_full_answer(client):
+    full = _chat(client, max_tokens=20, temperature=0)
+    chunks = list(_chat(client, max_tokens=20, temperature=0, stream=True,
+                        stream_options={"include_usage": True}))
+    *token_chunks, last = chunks
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.model_dump() == full.usage.model_dump()
+    # one token per chunk; the role rides on the first token's chunk
+    assert len(token_chunks) == full.usage.completion_tokens
+    assert all(len(c.choices) == 1 and c.usage is None for c in token_chunks)
+    assert token_chunks[0].choices[0].delta.role == "assistant"
+    assert token_chunks[0].choices[0].delta.content  # the first token's text, not an empty chunk
+    assert all(c.choices[0].finish_reason is None for c in token_chunks[:-1])
+    assert token_chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    text = "".join(c.choices[0].delta.content or "" for c in token_chunks)
+    assert text == full.choices[0].message.content
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completion_streaming_raw_sse(url, engine):
+    body = {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    full = httpx.post(url + "/v1/completions", json={**body, "stream": False, "stream_options": None},
+                      timeout=TIMEOUT).json()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    token_chunks = chunks[:-1]
+    assert len(token_chunks) == 5 == full["usage"]["completion_tokens"]
+    assert "".join(c["choices"][0]["text"] for c in token_chunks) == full["choices"][0]["text"]
+    assert token_chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_streaming_a_batch_of_prompts(url):
+    body = {"prompt": ["The capital of France is", "One, two,"], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    full = httpx.post(url + "/v1/completions", json={**body, "stream": False, "stream_options": None},
+                      timeout=TIMEOUT).json()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        chunks = [json.loads(e) for e in _sse_events(r)[:-1]]
+    assert chunks[-1]["usage"] == full["usage"] and full["usage"]["completion_tokens"] == 6
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i]
+        assert len(mine) == 3 and mine[-1]["finish_reason"] == "length"
+        assert "".join(c["text"] for c in mine) == full["choices"][i]["text"]
+
+
+@pytest.mark.parametrize("stop", ["Paris", "of Fra", "is Par"])
+def test_stop_strings_when_streaming(client, stop):
+    full = _chat(client, max_tokens=20, temperature=0).choices[0].message.content
+    assert stop in full
+    cut = _chat(client, max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    chunks = [c for c in _chat(client, max_tokens=20, temperature=0, stop=stop, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(chunks) == cut.usage.completion_tokens
+
+
+def test_vllm_extensions(client, engine):
+    # ignore_eos + min_tokens: exactly max_tokens tokens even though the answer ends earlier
+    natural = _chat(client, max_tokens=30, temperature=0).usage.completion_tokens
+    assert natural < 12
+    out = _chat(client, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 12 and out.choices[0].finish_reason == "length"
+    out = _chat(client, max_tokens=12, temperature=0, extra_body={"min_tokens": 10})
+    assert out.usage.completion_tokens >= 10
+    # top_k=1 is greedy whatever the temperature
+    greedy = _chat(client, max_tokens=8, temperature=0).choices[0].message.content
+    k1 = _chat(client, max_tokens=8, temperature=1.5, extra_body={"top_k": 1}).choices[0].message.content
+    assert k1 == greedy
+    seeded = [_chat(client, max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+# ---- load, disconnects ---------------------------------------------------------------------
+
+
+def test_64_simultaneous_streams(url, engine):
+    prompts = [f"Request {i}: count to ten." for i in range(64)]
+    with httpx.Client(timeout=TIMEOUT) as http:
+        lengths = [len(http.post(url + "/tokenize", json={"prompt": p}).json()["tokens"]) for p in prompts]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str):
+        stream = await client.completions.create(
+            model=engine.model_name, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks, usage = 0, None
+        async for chunk in stream:
+            if chunk.choices:
+                chunks += 1
+            else:
+                usage = chunk.usage
+        return chunks, usage
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                      timeout=120) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(main())
+    for (chunks, usage), n_prompt in zip(results, lengths):
+        assert usage is not None and usage.completion_tokens == chunks == 4
+        assert usage.prompt_tokens == n_prompt
+    _wait_idle(url, engine)
+
+
+def test_disconnected_clients_free_their_blocks(url, engine, caplog):
+    caplog.set_level(logging.INFO, logger="rapidserve.server")
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=TIMEOUT) as http:
+        responses = []
+        for _ in range(3):
+            r = http.send(http.build_request("POST", url + "/v1/completions", json=body), stream=True)
+            assert r.status_code == 200
+            lines = r.iter_lines()  # NOTE: kept: dropping the iterator would close the response
+            assert next(lines).startswith("data: ")
+            responses.append((r, lines))
+        text = httpx.get(url + "/metrics").text
+        assert _metric(text, "rapidserve:num_requests_running") == 3
+        assert _metric(text, "rapidserve:kv_cache_free_blocks") < _metric(text, "rapidserve:kv_cache_total_blocks")
+        for r, _ in responses:
+            r.close()  # leave after the first chunk; 400 tokens would take far longer than the wait
+        _wait_idle(url, engine, timeout=10)
+    # a non-streaming client that gives up (times out) is aborted too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
+    _wait_idle(url, engine, timeout=10)
+    assert "client disconnected; aborted 1 request(s)" in caplog.text
+    assert "unexpected error" not in caplog.text
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def _assert_error(r: httpx.Response, status: int, contains: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["code"] == status and err["type"]
+    assert contains in err["message"], err["message"]
+    return err
+
+
+def _still_serving(url: str) -> None:
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,body,status,contains", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": 12.5}, 400, "prompt"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "maximum context length is 512"),
+    ("/v1/completions", {"prompt": "hello " * 600, "max_tokens": 1}, 400, "maximum context length is 512"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "The model `gpt-4` does not exist."),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": QUESTION, "max_completion_tokens": 10**6}, 400, "maximum context length"),
+    ("/v1/chat/completions", {"messages": QUESTION, "model": "nope"}, 404, "does not exist"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stream_options": {"include_usage": True}}, 400, "stream"),
+    ("/detokenize", {"tokens": [-1]}, 400, "vocabulary"),
+    ("/tokenize", {}, 400, "prompt"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(url, path, body, status, contains):
+    _assert_error(httpx.post(url + path, json=body, timeout=TIMEOUT), status, contains)
+    _still_serving(url)
+
+
+def test_malformed_json_and_wrong_content(url):
+    r = httpx.post(url + "/v1/completions", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    _assert_error(r, 400, "JSON")
+    _assert_error(httpx.post(url + "/v1/chat/completions", content=b"[1, 2]",
+                             headers={"content-type": "application/json"}), 400)
+    _assert_error(httpx.get(url + "/v1/nothing-here"), 404)
+    _still_serving(url)
+
+
+def test_openai_client_error_types(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, n=2)
+    assert "n must be 1" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        _chat(client, max_tokens=100_000)
+
+
+def test_api_key(urls):
+    url = urls[1]
+    assert httpx.get(url + "/health").status_code == 200  # open
+    assert httpx.get(url + "/metrics").status_code == 200  # open
+    body = {"prompt": "Hi", "max_tokens": 1}
+    _assert_error(httpx.post(url + "/v1/completions", json=body), 401, "API key")
+    _assert_error(httpx.post(url + "/v1/completions", json=body,
+                             headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(httpx.get(url + "/v1/models"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert good.completions.create(model=None, prompt="Hi", max_tokens=1).choices  # type: ignore[arg-type]
+
+
+def test_full_queue_answers_503(urls, engine):
+    url = urls[1]  # max_queue_len=1
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    long = {"prompt": "Tell me a story.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=TIMEOUT, headers=auth) as http:
+        with http.stream("POST", url + "/v1/completions", json=long) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # NOTE: kept: dropping the iterator would close the response
+            assert next(lines).startswith("data: ")  # the request holds the only slot
+            full = http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            _assert_error(full, 503, "capacity")
+            assert full.headers.get("retry-after")
+        # the slot comes back once the first client has gone
+        deadline = time.monotonic() + 10
+        while (r := http.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1})).status_code == 503:
+            assert time.monotonic() < deadline, "the slot was never released"
+            time.sleep(0.05)
+        assert r.status_code == 200, r.text
+    _wait_idle(urls[0], engine)
+
+
+# ---- tokenizer, metrics ----------------------------------------------------------------------
+
+
+def test_tokenize_detokenize_round_trip(url, engine):
+    r = httpx.post(url + "/tokenize", json={"prompt": "Hello, world!", "model": engine.model_name}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == 512
+    assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Hello, world!"
+    chat = httpx.post(url + "/tokenize", json={"messages": QUESTION}).json()
+    full = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60).chat.completions.create(
+        model=engine.model_name, messages=QUESTION, max_tokens=1)  # type: ignore[arg-type]
+    assert chat["count"] == full.usage.prompt_tokens
+
+
+def test_metrics_after_requests(url, engine, client):
+    client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=3, temperature=0,
+                              extra_body={"ignore_eos": True})
+    text = _wait_idle(url, engine)
+    for name in ("rapidserve:num_requests_running", "rapidserve:num_requests_waiting",
+                 "rapidserve:kv_cache_usage_perc", "rapidserve:sm_partition_decode_sms",
+                 "rapidserve:num_preemptions_total"):
+        assert _metric(text, name) >= 0
+    assert _metric(text, "rapidserve:kv_cache_usage_perc") == 0.0
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert _metric(text, f"rapidserve:{name}_count") > 0
+        assert _metric(text, f"rapidserve:{name}_sum") > 0
+    assert _metric(text, "rapidserve:prompt_tokens_total") > 0
+    assert _metric(text, "rapidserve:generation_tokens_total") >= 3
+
+
+# ---- AsyncEngine -----------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def _tiny_engine(tiny_model_dir, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=tiny_model_dir("llama")[0], device="cpu", num_kv_blocks=64, **kw))
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+def test_async_engine_matches_llm_engine(tiny_model_dir):
+    prompts = _prompts(6)
+    sync = _tiny_engine(tiny_model_dir)
+    ids = [sync.add_request(p, GREEDY) for p in prompts]
+    done = {}
+    while sync.has_unfinished_requests():
+        for out in sync.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    expected = [done[i] for i in ids]
+
+    eng = AsyncEngine(_tiny_engine(tiny_model_dir))
+
+    async def run(p):
+        tokens = []
+        async for out in await eng.generate(p, GREEDY):
+            tokens += out.delta_token_ids
+            assert len(out.delta_token_ids) == 1  # one token per output
+        return tokens, out.outputs[0].token_ids
+
+    async def main():
+        return await asyncio.gather(*(run(p) for p in prompts))
+
+    try:
+        results = asyncio.run(main())
+        assert [r[0] for r in results] == expected == [r[1] for r in results]
+        assert eng.num_requests == 0
+    finally:
+        eng.shutdown()
+
+
+def test_async_engine_validation_abort_and_shutdown(tiny_model_dir):
+    eng = AsyncEngine(_tiny_engine(tiny_model_dir))
+    total = eng.stats().num_total_blocks
+
+    async def free_blocks_after(predicate) -> None:
+        for _ in range(200):  # bounded: 10 s
+            if predicate(eng.stats()):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"engine never became idle: {eng.stats()}")
+
+    async def main():
+        for bad in ([], [10**6], "text without a tokenizer"):
+            with pytest.raises(ValueError):
+                await eng.generate(bad, GREEDY)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="maximum context length"):
+            await eng.generate([1, 2, 3], SamplingParams(max_tokens=10_000))
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        # close() mid-stream aborts
+        stream = await eng.generate([1, 2, 3], long)
+        for _ in range(2):
+            await stream.__anext__()
+        assert eng.stats().num_free_blocks < total
+        stream.close()
+        await free_blocks_after(lambda s: s.num_free_blocks == total and s.num_running == 0)
+        # so does cancelling the consumer
+        stream = await eng.generate([4, 5, 6], long)
+
+        async def consume():
+            async for _ in stream:
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await free_blocks_after(lambda s: s.num_free_blocks == total and s.num_running == 0)
+        assert eng.num_requests == 0
+        assert await eng.call(lambda e: e.max_model_len) == eng.max_model_len
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert not eng._thread.is_alive() and not eng.healthy and eng.error is None
+
+    async def after():
+        with pytest.raises(EngineDeadError):
+            await eng.generate([1, 2], GREEDY)
+
+    asyncio.run(after())
+
+
+def test_engine_failure_answers_500_and_health_503(tiny_model_dir):
+    llm = _tiny_engine(tiny_model_dir)
+    real_step, calls = llm.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    llm.step = failing_step  # type: ignore[method-assign]
+    eng = AsyncEngine(llm)
+    live = LiveServers(build_app(eng, ServerConfig()))
+    (url,) = live.start()
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        body = {"prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as r:
+            events = _sse_events(r)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[0])["choices"][0]["index"] == 0  # the step that worked
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 500 and "simulated device failure" in error["message"]
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 503 and "simulated device failure" in health.text
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/completions", json={**body, "stream": stream}, timeout=10)
+            _assert_error(r, 500, "engine")
+        assert isinstance(eng.error, RuntimeError) and not eng.healthy
+    finally:
+        live.stop()
+        eng.shutdown()
+
+
+def test_rapid_mode_serves_streams_and_frees_blocks(tiny_model_dir):
+    eng = AsyncEngine(create_engine(EngineConfig(
+        model=tiny_model_dir("llama")[0], device="cpu", mode="rapid", placement="thread", num_kv_blocks=64)))
+    live = LiveServers(build_app(eng, ServerConfig()))
+    (url,) = live.start()
+    try:
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+        full = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+        assert full["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=stream, timeout=TIMEOUT) as r:
+            events = _sse_events(r)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"] == full["usage"]
+        assert len(events) == 6 + 2
+        # a client that leaves mid-stream: the decode worker frees its blocks, /metrics shows it
+        with httpx.Client(timeout=TIMEOUT) as http:
+            r = http.send(http.build_request("POST", url + "/v1/completions",
+                                             json={**stream, "max_tokens": 400}), stream=True)
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            r.close()
+        _wait_idle(url, eng, timeout=10)
+    finally:
+        live.stop()
+        eng.shutdown()
+    assert not eng.healthy
+
+
+# ---- the serve command -----------------------------------------------------------------------
+
+
+def test_serve_flags_use_vllm_names():
+    args = build_parser().parse_args([
+        "serve", "some/model", "--host", "0.0.0.0", "--port", "9001", "--api-key", "k",
+        "--max-queue-len", "8", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
+        "--gpu-memory-utilization", "0.5", "--block-size", "32", "--dtype", "bfloat16", "--seed", "3",
+        "--served-model-name", "m", "--max-model-len", "128", "--load-format", "dummy", "--enforce-eager",
+        "--mode", "hybrid",
+    ])
+    assert (args.model_tag, args.host, args.port, args.api_key, args.max_queue_len) == ("some/model", "0.0.0.0", 9001, "k", 8)
+    assert args.enforce_eager and args.served_model_name == "m" and args.block_size == 32
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.host, defaults.port, defaults.api_key) == ("127.0.0.1", 8000, None)
+
+
+def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
+    model = tiny_model_dir("llama")[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
+         "--device", "cpu", "--port", "0", "--num-kv-blocks", "32", "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 90
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+            line = proc.stdout.readline()
+        url = re.search(r"http://\S+/v1", line).group(0)
+        out = httpx.post(url + "/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3,
+                                                     "ignore_eos": True}, timeout=30).json()
+        assert out["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "rapidserve.server" in err and "engine thread stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
