@@ -9,6 +9,16 @@ its last holder lets go.
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
+
+
+class BlockTables(Protocol):
+    """What the model runner reads of block ownership: the BlockManager, or the prefill
+    worker's read-only copy of the tables it was handed."""
+
+    block_size: int
+
+    def block_table(self, request_id: str) -> list[int]: ...
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

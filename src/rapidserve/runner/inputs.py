@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rapidserve.kv.block_manager import BlockManager
+from rapidserve.kv.block_manager import BlockTables
 from rapidserve.scheduler.chunked import ScheduledRequest
 
 
@@ -18,7 +18,7 @@ class StepInputs:
     def __init__(
         self,
         scheduled: list[ScheduledRequest],
-        blocks: BlockManager,
+        blocks: BlockTables,
         pad_seqs: int | None = None,
         pad_tokens: int | None = None,
         table_width: int | None = None,

@@ -10,7 +10,7 @@ import torch
 
 from rapidserve.attention.backend import AttentionBackend
 from rapidserve.attention.metadata import AttentionMetadata, forward_context
-from rapidserve.kv.block_manager import BlockManager, blocks_needed
+from rapidserve.kv.block_manager import BlockTables, blocks_needed
 from rapidserve.kv.cache import KVCache
 from rapidserve.model.llama import CausalLM
 from rapidserve.runner.graphs import (
@@ -29,7 +29,7 @@ class ModelRunner:
         self,
         model: CausalLM,
         cache: KVCache,
-        blocks: BlockManager,
+        blocks: BlockTables,
         device: torch.device,
         eos_token_ids: tuple[int, ...],
         backend: AttentionBackend,

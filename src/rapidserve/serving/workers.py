@@ -152,7 +152,7 @@ class PrefillWorker:
         # NOTE: token-level stop rules are the decode worker's; the prefill worker only samples
         # (with EOS banned below min_tokens). Steps run eagerly: whole prompts are long.
         self.runner = ModelRunner(
-            shared.model, KVCache.from_tensor(shared.kv_cache), self.scheduler.tables,  # type: ignore[arg-type]
+            shared.model, KVCache.from_tensor(shared.kv_cache), self.scheduler.tables,
             device, shared.eos_token_ids, select_backend(config.attention_backend, device),
             shared.max_model_len,
         )
