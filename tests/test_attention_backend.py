@@ -64,3 +64,11 @@ def test_select_backend():
     assert select_backend("triton", torch.device("cpu")).name == "triton"
     with pytest.raises(ValueError, match="unknown attention backend"):
         select_backend("flash", torch.device("cpu"))
+
+
+def test_backends_pickle():
+    """The rapid topology sends the model, backends included, to the prefill process."""
+    import pickle
+
+    for backend in (TorchAttention(), TritonAttention()):
+        assert pickle.loads(pickle.dumps(backend)).name == backend.name

@@ -48,9 +48,15 @@ class TritonAttention:
     graph_safe = True
 
     def __init__(self) -> None:
-        from rapidserve.attention import triton_ops  # imports triton
+        import rapidserve.attention.triton_ops  # noqa: F401 - fail here if triton is missing
 
-        self.ops = triton_ops
+    @property
+    def ops(self):  # type: ignore[no-untyped-def]
+        # NOTE: looked up, not stored: the backend travels with the model to the prefill
+        # process under the rapid topology, and a module cannot be pickled.
+        from rapidserve.attention import triton_ops
+
+        return triton_ops
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -195,8 +195,9 @@ def _own_stream(config: EngineConfig) -> None:
     (threads of one process would otherwise share the default stream)."""
     device = resolve_device(config.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.cuda.set_stream(torch.cuda.Stream(device))
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.cuda.set_stream(torch.cuda.Stream())
 
 
 def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
