@@ -3,7 +3,6 @@
 PYTHONPATH=src python3 scripts/gpu_profile.py [--model preset:llama-3.1-8b] > profile.txt
 """
 import argparse
-import os
 import random
 
 import torch

@@ -1,7 +1,6 @@
 """The engine end to end on CPU: chunking, preemption, stops, sampling, errors."""
 
 import json
-import os
 import random
 
 import pytest

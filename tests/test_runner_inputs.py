@@ -1,4 +1,3 @@
-import numpy as np
 
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.request import Request
