@@ -70,3 +70,18 @@ def test_triton_and_graphs_match_torch_path(dtype, tiny_model_dir):
         print(msg)
         assert first >= 0.9 * len(a), msg
         assert sum(prefix) >= 0.5 * sum(len(x) for x in a), msg
+
+
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_rapid_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
+    """Process placement shares the decode worker's CUDA model and cache through CUDA IPC."""
+    path, _ = tiny_model_dir("llama")
+    prompts = _prompts(12, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
+    llm = LLM(mode="rapid", placement=placement, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
+    finally:
+        llm.engine.shutdown()
