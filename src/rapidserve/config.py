@@ -33,6 +33,7 @@ class EngineConfig:
     seed: int = 0
     mode: str = "hybrid"
     placement: str = "process"  # rapid mode: workers as two processes or two threads
+    mps: str = "auto"  # rapid mode, process placement on NVIDIA: use/start an MPS daemon
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -55,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"unknown mode {self.mode!r}; available: {', '.join(MODES)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; available: {', '.join(PLACEMENTS)}")
+        if self.mps not in ("auto", "on", "off"):
+            raise ValueError(f"unknown mps setting {self.mps!r}; available: auto, on, off")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

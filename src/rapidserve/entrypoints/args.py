@@ -22,6 +22,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="hybrid: chunked prefill in one batch; rapid: concurrent prefill and decode workers")
     g.add_argument("--placement", default="process", choices=PLACEMENTS,
                    help="rapid mode: the two workers as processes (default) or threads")
+    g.add_argument("--mps", default="auto", choices=("auto", "on", "off"),
+                   help="rapid mode, process placement on NVIDIA: auto uses a running MPS daemon or "
+                        "starts a private one (falling back to thread placement if it cannot); on "
+                        "requires one; off runs without (the two processes are then time-sliced)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -23,6 +23,8 @@ from rapidserve.model.loader import resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.outputs import RequestOutput
 from rapidserve.request import Request, RequestStatus
+from rapidserve.resources.mps import MpsDaemon, ensure_mps
+from rapidserve.runner.setup import resolve_device
 from rapidserve.serving import messages as m
 from rapidserve.serving.workers import decode_main, prefill_main
 
@@ -55,6 +57,12 @@ class RapidEngine(EngineFront):
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
         self.model_name = config.served_model_name or source.display_name
         self.placement = config.placement
+        self.mps: MpsDaemon | None = None
+        if self.placement == "process" and resolve_device(config.device).type == "cuda":
+            self.mps, why_not = ensure_mps(config.mps)
+            if why_not is not None:
+                log.warning("%s; using thread placement", why_not)
+                self.placement = "thread"
         self.failed: str | None = None
         self.worker_stats: m.WorkerStats | None = None  # the decode worker's latest report
         self._start_workers()
@@ -137,6 +145,9 @@ class RapidEngine(EngineFront):
                 if q is not None:
                     q.cancel_join_thread()
                     q.close()
+        mps = getattr(self, "mps", None)
+        if mps is not None:
+            mps.stop()
 
     def __del__(self) -> None:
         try:
