@@ -162,14 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     # Imported here: the bench modules pull in torch, which `generate` loads later anyway.
-    from rapidserve.bench import latency, throughput
+    from rapidserve.bench import latency, serve, throughput
 
-    bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency) with their floors")
+    bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency, online serving)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(kinds.add_parser(
         "throughput", help="an offline workload run to completion; --peer transformers compares"))
     latency.add_cli_args(kinds.add_parser(
         "latency", help="decode step time per batch size and context, and one long prefill"))
+    serve.add_cli_args(kinds.add_parser(
+        "serve", help="an async load generator against an OpenAI-compatible server (vLLM's metrics)"))
 
 
 def main(argv: list[str] | None = None) -> int:
