@@ -293,14 +293,6 @@ def test_decode_rejects_mismatched_workspace():
                                     c.meta.block_tables, c.scale, 4, workspace=ws)
 
 
-def test_default_num_splits_is_a_small_power_of_two():
-    for args in [(10, 1, 8), (4096, 1, 8), (4096, 256, 8), (100000, 2, 1)]:
-        n = triton_ops.default_num_splits(*args)
-        assert 1 <= n <= 32 and n & (n - 1) == 0
-    assert triton_ops.default_num_splits(10, 1, 8) == 1  # short context: never split
-    assert triton_ops.default_num_splits(100000, 1, 1) == 32
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 4, 16, 32])

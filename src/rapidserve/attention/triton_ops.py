@@ -17,7 +17,6 @@ data-dependent launch parameter (max_query_len) as a host int.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -548,17 +547,3 @@ def decode_attention(
         num_warps=4 if on_cuda else 1,
     )
     return out
-
-
-def default_num_splits(max_seq_len: int, batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """A host-side heuristic for callers: enough (batch x KV head x split) programs to fill the
-    GPU's SMs about twice, but no split shorter than ~256 keys: a power of two in 1 .. 32.
-
-    NOTE: under CUDA graphs pick it from the graph's max_seq_len bound, not the live batch:
-    the split count is baked into the captured launch.
-    """
-    programs = max(1, batch * num_kv_heads)
-    want = max(1, math.ceil(2 * num_sms / programs))
-    cap = max(1, max_seq_len // 256)
-    n = min(32, want, cap)
-    return 1 << (n.bit_length() - 1)  # largest power of two <= n
