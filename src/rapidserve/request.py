@@ -67,6 +67,12 @@ class Request:
         """Only the last sampled token lacks KV: the next step is a one-token decode."""
         return self.num_output_tokens > 0 and self.num_tokens - self.num_computed_tokens == 1
 
+    def reset_for_recompute(self) -> None:
+        """Preempted: its KV is dropped, and its prompt and outputs will be computed again."""
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
 

@@ -88,9 +88,7 @@ class ChunkedScheduler:
 
     def _preempt(self, victim: Request) -> None:
         self.blocks.free(victim.request_id)
-        victim.num_computed_tokens = 0
-        victim.status = RequestStatus.WAITING
-        victim.num_preemptions += 1
+        victim.reset_for_recompute()
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
