@@ -17,7 +17,7 @@ from rapidserve.model.config import ModelConfig
 from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.request import Request, RequestStatus
 from rapidserve.runner.model_runner import ModelRunner
-from rapidserve.runner.setup import prepare_model, resolve_device  # noqa: F401 (re-exported)
+from rapidserve.runner.setup import prepare_model
 from rapidserve.sampling import IncrementalDetokenizer, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ChunkedScheduler, ScheduledRequest, SchedulerConfig

@@ -224,7 +224,8 @@ def _decode_row(p: DecodePoint) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rapidserve.engine import LLMEngine, resolve_device
+    from rapidserve.engine import LLMEngine
+    from rapidserve.runner.setup import resolve_device
 
     if args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.prefill_len < 0:
         raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, --prefill-len >= 0")

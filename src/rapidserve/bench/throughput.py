@@ -446,7 +446,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rapidserve.engine import resolve_device
+    from rapidserve.runner.setup import resolve_device
     from rapidserve.model.source import load_source, resolve_model
 
     workload = Workload(args.num_prompts, args.input_len_min, args.input_len_max, args.output_len, args.seed)
