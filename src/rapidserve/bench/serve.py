@@ -1,7 +1,8 @@
 """`rapidserve bench serve`: an async load generator against any OpenAI-compatible server.
 
 Requests go out on a gamma/Poisson schedule (or all at once), optionally capped by a concurrency
-limit, as streaming POSTs to /v1/completions with the prompt as token ids. Each SSE chunk that
+limit, as streaming POSTs to /v1/completions with the prompt as token ids (as text for the
+datasets read from files). Each SSE chunk that
 carries a choice is timestamped (its text empty or not, as vLLM counts them); the timings become the metrics of
 `rapidserve.bench.metrics` (vLLM's definitions, plus the paper's goodput).
 """
@@ -12,14 +13,26 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from rapidserve.bench.metrics import RequestRecord, summarize
-from rapidserve.bench.workloads import SampleRequest, arrival_times, random_requests
+from rapidserve.bench.workloads import (
+    SYNTHETIC_WORKLOADS,
+    SampleRequest,
+    Tokenize,
+    arrival_times,
+    jsonl_requests,
+    local_tokenizer,
+    random_requests,
+    sharegpt_requests,
+    synthetic_requests,
+)
+
+DATASETS = ("random", *SYNTHETIC_WORKLOADS, "sharegpt", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -30,17 +43,64 @@ class ServeTarget:
     ignore_eos: bool
 
 
-def fetch_default_model(base_url: str, timeout_s: float = 30.0) -> str:
-    """The first model the server lists at /v1/models."""
+def fetch_model(base_url: str, model: str | None = None, timeout_s: float = 30.0) -> tuple[str, int | None]:
+    """(the model's name: `model` or else the first listed, its max_model_len if the server says)."""
     try:
         r = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=timeout_s, trust_env=False)
         r.raise_for_status()
         data = r.json()["data"]
     except (httpx.HTTPError, KeyError, ValueError) as e:
+        if model is not None:  # a server without /v1/models is fine when the name is given
+            return model, None
         raise ValueError(f"cannot list models at {base_url}/v1/models: {e}") from e
-    if not data:
+    if not data and model is None:
         raise ValueError(f"{base_url}/v1/models lists no model: pass --model")
-    return str(data[0]["id"])
+    entry = next((d for d in data if d.get("id") == model), None) if model is not None else data[0]
+    max_len = entry.get("max_model_len") if entry else None
+    return (model or str(data[0]["id"])), (int(max_len) if max_len else None)
+
+
+def fetch_default_model(base_url: str, timeout_s: float = 30.0) -> str:
+    """The first model the server lists at /v1/models."""
+    return fetch_model(base_url, None, timeout_s)[0]
+
+
+def server_tokenizer(base_url: str, model: str, timeout_s: float = 60.0) -> Tokenize:
+    """A Tokenize through the server's POST /tokenize (vLLM's and this server's route)."""
+    client = httpx.Client(timeout=timeout_s, trust_env=False)
+    url = base_url.rstrip("/") + "/tokenize"
+
+    def tokenize(text: str, special: bool) -> list[int]:
+        try:
+            r = client.post(url, json={"model": model, "prompt": text, "add_special_tokens": special})
+            r.raise_for_status()
+            return list(r.json()["tokens"])
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise ValueError(f"cannot tokenize through {url} ({e}): pass --tokenizer") from e
+
+    return tokenize
+
+
+def build_requests(args: argparse.Namespace, tokenizer: Callable[[], Tokenize],
+                   max_model_len: int | None) -> list[SampleRequest]:
+    """The workload `args` describe (see add_workload_args); `tokenizer` is called only for the
+    datasets read from files."""
+    name = args.dataset_name
+    if name == "random":
+        return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, args.random_vocab_size, args.seed)
+    if name in SYNTHETIC_WORKLOADS:
+        return synthetic_requests(SYNTHETIC_WORKLOADS[name], args.num_prompts, args.random_vocab_size,
+                                  args.seed, max_model_len)
+    if not args.dataset_path:
+        raise ValueError(f"--dataset-name {name} needs --dataset-path")
+    if name == "sharegpt":
+        return sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer(), args.seed,
+                                 args.sharegpt_output_len, max_model_len)
+    if name == "jsonl":
+        return jsonl_requests(args.dataset_path, args.num_prompts, tokenizer(), args.seed,
+                              args.custom_output_len, max_model_len)
+    raise ValueError(f"unknown --dataset-name {name!r}; available: {', '.join(DATASETS)}")
 
 
 async def send_request(client: httpx.AsyncClient, target: ServeTarget, req: SampleRequest) -> RequestRecord:
@@ -103,8 +163,11 @@ async def send_request(client: httpx.AsyncClient, target: ServeTarget, req: Samp
 
 
 async def run_benchmark(target: ServeTarget, requests: Sequence[SampleRequest], arrivals: Sequence[float],
-                        max_concurrency: int | None, timeout_s: float) -> tuple[list[RequestRecord], float]:
-    """Send every request on its schedule; (records in request order, duration in s)."""
+                        max_concurrency: int | None, timeout_s: float,
+                        on_done: Callable[[RequestRecord], None] | None = None,
+                        ) -> tuple[list[RequestRecord], float]:
+    """Send every request on its schedule; (records in request order, duration in s). `on_done`
+    sees each record as its request ends (a progress bar)."""
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     # httpx's default pool (100 connections) would silently cap concurrency: lift it.
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
@@ -117,9 +180,13 @@ async def run_benchmark(target: ServeTarget, requests: Sequence[SampleRequest], 
             if delay > 0:
                 await asyncio.sleep(delay)
             if sem is None:
-                return await send_request(client, target, req)
-            async with sem:
-                return await send_request(client, target, req)
+                rec = await send_request(client, target, req)
+            else:
+                async with sem:
+                    rec = await send_request(client, target, req)
+            if on_done is not None:
+                on_done(rec)
+            return rec
 
         tasks = [asyncio.create_task(one(r, a)) for r, a in zip(requests, arrivals)]
         # A bound on the whole run: what has not finished by then counts as failed.
@@ -177,30 +244,50 @@ def _rate(text: str) -> float:
     return float("inf") if text.lower() in ("inf", "infinity") else float(text)
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
-    parser.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
-    parser.add_argument("--endpoint", default="/v1/completions")
-    parser.add_argument("--dataset-name", choices=("random",), default="random")
+def add_workload_args(parser: argparse._ActionsContainer, slo_itl_ms: float | None = None,
+                      slo_ttft_ms_per_1k: float | None = None, timeout_s: float = 3600.0) -> None:
+    """The workload and measurement flags `bench serve` and `bench sweep` share."""
+    parser.add_argument("--dataset-name", choices=DATASETS, default="random",
+                        help="random: uniform lengths; lmsys-like / arxiv-like / loogle-like: the "
+                             "paper's datasets' length distributions; sharegpt, jsonl: from --dataset-path")
+    parser.add_argument("--dataset-path", default=None, help="the sharegpt JSON or jsonl file")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--random-input-len", type=int, default=1024)
     parser.add_argument("--random-output-len", type=int, default=128)
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--random-vocab-size", type=int, default=32000,
-                        help="prompt token ids are drawn uniformly from [0, this)")
-    parser.add_argument("--request-rate", type=_rate, default=float("inf"),
-                        help="requests/s (inf: all at once)")
+                        help="prompt token ids (random and the synthetic datasets) are drawn "
+                             "uniformly from [0, this)")
+    parser.add_argument("--sharegpt-output-len", type=int, default=None,
+                        help="sharegpt: this output length for every request instead of the answer's")
+    parser.add_argument("--custom-output-len", type=int, default=256,
+                        help="jsonl: the output length of lines without output_len / max_tokens")
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="gamma shape of the arrival gaps; 1 = Poisson")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--slo-itl-ms", type=float, default=None, help="goodput: ITL ceiling (ms)")
-    parser.add_argument("--slo-ttft-ms-per-1k", type=float, default=None,
+    parser.add_argument("--slo-itl-ms", type=float, default=slo_itl_ms, help="goodput: ITL ceiling (ms)")
+    parser.add_argument("--slo-ttft-ms-per-1k", type=float, default=slo_ttft_ms_per_1k,
                         help="goodput: TTFT ceiling (ms) per started 1000 prompt tokens")
-    parser.add_argument("--timeout", type=float, default=3600.0,
+    parser.add_argument("--timeout", type=float, default=timeout_s,
                         help="seconds one request, and the run past its last arrival, may take")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
+    parser.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
+    parser.add_argument("--endpoint", default="/v1/completions")
+    add_workload_args(parser)
+    parser.add_argument("--tokenizer", default=None,
+                        help="sharegpt / jsonl: a tokenizer.json (or a directory with one) to count "
+                             "tokens with (default: the server's /tokenize)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cap on prompt + output: synthetic lengths are clipped to it, longer "
+                             "sharegpt / jsonl requests skipped (default: the server's max_model_len)")
+    parser.add_argument("--request-rate", type=_rate, default=float("inf"),
+                        help="requests/s (inf: all at once)")
     parser.add_argument("--save-result", action="store_true", help="write the summary and every request as JSON")
     parser.add_argument("--result-filename", default=None)
     parser.set_defaults(func=main)
@@ -209,12 +296,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    model = args.model or fetch_default_model(args.base_url)
-    requests = random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.random_vocab_size, args.seed)
+    model, server_max_len = fetch_model(args.base_url, args.model)
+    max_model_len = args.max_model_len if args.max_model_len is not None else server_max_len
+
+    def tokenizer() -> Tokenize:
+        return local_tokenizer(args.tokenizer) if args.tokenizer else server_tokenizer(args.base_url, model)
+
+    requests = build_requests(args, tokenizer, max_model_len)
     arrivals = arrival_times(len(requests), args.request_rate, args.burstiness, args.seed)
     target = ServeTarget(args.base_url, args.endpoint, model, args.ignore_eos)
-    print(f"model {model}, {len(requests)} requests, rate {args.request_rate}, burstiness "
+    print(f"model {model}, {len(requests)} {args.dataset_name} requests, rate {args.request_rate}, burstiness "
           f"{args.burstiness}, max concurrency {args.max_concurrency}")
     records, duration = asyncio.run(run_benchmark(target, requests, arrivals, args.max_concurrency, args.timeout))
     summary = summarize(records, duration, args.slo_itl_ms, args.slo_ttft_ms_per_1k)

@@ -1,0 +1,91 @@
+"""Plots of a `bench sweep`, in the style of the paper's Figures 8-12: one line per configuration,
+offered load (QPS) on x, each metric normalized to the baseline configuration (chunked prefill,
+512 tokens) at its lowest QPS, as the paper normalizes (raw values when the baseline is not in
+the sweep or its value there is 0).
+
+matplotlib's object API with the Agg canvas: no display, no pyplot global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class Panel(NamedTuple):
+    key: str       # the row's metric
+    label: str     # its name
+    unit: str      # shown when not normalized
+    normalize: bool
+
+
+# file name, figure title, panels
+FIGURES: tuple[tuple[str, str, tuple[Panel, ...]], ...] = (
+    ("throughput.png", "Throughput vs offered load (Fig. 8)",
+     (Panel("output_throughput", "output token throughput", "tokens/s", True),)),
+    ("goodput.png", "Goodput vs offered load (Fig. 9)",
+     (Panel("goodput_p95_itl", "goodput, p95 ITL", "req/s", True),
+      Panel("goodput_max_itl", "goodput, max ITL", "req/s", True))),
+    ("goodput_itl_only.png", "ITL-only goodput vs offered load (Fig. 10)",
+     (Panel("goodput_itl_only", "ITL-only goodput", "req/s", True),)),
+    ("latency_p95.png", "Tail latencies vs offered load (Fig. 11)",
+     (Panel("p95_ttft_ms", "p95 TTFT", "ms", True), Panel("p95_itl_ms", "p95 ITL", "ms", True))),
+    ("gpu_util.png", "GPU utilization vs offered load (Fig. 12)",
+     (Panel("gpu_util_pct", "GPU utilization", "%", False),)),
+)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def baseline_value(rows: Sequence[dict[str, Any]], key: str, baseline: str) -> tuple[float, float] | None:
+    """(the baseline's `key` at its lowest measured rate, that rate), or None when there is no
+    usable (finite, non-zero) value to divide by."""
+    base = [r for r in rows if r["config"] == baseline and r["status"] == "ok" and _finite(r["request_rate"])]
+    if not base:
+        return None
+    first = min(base, key=lambda r: r["request_rate"])
+    v = first.get(key)
+    return (float(v), float(first["request_rate"])) if _finite(v) and v != 0 else None
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path, baseline: str = "hybrid-512") -> list[Path]:
+    """Write the figures that have data; their paths."""
+    from matplotlib.figure import Figure  # Agg canvas for savefig: no display needed
+
+    out = Path(out_dir)
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r["request_rate"])]
+    configs = list(dict.fromkeys(r["config"] for r in ok))
+    paths: list[Path] = []
+    for filename, title, panels in FIGURES:
+        if not any(_finite(r.get(p.key)) for r in ok for p in panels):
+            continue  # e.g. no GPU utilization on a CPU machine
+        fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels):
+            norm = baseline_value(ok, panel.key, baseline) if panel.normalize else None
+            for i, name in enumerate(configs):
+                pts = sorted((r["request_rate"], r[panel.key]) for r in ok
+                             if r["config"] == name and _finite(r.get(panel.key)))
+                if not pts:
+                    continue
+                xs = [x for x, _ in pts]
+                ys = [y / norm[0] if norm else y for _, y in pts]
+                ax.plot(xs, ys, marker="os^vDP*X"[i % 8], label=name,
+                        linestyle="--" if name == baseline else "-")
+            if norm:
+                ax.set_ylabel(f"{panel.label}\nnormalized to {baseline} at {norm[1]:g} QPS")
+                ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+            else:
+                ax.set_ylabel(f"{panel.label} ({panel.unit})")
+            ax.set_xlabel("offered load (QPS)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.suptitle(title)
+        path = out / filename
+        fig.savefig(path, dpi=120)
+        paths.append(path)
+    return paths

@@ -1,0 +1,532 @@
+"""`rapidserve bench sweep`: the paper's evaluation (section 5) as one command.
+
+For each configuration (a serving mode and its flags) it starts `rapidserve serve` as a
+subprocess on a free port, runs the `bench serve` load generator at each offered rate, samples GPU
+utilization meanwhile (`gpu_monitor`), and stops the server with SIGTERM. A configuration whose
+server does not start (or dies) is recorded as failed, with the tail of its log, and the sweep
+goes on. Results: one row per (configuration, rate) in CSV and JSON, a comparison table, the
+highest rate with >= 90 % SLO attainment per configuration (interpolated between measured
+rates), and plots in the style of the paper's Figures 8-12 (`plots`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+import numpy as np
+
+from rapidserve.bench.gpu_monitor import GpuMonitor, GpuUtil
+from rapidserve.bench.metrics import summarize
+from rapidserve.bench.serve import (
+    ServeTarget,
+    add_workload_args,
+    build_requests,
+    fetch_model,
+    run_benchmark,
+    server_tokenizer,
+)
+from rapidserve.bench.workloads import SampleRequest, arrival_times
+
+DEFAULT_CONFIGS = "hybrid-512,hybrid-1024,hybrid-2048,disagg,rapid"
+SERVE_LINE = re.compile(r"rapidserve: serving (?P<name>.+) at (?P<url>http://\S+?)/v1\s*$")
+ATTAINMENT_TARGET = 0.9
+
+# The row of one (configuration, rate), in CSV column order.
+ROW_KEYS = (
+    "config", "request_rate", "status", "completed", "failed", "duration",
+    "request_throughput", "output_throughput", "total_token_throughput",
+    "goodput_p95_itl", "goodput_max_itl", "goodput_itl_only",
+    "attainment_p95_itl", "attainment_max_itl", "attainment_itl_only", "attainment_ttft_only",
+    "mean_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p95_itl_ms", "p99_itl_ms",
+    "mean_tpot_ms", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "error",
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    server_flags: tuple[str, ...]
+
+
+def parse_config(name: str) -> SweepConfig:
+    """hybrid-N (chunk N), rapid, rapid-POLICY (an SM partition policy), disagg."""
+    if name.startswith("hybrid-"):
+        chunk = name.removeprefix("hybrid-")
+        if not chunk.isdigit() or int(chunk) < 1:
+            raise ValueError(f"--configs: {name!r}: hybrid-N needs a chunk size N >= 1")
+        return SweepConfig(name, ("--mode", "hybrid", "--max-num-batched-tokens", chunk))
+    if name == "rapid":
+        return SweepConfig(name, ("--mode", "rapid"))
+    if name.startswith("rapid-") and len(name) > len("rapid-"):
+        return SweepConfig(name, ("--mode", "rapid", "--partition-policy", name.removeprefix("rapid-")))
+    if name == "disagg":
+        return SweepConfig(name, ("--mode", "disagg"))
+    raise ValueError(f"--configs: unknown configuration {name!r} (hybrid-N, rapid, rapid-POLICY, disagg)")
+
+
+def parse_configs(text: str) -> list[SweepConfig]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--configs is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--configs names a configuration twice: {text}")
+    return [parse_config(n) for n in names]
+
+
+def parse_rates(text: str) -> list[float] | None:
+    """Ascending finite rates, or None for `auto`."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        rates = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError as e:
+        raise ValueError(f"--request-rates: expected numbers separated by commas, or auto: {text!r}") from e
+    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
+        raise ValueError(f"--request-rates: rates must be finite and > 0: {text!r}")
+    return rates
+
+
+def _round_sig(x: float, digits: int = 3) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def auto_rates(max_request_throughput: float, n: int) -> list[float]:
+    """`n` rates from a quarter of the probed maximum to 1.5 x it: light load to saturation."""
+    if not max_request_throughput > 0:
+        raise ValueError("the max-throughput probe completed no request: give --request-rates")
+    fractions = np.linspace(0.25, 1.5, n) if n > 1 else np.array([1.0])
+    return sorted({_round_sig(max_request_throughput * f) for f in fractions.tolist()})
+
+
+class AttainmentRate(NamedTuple):
+    rate: float | None
+    # "interpolated" between two measured rates; "lower bound": met at every measured rate (the
+    # highest is given); "never reached": below target at the lowest rate; "no data".
+    note: str
+
+
+def max_rate_at_attainment(rates: Sequence[float], attainments: Sequence[float | None],
+                           target: float = ATTAINMENT_TARGET) -> AttainmentRate:
+    """The highest offered rate up to which SLO attainment stays >= `target`: linear between the
+    last measured rate that meets it and the first that does not."""
+    pts = sorted((r, a) for r, a in zip(rates, attainments)
+                 if a is not None and math.isfinite(r) and not math.isnan(a))
+    if not pts:
+        return AttainmentRate(None, "no data")
+    if pts[0][1] < target:
+        return AttainmentRate(None, "never reached")
+    for (r0, a0), (r1, a1) in itertools.pairwise(pts):
+        if a1 < target:
+            return AttainmentRate(r0 + (a0 - target) / (a0 - a1) * (r1 - r0), "interpolated")
+    return AttainmentRate(pts[-1][0], "lower bound")
+
+
+# ---- the server subprocess ---------------------------------------------------------------------
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """`rapidserve serve` (or any command printing SERVE_LINE) as a subprocess in its own session;
+    stdout and stderr go to `log_path`."""
+
+    def __init__(self, cmd: Sequence[str], log_path: Path) -> None:
+        self.cmd = list(cmd)
+        self.log_path = log_path
+        self._proc: subprocess.Popen[str] | None = None
+        self._url: str | None = None
+        self._found = threading.Event()
+        self._log: Any = None
+
+    def start(self, timeout_s: float) -> str:
+        """The server's base URL (without /v1) once it listens; ServerStartError if it exits or
+        is not listening within `timeout_s`."""
+        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed in stop)
+        self._log.write(f"$ {shlex.join(self.cmd)}\n")
+        self._log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # NOTE: a session of its own: Ctrl-C on the sweep reaches only the sweep, which then stops
+        # the server (and, as a last resort, its whole process group) itself.
+        self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                      env=env, start_new_session=True)
+        threading.Thread(target=self._read_stdout, name="server-stdout", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        # The reader sets _found on the line, or at the end of stdout (the server exited).
+        while not self._found.wait(0.1) and self._proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(f"the server was not listening after {timeout_s:.0f} s:\n{self.log_tail()}")
+        self._found.wait(2.0)  # an exited server's last lines may still be in the reader's hands
+        if self._url is None:
+            code = self.stop()
+            raise ServerStartError(f"the server exited with code {code} before listening:\n{self.log_tail()}")
+        return self._url
+
+    def _read_stdout(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if self._url is None and (m := SERVE_LINE.search(line)):
+                self._url = m.group("url")
+                self._found.set()
+            if self._log is not None and not self._log.closed:
+                self._log.write(line)
+                self._log.flush()
+        self._found.set()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return text[-chars:]
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (the server shuts down gracefully), SIGKILL to its process group after
+        `timeout_s`; the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+        return proc.returncode
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+# Engine and server flags forwarded to every configuration's server when given.
+_FORWARDED = (
+    ("--model", "the model (default: the embedded SmolLM2)"),
+    ("--tokenizer", None), ("--load-format", None), ("--dtype", None), ("--device", None),
+    ("--max-model-len", None), ("--placement", None), ("--max-num-seqs", None),
+    ("--num-kv-blocks", None), ("--kv-cache-memory-bytes", None), ("--gpu-memory-utilization", None),
+)
+
+
+def server_command(config: SweepConfig, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "rapidserve.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+    for flag, _ in _FORWARDED:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    cmd += shlex.split(args.server_args or "")
+    # The configuration's own flags last: they win over --server-args.
+    return cmd + list(config.server_flags)
+
+
+def _nvml_index(device: str | None) -> int:
+    if device and device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    return 0
+
+
+def make_row(config: str, rate: float, summary: dict[str, Any], gpu: GpuUtil) -> dict[str, Any]:
+    row: dict[str, Any] = {k: summary.get(k) for k in ROW_KEYS}
+    row.update(config=config, request_rate=rate, status="ok", gpu_util_pct=gpu.util_pct,
+               gpu_util_source=gpu.source, gpu_sm_occupancy_pct=gpu.sm_occupancy_pct, error=None)
+    return row
+
+
+def failed_row(config: str, rate: float | None, error: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(config=config, request_rate=rate, status="failed", error=error)
+    return row
+
+
+class _Progress:
+    """tqdm bars on stderr: one over every run of the sweep, one over the requests of a run."""
+
+    def __init__(self, total_runs: int) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.runs = tqdm(total=total_runs, desc="sweep", unit="run", file=sys.stderr, position=0)
+
+    def requests(self, desc: str, n: int) -> Any:
+        return self._tqdm(total=n, desc=desc, unit="req", file=sys.stderr, leave=False, position=1)
+
+    def write(self, msg: str) -> None:
+        self._tqdm.write(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        self.runs.close()
+
+
+def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: float, args: argparse.Namespace,
+              monitor: GpuMonitor, progress: _Progress, desc: str) -> tuple[dict[str, Any], GpuUtil, str | None]:
+    """One load-generator run at `rate`: (summary, GPU utilization, first error or None)."""
+    arrivals = arrival_times(len(requests), rate, args.burstiness, args.seed)
+    bar = progress.requests(desc, len(requests))
+    monitor.start()
+    try:
+        records, duration = asyncio.run(run_benchmark(target, requests, arrivals, args.max_concurrency,
+                                                      args.timeout, on_done=lambda _r: bar.update(1)))
+    finally:
+        gpu = monitor.stop()
+        bar.close()
+    summary = summarize(records, duration, args.slo_itl_ms, args.slo_ttft_ms_per_1k)
+    first_error = next((r.error for r in records if not r.success), None)
+    return summary, gpu, first_error
+
+
+def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[float] | None, out_dir: Path,
+                  monitor: GpuMonitor, progress: _Progress, result: dict[str, Any]) -> list[float] | None:
+    """Run one configuration into `result`; the rates (probed here when `rates` is None and the
+    server started)."""
+    entry: dict[str, Any] = {"name": config.name, "server_flags": list(config.server_flags),
+                             "status": "failed", "error": None}
+    result["configs"].append(entry)
+    server = ServerProcess(server_command(config, args), out_dir / f"server-{config.name}.log")
+    entry["command"] = shlex.join(server.cmd)
+    t0 = time.perf_counter()
+    try:
+        url = server.start(args.server_start_timeout)
+    except ServerStartError as e:
+        entry["error"] = str(e)
+        result["rows"].append(failed_row(config.name, None, str(e)))
+        progress.write(f"[{config.name}] failed to start; see {server.log_path}\n{server.log_tail(600)}")
+        return rates
+    progress.write(f"[{config.name}] serving at {url} (started in {time.perf_counter() - t0:.1f} s)")
+    try:
+        model, max_model_len = fetch_model(url)
+        requests = build_requests(args, lambda: server_tokenizer(url, model), max_model_len)
+        target = ServeTarget(url, "/v1/completions", model, args.ignore_eos)
+        if args.warmup_requests > 0:
+            warm = [r._replace(output_len=min(r.output_len, 4)) for r in requests[:args.warmup_requests]]
+            records, _ = asyncio.run(run_benchmark(target, warm, [0.0] * len(warm), None, args.timeout))
+            if errors := [r.error for r in records if not r.success]:
+                raise ServerStartError(f"warm-up request failed: {errors[0]}")
+        if rates is None:
+            summary, _, err = _run_once(target, requests, math.inf, args, monitor, progress,
+                                        f"{config.name} probe (all at once)")
+            result["probe"] = {"config": config.name, **summary}
+            rates = auto_rates(summary["request_throughput"], args.num_auto_rates)
+            result["rates"] = rates
+            progress.write(f"[{config.name}] max-throughput probe: {summary['request_throughput']:.3g} req/s "
+                           f"-> rates {rates}" + (f" (first error: {err})" if err else ""))
+        for rate in rates:
+            if not server.alive():
+                msg = f"the server died:\n{server.log_tail()}"
+                result["rows"].append(failed_row(config.name, rate, msg))
+                entry["error"] = msg
+                progress.runs.update(1)
+                continue
+            summary, gpu, err = _run_once(target, requests, rate, args, monitor, progress,
+                                          f"{config.name} @ {rate:g} req/s")
+            row = make_row(config.name, rate, summary, gpu)
+            row["error"] = err
+            result["rows"].append(row)
+            progress.runs.update(1)
+        entry["status"] = "ok" if server.alive() else "failed"
+    except (ValueError, ServerStartError, httpx.HTTPError) as e:
+        entry["error"] = f"{type(e).__name__}: {e}"
+        result["rows"].append(failed_row(config.name, None, entry["error"]))
+        progress.write(f"[{config.name}] failed: {entry['error']}")
+    finally:
+        code = server.stop(args.server_stop_timeout)
+        entry["server_exit_code"] = code
+    return rates
+
+
+def summarize_configs(result: dict[str, Any], target: float = ATTAINMENT_TARGET) -> None:
+    """Each configuration's highest rate at >= `target` attainment, for each goodput variant."""
+    for entry in result["configs"]:
+        rows = [r for r in result["rows"] if r["config"] == entry["name"] and r["status"] == "ok"]
+        entry["max_rate_at_attainment"] = {}
+        for variant in ("p95_itl", "max_itl", "itl_only"):
+            ar = max_rate_at_attainment([r["request_rate"] for r in rows],
+                                        [r[f"attainment_{variant}"] for r in rows], target)
+            entry["max_rate_at_attainment"][variant] = {"rate": ar.rate, "note": ar.note}
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    configs = parse_configs(args.configs)
+    rates = parse_rates(args.request_rates)
+    if args.num_auto_rates < 1:
+        raise ValueError(f"--num-auto-rates must be >= 1, got {args.num_auto_rates}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.slo_itl_ms is None and args.slo_ttft_ms_per_1k is None:
+        raise ValueError("bench sweep needs an SLO for its goodput: --slo-itl-ms and/or --slo-ttft-ms-per-1k")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "rates": rates, "rates_source": "auto" if rates is None else "given", "probe": None,
+        "attainment_target": ATTAINMENT_TARGET, "configs": [], "rows": [],
+    }
+    monitor = GpuMonitor(_nvml_index(args.device))
+    has_gpu = monitor.open()
+    result["gpu_monitor"] = "nvml" if has_gpu else None
+    progress = _Progress(len(configs) * (len(rates) if rates is not None else args.num_auto_rates))
+    try:
+        for config in configs:
+            before = len(result["rows"])
+            rates = _sweep_config(config, args, rates, out_dir, monitor, progress, result)
+            runs_done = sum(1 for r in result["rows"][before:] if r["request_rate"] is not None)
+            # A configuration that ran fewer rates (failed) still advances the sweep's bar fully.
+            planned = len(rates) if rates is not None else args.num_auto_rates
+            progress.runs.update(max(0, planned - runs_done))
+    finally:
+        progress.close()
+        monitor.close()
+    summarize_configs(result)
+    return result
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison table: a line per (configuration, rate), then each configuration's highest
+    rate at the attainment target."""
+    cols = (("config", "config", "s", 14), ("request_rate", "QPS", "g", 7),
+            ("request_throughput", "req/s", ".2f", 7), ("output_throughput", "out tok/s", ".1f", 10),
+            ("goodput_p95_itl", "good/s", ".2f", 7), ("goodput_max_itl", "good/s max", ".2f", 10),
+            ("goodput_itl_only", "good/s ITL", ".2f", 10), ("attainment_p95_itl", "attain %", ".0%", 8),
+            ("p95_ttft_ms", "p95 TTFT ms", ".1f", 11), ("p95_itl_ms", "p95 ITL ms", ".1f", 10),
+            ("gpu_util_pct", "GPU %", ".0f", 6))
+    header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (_, title, _, w) in enumerate(cols))
+    lines = [header, "-" * len(header)]
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            rate = _fmt(row["request_rate"], "g")
+            why = [ln.strip() for ln in (row.get("error") or "").splitlines() if ln.strip()]
+            # The first line says what happened, the last one (of the server's log) usually why.
+            msg = " ... ".join(dict.fromkeys([why[0], why[-1]])) if why else ""
+            lines.append(f"{row['config']:<14} {rate:>7} FAILED: {msg[:160]}")
+            continue
+        cells = []
+        for i, (key, _, spec, w) in enumerate(cols):
+            v = row[key]
+            s = _fmt(v, spec) if key != "config" else str(v)
+            cells.append(f"{s:<{w}}" if i == 0 else f"{s:>{w}}")
+        lines.append(" ".join(cells))
+    pct = f"{result['attainment_target']:.0%}"
+    lines.append("")
+    lines.append(f"highest rate with >= {pct} SLO attainment (req/s; p95-ITL / max-ITL / ITL-only goodput):")
+    for entry in result["configs"]:
+        if entry["status"] != "ok" and not any(r["config"] == entry["name"] and r["status"] == "ok"
+                                               for r in result["rows"]):
+            lines.append(f"  {entry['name']:<14} failed")
+            continue
+        parts = []
+        for variant in ("p95_itl", "max_itl", "itl_only"):
+            ar = entry["max_rate_at_attainment"][variant]
+            if ar["rate"] is None:
+                parts.append(ar["note"])
+            else:
+                parts.append(f"{ar['rate']:.3g}" + (" (or more)" if ar["note"] == "lower bound" else ""))
+        lines.append(f"  {entry['name']:<14} " + " / ".join(parts))
+    return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """sweep.csv (the rows), sweep.json (everything); the paths."""
+    csv_path, json_path = out_dir / "sweep.csv", out_dir / "sweep.json"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+        w.writeheader()
+        for row in result["rows"]:
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in ROW_KEYS})
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(_json_safe(result), f, indent=2)
+    return [csv_path, json_path]
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sweep")
+    g.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma-separated: hybrid-N (--mode hybrid --max-num-batched-tokens N), rapid, "
+                        "rapid-POLICY (--partition-policy POLICY), disagg")
+    g.add_argument("--request-rates", default="auto",
+                   help="offered rates (req/s), comma-separated, or auto: a max-throughput run "
+                        "first, then --num-auto-rates rates from 0.25x to 1.5x its throughput")
+    g.add_argument("--num-auto-rates", type=int, default=5)
+    g.add_argument("--output-dir", default="sweep-results", help="sweep.csv, sweep.json, *.png, server logs")
+    g.add_argument("--baseline", default="hybrid-512",
+                   help="plots are normalized to this configuration at the lowest rate (raw without it)")
+    g.add_argument("--server-args", default="", help="more flags for every server, as one string")
+    g.add_argument("--server-start-timeout", type=float, default=900.0,
+                   help="seconds a server may take to listen before its configuration counts as failed")
+    g.add_argument("--server-stop-timeout", type=float, default=60.0,
+                   help="seconds after SIGTERM before the server's process group is killed")
+    g.add_argument("--warmup-requests", type=int, default=1,
+                   help="untimed requests (4 output tokens) sent to each server first")
+    g.add_argument("--no-plots", action="store_true", help="write no PNG")
+    s = parser.add_argument_group("server (forwarded to every configuration when given)")
+    for flag, help_text in _FORWARDED:
+        s.add_argument(flag, default=None, help=help_text)
+    s.add_argument("--enforce-eager", action="store_true")
+    w = parser.add_argument_group("workload and SLOs (as bench serve)")
+    # The paper's SLOs for Llama-3.1-70B: ITL 100 ms, TTFT 1 s per started 1000 prompt tokens.
+    add_workload_args(w, slo_itl_ms=100.0, slo_ttft_ms_per_1k=1000.0, timeout_s=600.0)
+    parser.set_defaults(func=main, num_prompts=200)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rapidserve.bench.plots import plot_sweep
+
+    result = run_sweep(args)
+    out_dir = Path(args.output_dir)
+    paths = write_results(result, out_dir)
+    if not args.no_plots:
+        paths += plot_sweep(result["rows"], out_dir, baseline=args.baseline)
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if any(r["status"] == "ok" for r in result["rows"]) else 1

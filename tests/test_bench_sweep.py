@@ -1,0 +1,259 @@
+"""`rapidserve bench sweep`: configuration and rate parsing, the interpolated 90 %-attainment
+rate on hand-built data, outputs and plots from a hand-built result, the GPU monitor with and
+without NVML, server start failures, and one tiny sweep against live CPU servers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rapidserve.bench.gpu_monitor import NO_GPU, GpuMonitor
+from rapidserve.bench.plots import baseline_value, plot_sweep
+from rapidserve.bench.sweep import (
+    ROW_KEYS,
+    ServerProcess,
+    ServerStartError,
+    auto_rates,
+    failed_row,
+    format_table,
+    max_rate_at_attainment,
+    parse_config,
+    parse_configs,
+    parse_rates,
+    summarize_configs,
+    write_results,
+)
+from rapidserve.entrypoints.cli import main
+
+
+def test_configs_and_rates():
+    assert parse_config("hybrid-1024").server_flags == ("--mode", "hybrid", "--max-num-batched-tokens", "1024")
+    assert parse_config("rapid").server_flags == ("--mode", "rapid")
+    assert parse_config("rapid-adaptive").server_flags == ("--mode", "rapid", "--partition-policy", "adaptive")
+    assert parse_config("disagg").server_flags == ("--mode", "disagg")
+    assert [c.name for c in parse_configs("hybrid-512, rapid")] == ["hybrid-512", "rapid"]
+    for bad in ("hybrid-x", "hybrid-0", "rapid-", "chunked", ""):
+        with pytest.raises(ValueError):
+            parse_configs(bad)
+    with pytest.raises(ValueError, match="twice"):
+        parse_configs("rapid,rapid")
+    assert parse_rates("4, 1,2,2") == [1.0, 2.0, 4.0]
+    assert parse_rates("auto") is None
+    for bad in ("1,inf", "0", "a", ""):
+        with pytest.raises(ValueError):
+            parse_rates(bad)
+    assert auto_rates(8.0, 6) == [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
+    assert auto_rates(3.0, 1) == [3.0]
+    with pytest.raises(ValueError):
+        auto_rates(0.0, 4)
+
+
+def _at(rates, attainments, **kw):
+    r = max_rate_at_attainment(rates, attainments, **kw)
+    return (None if r.rate is None else pytest.approx(r.rate)), r.note
+
+
+def test_max_rate_at_attainment():
+    # Interpolated between 2 (95 %) and 4 (85 %): 90 % at 3.
+    assert _at([1, 2, 4, 8], [1.0, 0.95, 0.85, 0.2]) == (3.0, "interpolated")
+    # Order of the input does not matter.
+    assert _at([8, 1, 4, 2], [0.2, 1.0, 0.85, 0.95]) == (3.0, "interpolated")
+    # The first drop below the target counts, even if a higher rate recovers (noise).
+    assert _at([1, 2, 3], [0.92, 0.80, 0.95]) == (1 + 0.02 / 0.12, "interpolated")
+    # Exactly at the target is meeting it.
+    assert _at([1, 2, 3], [1.0, 0.9, 0.5]) == (2.0, "interpolated")
+    # Never reaches 90 %, even at the lightest load.
+    assert _at([1, 2], [0.85, 0.1]) == (None, "never reached")
+    # Always above: the highest measured rate, a lower bound.
+    assert _at([1, 2, 4], [1.0, 0.99, 0.93]) == (4.0, "lower bound")
+    assert _at([], []) == (None, "no data")
+    assert _at([1, 2], [None, None]) == (None, "no data")
+    assert _at([1, 3], [1.0, 0.0], target=0.5) == (2.0, "interpolated")
+
+
+def _row(config, rate, **metrics):
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(config=config, request_rate=rate, status="ok", completed=10, failed=0)
+    row.update(metrics)
+    return row
+
+
+def _result():
+    rows = [
+        _row("hybrid-512", 1.0, output_throughput=100.0, request_throughput=1.0, goodput_p95_itl=1.0,
+             goodput_max_itl=0.9, goodput_itl_only=1.0, attainment_p95_itl=1.0, attainment_max_itl=0.9,
+             attainment_itl_only=1.0, p95_ttft_ms=50.0, p95_itl_ms=20.0),
+        _row("hybrid-512", 2.0, output_throughput=180.0, request_throughput=1.8, goodput_p95_itl=1.2,
+             goodput_max_itl=0.5, goodput_itl_only=1.5, attainment_p95_itl=0.6, attainment_max_itl=0.25,
+             attainment_itl_only=0.8, p95_ttft_ms=400.0, p95_itl_ms=60.0),
+        _row("rapid", 1.0, output_throughput=110.0, request_throughput=1.0, goodput_p95_itl=1.0,
+             goodput_max_itl=1.0, goodput_itl_only=1.0, attainment_p95_itl=1.0, attainment_max_itl=1.0,
+             attainment_itl_only=1.0, p95_ttft_ms=30.0, p95_itl_ms=15.0, gpu_util_pct=40.0),
+        _row("rapid", 2.0, output_throughput=220.0, request_throughput=2.0, goodput_p95_itl=2.0,
+             goodput_max_itl=1.9, goodput_itl_only=2.0, attainment_p95_itl=1.0, attainment_max_itl=0.95,
+             attainment_itl_only=1.0, p95_ttft_ms=35.0, p95_itl_ms=16.0, gpu_util_pct=70.0),
+        failed_row("disagg", None, "the server exited with code 2 before listening:\nerror: boom"),
+    ]
+    result = {"attainment_target": 0.9, "rows": rows, "configs": [
+        {"name": "hybrid-512", "status": "ok"}, {"name": "rapid", "status": "ok"},
+        {"name": "disagg", "status": "failed"}]}
+    summarize_configs(result)
+    return result
+
+
+def test_outputs_from_hand_built_result(tmp_path):
+    result = _result()
+    hybrid, rapid, disagg = result["configs"]
+    # hybrid: 1.0 -> 0.6 between 1 and 2 req/s: 90 % at 1.25.
+    assert hybrid["max_rate_at_attainment"]["p95_itl"] == {"rate": pytest.approx(1.25), "note": "interpolated"}
+    assert hybrid["max_rate_at_attainment"]["max_itl"] == {"rate": 1.0, "note": "interpolated"}
+    assert rapid["max_rate_at_attainment"]["p95_itl"] == {"rate": 2.0, "note": "lower bound"}
+    assert disagg["max_rate_at_attainment"]["p95_itl"] == {"rate": None, "note": "no data"}
+    table = format_table(result)
+    assert "hybrid-512" in table and "FAILED: the server exited with code 2 before listening: ... error: boom" in table
+    assert "1.25" in table and "2 (or more)" in table and "disagg         failed" in table
+
+    csv_path, json_path = write_results(result, tmp_path)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(ROW_KEYS) and len(rows) == 5
+    assert rows[-1]["status"] == "failed" and rows[-1]["request_rate"] == ""
+    assert json.loads(json_path.read_text())["configs"][0]["max_rate_at_attainment"]["p95_itl"]["rate"] == 1.25
+
+    assert baseline_value(result["rows"], "output_throughput", "hybrid-512") == (100.0, 1.0)
+    assert baseline_value(result["rows"], "gpu_util_pct", "hybrid-512") is None  # no value: raw
+    assert baseline_value(result["rows"], "output_throughput", "hybrid-2048") is None
+    paths = plot_sweep(result["rows"], tmp_path)
+    assert {p.name for p in paths} == {"throughput.png", "goodput.png", "goodput_itl_only.png",
+                                       "latency_p95.png", "gpu_util.png"}
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without a GPU's numbers there is no utilization figure.
+    no_gpu = [dict(r, gpu_util_pct=None) for r in result["rows"]]
+    assert "gpu_util.png" not in {p.name for p in plot_sweep(no_gpu, tmp_path / "..")}
+
+
+class FakeNvml:
+    """pynvml's surface as GpuMonitor uses it."""
+
+    NVML_GPM_METRICS_GET_VERSION = 1
+    NVML_GPM_METRIC_SM_UTIL = 2
+    NVML_GPM_METRIC_SM_OCCUPANCY = 3
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpm: bool, fail_init: bool = False) -> None:
+        self.gpm, self.fail_init, self.freed, self.shut = gpm, fail_init, 0, False
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return f"gpu{i}"
+
+    def nvmlGpmQueryDeviceSupport(self, handle):
+        return SimpleNamespace(isSupportedDevice=int(self.gpm))
+
+    def nvmlGpmSampleAlloc(self):
+        return SimpleNamespace()
+
+    def nvmlGpmSampleFree(self, sample):
+        self.freed += 1
+
+    def nvmlGpmSampleGet(self, handle, sample):
+        pass
+
+    def c_nvmlGpmMetricsGet_t(self):
+        return SimpleNamespace(metrics=[SimpleNamespace(metricId=0, value=0.0) for _ in range(2)])
+
+    def nvmlGpmMetricsGet(self, get):
+        for m in get.metrics:
+            m.value = {self.NVML_GPM_METRIC_SM_UTIL: 80.0, self.NVML_GPM_METRIC_SM_OCCUPANCY: 30.0}[m.metricId]
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=55, memory=10)
+
+
+def test_gpu_monitor():
+    for gpm, util, source, occ in ((True, 80.0, "nvml-gpm-sm-util", 30.0), (False, 55.0, "nvml-utilization", None)):
+        nv = FakeNvml(gpm)
+        mon = GpuMonitor(0, interval_s=0.01, nvml=nv)
+        assert mon.open()
+        mon.start()
+        time.sleep(0.1)
+        got = mon.stop()
+        mon.close()
+        assert (got.util_pct, got.source, got.sm_occupancy_pct) == (util, source, occ) and got.samples >= 2
+        assert nv.shut and nv.freed == (2 if gpm else 0)
+    # No driver: nothing sampled, no error.
+    mon = GpuMonitor(nvml=FakeNvml(True, fail_init=True))
+    assert not mon.open()
+    mon.start()
+    assert mon.stop() == NO_GPU
+
+
+def test_server_process_start_failures(tmp_path):
+    crash = ServerProcess([sys.executable, "-c", "import sys; print('boom: bad flag', file=sys.stderr); sys.exit(3)"],
+                          tmp_path / "crash.log")
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*boom: bad flag"):
+        crash.start(60)
+    assert time.monotonic() - t0 < 20
+    hang = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "hang.log")
+    with pytest.raises(ServerStartError, match="not listening after 1 s"):
+        hang.start(1)
+    assert not hang.alive()
+    script = "import time; print('rapidserve: serving m at http://127.0.0.1:1234/v1', flush=True); time.sleep(60)"
+    ok = ServerProcess([sys.executable, "-c", script], tmp_path / "ok.log")
+    assert ok.start(30) == "http://127.0.0.1:1234"
+    assert ok.alive()
+    assert ok.stop() == -15  # SIGTERM
+    assert "rapidserve: serving m" in (tmp_path / "ok.log").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(tmp_path, capsys):
+    """hybrid-512 and rapid (threads) on the embedded model, 2 rates x 4 jsonl prompts; a third
+    configuration whose server cannot start is recorded as failed and the sweep goes on."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "output_len": 3}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    rc = main(["bench", "sweep", "--configs", "hybrid-512,rapid-nosuchpolicy,rapid", "--request-rates", "4,16",
+               "--dataset-name", "jsonl", "--dataset-path", str(data), "--num-prompts", "4",
+               "--device", "cpu", "--placement", "thread", "--num-kv-blocks", "64",
+               "--slo-itl-ms", "10000", "--slo-ttft-ms-per-1k", "20000", "--timeout", "60",
+               "--server-start-timeout", "120", "--output-dir", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed
+    result = json.loads((out / "sweep.json").read_text())
+    status = {c["name"]: c["status"] for c in result["configs"]}
+    assert status == {"hybrid-512": "ok", "rapid-nosuchpolicy": "failed", "rapid": "ok"}, result["configs"]
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert sorted((r["config"], r["request_rate"]) for r in ok) == [
+        ("hybrid-512", 4.0), ("hybrid-512", 16.0), ("rapid", 4.0), ("rapid", 16.0)]
+    for r in ok:
+        assert r["completed"] == 4 and r["failed"] == 0, r
+        assert r["attainment_p95_itl"] == 1.0 and r["p95_ttft_ms"] > 0 and r["gpu_util_pct"] is None
+    failed = next(c for c in result["configs"] if c["name"] == "rapid-nosuchpolicy")
+    assert "before listening" in failed["error"]
+    for c in result["configs"]:
+        if c["status"] == "ok":
+            assert c["max_rate_at_attainment"]["p95_itl"] == {"rate": 16.0, "note": "lower bound"}
+            assert c["server_exit_code"] == 0  # stopped cleanly by SIGTERM
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    assert (out / "throughput.png").stat().st_size > 0 and (out / "latency_p95.png").exists()
+    assert "highest rate with >= 90% SLO attainment" in printed.out and "FAILED" in printed.out
+    assert "sweep" in printed.err  # the progress bar
+    assert Path(out / "server-rapid.log").exists()
