@@ -1,0 +1,446 @@
+"""Partitioning policies: which SM split the next step runs in.
+
+One call per decode step: the decode worker builds a `StepState` and asks `policy.decide(state)`
+for the `Partition` of its next step, then takes its stream from `partitioner.streams(...)`;
+the prefill worker follows at its own next step. Partitions therefore change only at step
+boundaries, and a policy may pick only from `policy.partitions()` (precreated at start-up).
+
+- `off`: no partitioning at all (plain streams on the whole device).
+- `full`: both phases always on the whole device (over-allocation, the paper's P100-D100).
+- `static:N`: decode always on N SMs, prefill on the rest.
+- `rapid` (the paper, §4.5.3): over-allocate while the decode load is light (the batch is at or
+  below a threshold, or the profile says decode beside a running prefill on the full device
+  still meets the ITL SLO); above that, the fewest decode SMs whose profiled step latency beside
+  a running prefill meets the ITL SLO, prefill gets the rest; if none does, the largest split.
+- `nexus` (beyond the paper, after Nexus, arXiv 2507.06608): a cost model of step latency fitted
+  to the profile (SMs, batch, context, contention from the other phase) predicts each
+  candidate's ITL and the time to drain the waiting prompts; it picks the candidate that meets
+  the ITL SLO with the least pressure on either SLO, proactively from the queue state, and
+  switches only for a clear gain after a minimum hold (hysteresis), except to stop an ITL miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from rapidserve.resources.partition import Partition, round_to_granularity
+from rapidserve.resources.profile import Profile
+
+log = logging.getLogger("rapidserve.decode")
+
+
+class StepState(NamedTuple):
+    """What a policy decides from, built by the decode worker before each step."""
+
+    decode_batch: int  # sequences in the coming decode step
+    mean_context_len: float  # their mean KV length (tokens)
+    max_context_len: int
+    waiting_prefill_tokens: int  # prompt tokens waiting for (or in) prefill
+    prefill_running: bool  # the prefill worker has a step in flight
+
+    @property
+    def prefill_active(self) -> bool:
+        return self.prefill_running or self.waiting_prefill_tokens > 0
+
+
+class PartitionPolicy(Protocol):
+    name: str
+    partitioned: bool  # False: no partitioning mechanism at all (policy `off`)
+
+    def partitions(self) -> tuple[Partition, ...]:
+        """Every partition `decide` may return (the partitioner precreates them)."""
+        ...
+
+    def decide(self, state: StepState) -> Partition:
+        """The partition of the next step (called once per decode step)."""
+        ...
+
+
+# ---- the simple ones -----------------------------------------------------------------------------
+
+
+class OffPolicy:
+    name = "off"
+    partitioned = False
+
+    def partitions(self) -> tuple[Partition, ...]:
+        return (Partition.FULL,)
+
+    def decide(self, state: StepState) -> Partition:
+        return Partition.FULL
+
+
+class FullPolicy(OffPolicy):
+    name = "full"
+    partitioned = True
+
+
+class StaticPolicy:
+    partitioned = True
+
+    def __init__(self, decode_sms: int, total_sms: int) -> None:
+        self.partition = Partition.split(decode_sms, total_sms)
+        self.name = f"static:{decode_sms}"
+
+    def partitions(self) -> tuple[Partition, ...]:
+        return (self.partition,)
+
+    def decide(self, state: StepState) -> Partition:
+        return self.partition
+
+
+# ---- rapid (the paper) ---------------------------------------------------------------------------
+
+
+class RapidPolicy:
+    """The paper's Adaptive Resource Manager, on the profile's measured splits."""
+
+    name = "rapid"
+    partitioned = True
+
+    def __init__(self, profile: Profile, slo_itl_ms: float, overalloc_max_batch: int | None = None) -> None:
+        if slo_itl_ms <= 0:
+            raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
+        if overalloc_max_batch is not None and overalloc_max_batch < 0:
+            raise ValueError(f"the over-allocation batch threshold must be >= 0, got {overalloc_max_batch}")
+        self.profile = profile
+        self.slo_itl_ms = slo_itl_ms
+        self.overalloc_max_batch = overalloc_max_batch
+        total = profile.total_sms
+        self.splits = tuple(Partition.split(n, total) for n in profile.split_sm_counts)
+
+    def partitions(self) -> tuple[Partition, ...]:
+        return (Partition.FULL, *self.splits)
+
+    def overallocate(self, state: StepState) -> bool:
+        """Both phases on the whole device: decode is light (threshold flag), or the profile says
+        over-allocated decode beside a prefill still meets the SLO at this batch and context."""
+        if state.decode_batch == 0 or not self.splits:
+            return True
+        if self.overalloc_max_batch is not None:
+            return state.decode_batch <= self.overalloc_max_batch
+        ms = self.profile.decode_ms(self.profile.total_sms, state.decode_batch, state.mean_context_len, True)
+        return ms <= self.slo_itl_ms
+
+    def decide(self, state: StepState) -> Partition:
+        if self.overallocate(state):
+            return Partition.FULL
+        for p in self.splits:  # fewest decode SMs first
+            assert p.decode_sms is not None
+            ms = self.profile.decode_ms(p.decode_sms, state.decode_batch, state.mean_context_len, True)
+            if ms <= self.slo_itl_ms:
+                return p
+        return self.splits[-1]  # none meets it: the largest decode partition
+
+
+# ---- nexus (beyond the paper) --------------------------------------------------------------------
+
+
+def _lstsq(features: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares in relative error (rows weighted by 1/y): short steps count as much as long."""
+    w = 1.0 / y
+    coef, *_ = np.linalg.lstsq(features * w[:, None], y * w, rcond=None)
+    return coef
+
+
+def _decode_features(s: np.ndarray, b: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    # Work that any SM count streams at full bandwidth (weights, KV: b·L) plus the work that
+    # scales with 1/SMs; s is the decode share of the device.
+    return np.stack([np.ones_like(b), b, kv, 1 / s, b / s, kv / s], axis=1)
+
+
+def _full_features(b: np.ndarray, kv: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(b), b, kv], axis=1)
+
+
+def _prefill_features(s: np.ndarray, n: np.ndarray) -> np.ndarray:
+    # Compute-bound: linear and attention (n²) work over the SMs it has, plus a fixed cost.
+    return np.stack([np.ones_like(n), 1 / s, n / s, n * n / s], axis=1)
+
+
+class CostModel:
+    """Step latency fitted to a profile as a function of SMs, batch, context and the other
+    phase's activity. Decode splits: one least-squares fit per contention mode (alone, beside a
+    prefill) over every measured split; the over-allocated full device: its own fit per mode (its
+    contention is of another kind: decode competes for SMs, not only bandwidth). Prefill: one
+    fit over SMs and prompt tokens, slowed by a contention factor while decode runs beside it."""
+
+    def __init__(self, profile: Profile, prefill_contention_split: float = 0.3,
+                 prefill_contention_full: float = 0.05) -> None:
+        self.profile = profile
+        self.total = profile.total_sms
+        self.prefill_contention_split = prefill_contention_split
+        self.prefill_contention_full = prefill_contention_full
+        d = profile.decode
+        self._floor_ms = 0.5 * min(min(min(r) for r in g) for g in d.alone_ms)
+        self._split: dict[bool, np.ndarray | None] = {}
+        self._full: dict[bool, np.ndarray | None] = {}
+        errors: list[float] = []
+        for beside in (False, True):
+            grid = d.beside_prefill_ms if beside else d.alone_ms
+            rows = [(n, c, b, grid[i][j][k]) for i, n in enumerate(d.sm_counts)
+                    for j, c in enumerate(d.context_lens) for k, b in enumerate(d.batch_sizes)]
+            split = np.array([r for r in rows if r[0] < self.total], dtype=np.float64).reshape(-1, 4)
+            full = np.array([r for r in rows if r[0] == self.total], dtype=np.float64).reshape(-1, 4)
+            self._split[beside] = self._fit(
+                _decode_features(split[:, 0] / self.total, split[:, 2], split[:, 1] * split[:, 2]),
+                split[:, 3], errors)
+            self._full[beside] = self._fit(_full_features(full[:, 2], full[:, 1] * full[:, 2]),
+                                           full[:, 3], errors)
+        p = profile.prefill
+        pts = np.array([(n, t, p.latency_ms[i][j]) for i, n in enumerate(p.sm_counts)
+                        for j, t in enumerate(p.prompt_tokens)], dtype=np.float64)
+        self._prefill = self._fit(_prefill_features(pts[:, 0] / self.total, pts[:, 1]), pts[:, 2], errors)
+        self.fit_max_rel_error = max(errors) if errors else 0.0
+
+    @staticmethod
+    def _fit(features: np.ndarray, y: np.ndarray, errors: list[float]) -> np.ndarray | None:
+        """Coefficients, or None (too few points: the profile's interpolation is used instead)."""
+        if len(y) < features.shape[1]:
+            return None
+        coef = _lstsq(features, y)
+        errors.append(float(np.max(np.abs(features @ coef - y) / y)))
+        return coef
+
+    def decode_ms(self, decode_sms: int, batch: float, context: float, beside_prefill: bool) -> float:
+        full = decode_sms >= self.total
+        coef = (self._full if full else self._split)[beside_prefill]
+        if coef is None:
+            return self.profile.decode_ms(decode_sms, batch, context, beside_prefill)
+        b, kv = np.array([float(batch)]), np.array([float(batch) * float(context)])
+        f = _full_features(b, kv) if full else _decode_features(np.array([decode_sms / self.total]), b, kv)
+        return max(self._floor_ms, float((f @ coef)[0]))
+
+    def prefill_ms(self, prefill_sms: int, tokens: float, decode_beside: bool, over_allocated: bool) -> float:
+        if tokens <= 0:
+            return 0.0
+        if self._prefill is None:
+            ms = self.profile.prefill_ms(prefill_sms, tokens)
+        else:
+            f = _prefill_features(np.array([prefill_sms / self.total]), np.array([float(tokens)]))
+            ms = max(1e-6, float((f @ self._prefill)[0]))
+        if decode_beside:
+            ms *= 1 + (self.prefill_contention_full if over_allocated else self.prefill_contention_split)
+        return ms
+
+
+class NexusPolicy:
+    """Proactive partitioning from a fitted cost model, with hysteresis."""
+
+    name = "nexus"
+    partitioned = True
+
+    def __init__(
+        self,
+        profile: Profile,
+        slo_itl_ms: float,
+        slo_ttft_ms: float = 1000.0,
+        switch_margin: float = 0.15,
+        min_hold_steps: int = 8,
+        confirm_steps: int = 4,
+        model: CostModel | None = None,
+    ) -> None:
+        """slo_ttft_ms: the time the waiting prompts may take to prefill (by default 1 s, the
+        goodput rule's ceiling for a prompt of up to 1000 tokens). switch_margin: a switch must
+        lower the score by this fraction; min_hold_steps: steps a partition is kept before a
+        switch for a gain; confirm_steps: consecutive steps the same better partition must be the
+        target before it is taken (an input that swings every step never is). A switch to stop
+        an ITL miss waits for neither."""
+        if slo_itl_ms <= 0:
+            raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
+        if slo_ttft_ms <= 0:
+            raise ValueError(f"the TTFT SLO must be positive, got {slo_ttft_ms} ms")
+        if not 0 <= switch_margin < 1 or min_hold_steps < 0 or confirm_steps < 1:
+            raise ValueError("need 0 <= switch_margin < 1, min_hold_steps >= 0 and confirm_steps >= 1")
+        self.profile = profile
+        self.model = model or CostModel(profile)
+        self.slo_itl_ms = slo_itl_ms
+        self.slo_ttft_ms = slo_ttft_ms
+        self.switch_margin = switch_margin
+        self.min_hold_steps = min_hold_steps
+        self.confirm_steps = confirm_steps
+        total = profile.total_sms
+        self.splits = tuple(Partition.split(n, total) for n in profile.split_sm_counts)
+        self.current = Partition.FULL
+        self._held = 0  # steps since the last switch
+        self._wanted = Partition.FULL  # the target of the last steps...
+        self._streak = 0  # ...for this many steps in a row
+        log.info("nexus cost model: largest relative error on the profile %.1f %%",
+                 100 * self.model.fit_max_rel_error)
+
+    def partitions(self) -> tuple[Partition, ...]:
+        return (Partition.FULL, *self.splits)
+
+    def predict(self, p: Partition, state: StepState) -> tuple[float, float]:
+        """(decode step ms, ms to prefill the waiting prompts) in partition p."""
+        total = self.profile.total_sms
+        beside = state.prefill_active
+        itl = (self.model.decode_ms(p.decode_share(total), state.decode_batch, state.mean_context_len, beside)
+               if state.decode_batch else 0.0)
+        drain = self.model.prefill_ms(p.prefill_share(total), state.waiting_prefill_tokens,
+                                      decode_beside=state.decode_batch > 0, over_allocated=p.is_full)
+        return itl, drain
+
+    def score(self, p: Partition, state: StepState) -> tuple[bool, float]:
+        """(meets the ITL SLO, the larger of the two latencies as a fraction of its SLO)."""
+        itl, drain = self.predict(p, state)
+        pressure = max(itl / self.slo_itl_ms, drain / self.slo_ttft_ms)
+        return itl <= self.slo_itl_ms, pressure
+
+    def target(self, state: StepState) -> Partition:
+        """The best partition for this state, without hysteresis."""
+        if state.decode_batch == 0 or not state.prefill_active or not self.splits:
+            return Partition.FULL  # one phase alone: it gets every SM
+        best: tuple[float, Partition] | None = None
+        fallback: tuple[float, Partition] | None = None
+        for p in self.partitions():
+            ok, pressure = self.score(p, state)
+            itl = self.predict(p, state)[0]
+            if fallback is None or itl < fallback[0]:
+                fallback = (itl, p)
+            if ok and (best is None or pressure < best[0]):
+                best = (pressure, p)
+        assert fallback is not None
+        return best[1] if best is not None else fallback[1]  # none meets the SLO: the fastest decode
+
+    def decide(self, state: StepState) -> Partition:
+        want = self.target(state)
+        self._held += 1
+        self._streak = self._streak + 1 if want == self._wanted else 1
+        self._wanted = want
+        if want == self.current:
+            return self.current
+        ok_now, now = self.score(self.current, state)
+        _, then = self.score(want, state)
+        urgent = state.decode_batch > 0 and not ok_now  # the current split would miss the ITL SLO
+        idle = state.decode_batch == 0 or not state.prefill_active
+        settled = self._held >= self.min_hold_steps and self._streak >= self.confirm_steps
+        if urgent or (settled and (idle or then < now * (1 - self.switch_margin))):
+            self.current = want
+            self._held = 0
+        return self.current
+
+
+# ---- the --partition-policy strings ------------------------------------------------------------
+
+POLICY_NAMES = ("rapid", "nexus", "static:N", "full", "off")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    kind: str  # rapid, nexus, static, full, off
+    decode_sms: int | None = None  # static only
+
+    def __str__(self) -> str:
+        return f"static:{self.decode_sms}" if self.kind == "static" else self.kind
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """'rapid', 'nexus', 'static:N' (N decode SMs), 'full' or 'off'."""
+    t = text.strip().lower()
+    if t in ("rapid", "nexus", "full", "off"):
+        return PolicySpec(t)
+    if t == "static" or t.startswith("static:"):
+        n = t.partition(":")[2].strip()
+        if not n:
+            raise ValueError("the static policy needs a decode SM count: static:N, e.g. static:40")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"static:N needs a positive whole number N of decode SMs, got {n!r}")
+        return PolicySpec("static", int(n))
+    raise ValueError(f"unknown partition policy {text!r}; available: {', '.join(POLICY_NAMES)} "
+                     "(N = decode SMs)")
+
+
+def make_policy(
+    spec: PolicySpec | str,
+    total_sms: int,
+    granularity: int = 1,
+    profile: Profile | None = None,
+    slo_itl_ms: float | None = None,
+    slo_ttft_ms: float | None = None,
+    overalloc_max_batch: int | None = None,
+) -> PartitionPolicy:
+    """The policy a spec names, on a device of `total_sms` SMs split in multiples of
+    `granularity` (a partitioner's `total_sms` and `granularity`)."""
+    if isinstance(spec, str):
+        spec = parse_policy(spec)
+    if spec.kind == "off":
+        return OffPolicy()
+    if spec.kind == "full":
+        return FullPolicy()
+    if spec.kind == "static":
+        assert spec.decode_sms is not None
+        if total_sms < 2 * granularity:
+            raise ValueError(f"{spec} needs SM partitioning; this device has {total_sms} SM(s) "
+                             "and no partitioning: use off or full")
+        n = round_to_granularity(spec.decode_sms, granularity, total_sms)
+        if n != spec.decode_sms:
+            log.warning("%s: decode SMs rounded to %d (multiples of %d, below %d)", spec, n, granularity, total_sms)
+        return StaticPolicy(n, total_sms)
+    if profile is None:
+        raise ValueError(f"the {spec.kind} policy needs a profile (--profile PATH, made by `rapidserve profile`)")
+    if slo_itl_ms is None:
+        raise ValueError(f"the {spec.kind} policy needs an ITL SLO (--slo-itl-ms)")
+    if profile.total_sms != total_sms:
+        raise ValueError(f"the profile was measured on {profile.metadata.gpu_name} with {profile.total_sms} "
+                         f"SMs; this device has {total_sms}: profile it here")
+    if spec.kind == "rapid":
+        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch)
+    return NexusPolicy(profile, slo_itl_ms, 1000.0 if slo_ttft_ms is None else slo_ttft_ms)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+class PartitionStats(NamedTuple):
+    current: str  # the partition in force ("full", "D40/P92"); "" before the first step
+    seconds: dict[str, float]  # time spent in each partition
+    switches: int
+    switches_per_s: float  # over the whole time recorded
+    elapsed_s: float
+
+
+class PartitionMetrics:
+    """Which partition each step ran in: the decode worker calls `record` once per step with the
+    partition of the coming step; time is charged to a partition until the next call."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._start: float | None = None
+        self._since = 0.0
+        self.current: Partition | None = None
+        self.switches = 0
+        self._seconds: dict[Partition, float] = {}
+
+    def record(self, partition: Partition) -> None:
+        now = self._clock()
+        if self.current is None:
+            self._start = now
+        elif partition != self.current:
+            self._charge(now)
+            self.switches += 1
+        else:
+            return
+        self.current = partition
+        self._since = now
+
+    def _charge(self, now: float) -> None:
+        assert self.current is not None
+        self._seconds[self.current] = self._seconds.get(self.current, 0.0) + now - self._since
+        self._since = now
+
+    def snapshot(self) -> PartitionStats:
+        now = self._clock()
+        seconds = {str(p): s for p, s in self._seconds.items()}
+        if self.current is None or self._start is None:
+            return PartitionStats("", seconds, 0, 0.0, 0.0)
+        key = str(self.current)
+        seconds[key] = seconds.get(key, 0.0) + now - self._since
+        elapsed = now - self._start
+        return PartitionStats(key, seconds, self.switches, self.switches / elapsed if elapsed > 0 else 0.0, elapsed)

@@ -1,0 +1,279 @@
+"""The offline profile the partitioning policies decide from (written by `rapidserve profile`).
+
+Two tables, measured on the target GPU and model:
+- decode step latency over decode SM counts × context lengths × batch sizes, alone and beside a
+  running prefill (on the remainder of the split; for the full device, on a second full-device
+  stream: over-allocation, where decode competes with prefill for every SM);
+- prefill latency over SM counts × prompt tokens (alone).
+
+The decode table's SM counts include the whole device (`metadata.total_sms`): the over-allocated
+partition. JSON, with a schema version; `load_profile` checks every field and says which one is
+wrong.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+Grid3 = tuple[tuple[tuple[float, ...], ...], ...]  # [sm][context][batch], ms
+Grid2 = tuple[tuple[float, ...], ...]  # [sm][prompt tokens], ms
+
+
+@dataclass(frozen=True)
+class ProfileMetadata:
+    gpu_name: str  # torch.cuda.get_device_name, or "cpu"
+    total_sms: int  # SMs (CUs) of the device; 1 on CPU
+    sm_granularity: int  # decode SM counts are multiples of this (1 without partitioning)
+    partitioning: str  # the mechanism measured: green-contexts, cu-mask or none
+    model: str
+    dtype: str
+    created: str  # ISO 8601
+    rapidserve_version: str
+    prefill_tokens_beside: int  # prompt tokens of the prefill run beside the timed decode steps
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeTable:
+    sm_counts: tuple[int, ...]  # decode group sizes, increasing; the last is the whole device
+    context_lens: tuple[int, ...]  # increasing
+    batch_sizes: tuple[int, ...]  # increasing
+    alone_ms: Grid3  # [sm][context][batch]
+    beside_prefill_ms: Grid3  # same shape
+
+
+@dataclass(frozen=True)
+class PrefillTable:
+    sm_counts: tuple[int, ...]  # increasing
+    prompt_tokens: tuple[int, ...]  # increasing
+    latency_ms: Grid2  # [sm][prompt tokens]
+
+
+@dataclass(frozen=True)
+class Profile:
+    metadata: ProfileMetadata
+    decode: DecodeTable
+    prefill: PrefillTable
+
+    def __post_init__(self) -> None:
+        _validate(self.to_json(), "profile")
+
+    # ---- lookups the policies need ------------------------------------------------------------
+
+    @property
+    def total_sms(self) -> int:
+        return self.metadata.total_sms
+
+    @property
+    def split_sm_counts(self) -> tuple[int, ...]:
+        """Decode group sizes of the measured splits (the full device excluded)."""
+        return tuple(n for n in self.decode.sm_counts if n < self.total_sms)
+
+    def decode_ms(self, sms: int, batch: float, context: float, beside_prefill: bool) -> float:
+        """Decode step latency with `sms` decode SMs (the full device: over-allocated when
+        `beside_prefill`) at a batch and mean context, interpolated between measured points
+        (bilinear in batch and context; linear in 1/SMs between measured SM counts) and
+        extrapolated linearly past the largest batch and context."""
+        d = self.decode
+        grid = d.beside_prefill_ms if beside_prefill else d.alone_ms
+
+        def at(i: int) -> float:
+            rows = [_interp(d.batch_sizes, row, batch) for row in grid[i]]
+            return _interp(d.context_lens, rows, context)
+
+        return _interp_sms(d.sm_counts, sms, at)
+
+    def prefill_ms(self, sms: int, tokens: float) -> float:
+        """Prefill latency of `tokens` prompt tokens on `sms` SMs (interpolated likewise)."""
+        p = self.prefill
+        return _interp_sms(p.sm_counts, sms, lambda i: _interp(p.prompt_tokens, p.latency_ms[i], tokens))
+
+    # ---- JSON ---------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "metadata": asdict(self.metadata),
+                "decode": _listify(asdict(self.decode)), "prefill": _listify(asdict(self.prefill))}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profile") -> Profile:
+        _validate(data, where)
+        d, p = data["decode"], data["prefill"]
+        return cls(
+            ProfileMetadata(**{k: data["metadata"][k] for k in _META_FIELDS if k in data["metadata"]}),
+            DecodeTable(tuple(d["sm_counts"]), tuple(d["context_lens"]), tuple(d["batch_sizes"]),
+                        _tuplify(d["alone_ms"]), _tuplify(d["beside_prefill_ms"])),
+            PrefillTable(tuple(p["sm_counts"]), tuple(p["prompt_tokens"]), _tuplify(p["latency_ms"])),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+            fh.write("\n")
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and check a profile; a ValueError names the file and the bad field."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as e:
+        raise ValueError(f"cannot read the profile {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    return Profile.from_json(data, where=str(path))
+
+
+# ---- interpolation -----------------------------------------------------------------------------
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise linear through (xs, ys); below xs[0] the first value; past xs[-1] the last
+    segment extended (latency keeps growing with batch and context), never below ys[-1]."""
+    if len(xs) == 1 or x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        x0, x1, y0, y1 = xs[-2], xs[-1], ys[-2], ys[-1]
+        return max(float(y1), y1 + (y1 - y0) * (x - x1) / (x1 - x0))
+    i = bisect.bisect_right(xs, x) - 1
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _interp_sms(sm_counts: Sequence[int], sms: int, at: Any) -> float:
+    """A measured SM count's value, or linear in 1/SMs between the two around it (the work
+    that scales with SMs scales as 1/SMs); outside the measured range the nearest one."""
+    i = bisect.bisect_left(sm_counts, sms)
+    if i < len(sm_counts) and sm_counts[i] == sms:
+        return at(i)
+    if i == 0:
+        return at(0)
+    if i == len(sm_counts):
+        return at(len(sm_counts) - 1)
+    lo, hi = sm_counts[i - 1], sm_counts[i]
+    w = (1 / lo - 1 / sms) / (1 / lo - 1 / hi)
+    return at(i - 1) * (1 - w) + at(i) * w
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+_META_FIELDS: dict[str, type] = {
+    "gpu_name": str, "total_sms": int, "sm_granularity": int, "partitioning": str, "model": str,
+    "dtype": str, "created": str, "rapidserve_version": str, "prefill_tokens_beside": int, "notes": str,
+}
+_META_OPTIONAL = {"notes"}
+_PARTITIONING = ("green-contexts", "cu-mask", "none")
+
+
+def _listify(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _listify(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_listify(v) for v in x]
+    return x
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else float(x)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _field(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where or 'the profile'}: expected an object, got {type(obj).__name__}")  # noqa: TRY004 - a bad file, one error type
+    if key not in obj:
+        raise ValueError(f"{_join(where, key)}: missing")
+    return obj[key]
+
+
+def _int(x: Any, where: str, minimum: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"{where}: expected an integer, got {x!r}")  # noqa: TRY004
+    if x < minimum:
+        raise ValueError(f"{where}: must be at least {minimum}, got {x}")
+    return x
+
+
+def _axis(x: Any, where: str) -> list[int]:
+    if not isinstance(x, list) or not x:
+        raise ValueError(f"{where}: expected a non-empty list of integers, got {x!r}")
+    values = [_int(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    for i in range(1, len(values)):
+        if values[i] <= values[i - 1]:
+            raise ValueError(f"{where}: must be strictly increasing, but [{i}] = {values[i]} follows "
+                             f"{values[i - 1]}")
+    return values
+
+
+def _grid(x: Any, shape: Sequence[int], where: str) -> None:
+    """A nested list of positive finite numbers (ms) of the given shape."""
+    if not shape:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ValueError(f"{where}: expected a number (ms), got {x!r}")
+        if not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{where}: latency must be a positive number of ms, got {x!r}")
+        return
+    if not isinstance(x, list) or len(x) != shape[0]:
+        got = f"{len(x)} entries" if isinstance(x, list) else type(x).__name__
+        raise ValueError(f"{where}: expected a list of {shape[0]} entries, got {got}")
+    for i, v in enumerate(x):
+        _grid(v, shape[1:], f"{where}[{i}]")
+
+
+def _validate(data: Any, source: str) -> None:
+    """Raise a ValueError "<source>: <field>: <what is wrong>" for the first bad field."""
+    try:
+        _check(data)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _check(data: Any) -> None:
+    where = ""
+    version = _field(data, "schema_version", where)
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"schema_version: this rapidserve reads version {SCHEMA_VERSION}, "
+                         f"the file has {version!r}: run `rapidserve profile` again")
+    meta = _field(data, "metadata", where)
+    for key, kind in _META_FIELDS.items():
+        w = f"metadata.{key}"
+        if key not in (meta if isinstance(meta, dict) else {}) and key in _META_OPTIONAL:
+            continue
+        value = _field(meta, key, "metadata")
+        if kind is int:
+            _int(value, w, minimum=0 if key == "prefill_tokens_beside" else 1)
+        elif not isinstance(value, str):
+            raise ValueError(f"{w}: expected a string, got {value!r}")
+    if meta["partitioning"] not in _PARTITIONING:
+        raise ValueError(f"metadata.partitioning: expected one of {', '.join(_PARTITIONING)}, "
+                         f"got {meta['partitioning']!r}")
+    total = meta["total_sms"]
+
+    dec = _field(data, "decode", where)
+    w = "decode"
+    sms = _axis(_field(dec, "sm_counts", w), f"{w}.sm_counts")
+    if sms[-1] != total:
+        raise ValueError(f"{w}.sm_counts: the last must be the whole device ({total} SMs: the "
+                         f"over-allocated partition), got {sms[-1]}")
+    ctx = _axis(_field(dec, "context_lens", w), f"{w}.context_lens")
+    batch = _axis(_field(dec, "batch_sizes", w), f"{w}.batch_sizes")
+    for key in ("alone_ms", "beside_prefill_ms"):
+        _grid(_field(dec, key, w), (len(sms), len(ctx), len(batch)), f"{w}.{key}")
+
+    pre = _field(data, "prefill", where)
+    w = "prefill"
+    psms = _axis(_field(pre, "sm_counts", w), f"{w}.sm_counts")
+    if psms[-1] > total:
+        raise ValueError(f"{w}.sm_counts: {psms[-1]} exceeds the device's {total} SMs")
+    tokens = _axis(_field(pre, "prompt_tokens", w), f"{w}.prompt_tokens")
+    _grid(_field(pre, "latency_ms", w), (len(psms), len(tokens)), f"{w}.latency_ms")

@@ -1,0 +1,321 @@
+"""`rapidserve profile`: measures, on the target device and model, what the partitioning policies
+decide from (resources/profile.py), and writes it as JSON.
+
+For each partition (every decode SM count asked for, and the whole device):
+- decode step latency at each context length × batch size, alone and beside a running prefill:
+  the steps are timed by bench/latency.py's `measure_decode` on the decode side's stream, while
+  a second thread runs whole-prompt prefill steps on the prefill side's stream (for the whole
+  device: a second full-device stream, i.e. over-allocation);
+- prefill latency of each prompt length on the prefill side's SMs, alone.
+
+Decode CUDA graphs keep the partition they were captured on, so they are captured again on each
+partition's decode stream. Prefill runs eagerly, as the rapid topology's prefill worker does.
+Without SM partitioning (CPU, or no mechanism) there is one partition, the whole device; the
+profile says so (`metadata.partitioning` "none" and a note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import random
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from rapidserve.bench.floors import ModelCost, model_cost
+from rapidserve.bench.latency import _int_list, measure_decode
+from rapidserve.bench.throughput import BENCH_ENGINE_DEFAULTS
+from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.request import Request
+from rapidserve.resources.partition import (
+    Partition,
+    Partitioner,
+    default_decode_sm_counts,
+    make_partitioner,
+    mechanism,
+    use_stream,
+)
+from rapidserve.resources.profile import (
+    DecodeTable,
+    PrefillTable,
+    Profile,
+    ProfileMetadata,
+)
+from rapidserve.runner.model_runner import ModelRunner
+from rapidserve.sampling_params import SamplingParams
+from rapidserve.scheduler.chunked import ScheduledRequest
+from rapidserve.scheduler.prefill import PrefillTables
+
+_PREFILL_ID = "profile-prefill"
+
+
+class _StreamView:
+    """The engine as `measure_decode` sees it, each step run on one stream.
+
+    NOTE: measure_decode synchronizes `engine.device` around every timed step; a device-wide
+    synchronize would also wait for the prefill running beside on the other stream. This view
+    reports no CUDA device, so those calls do nothing, and synchronizes its own stream at the end
+    of each step instead: the time of a step is its host work plus its GPU work on this stream."""
+
+    def __init__(self, engine: Any, stream: torch.cuda.Stream | None) -> None:
+        self._engine = engine
+        self._stream = stream
+        self.device = torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> Any:
+        with use_stream(self._stream):
+            out = self._engine.step()
+            if self._stream is not None:
+                self._stream.synchronize()
+        return out
+
+
+class _PrefillRunner:
+    """Whole-prompt prefill steps on the engine's model and cache, into blocks reserved from the
+    engine's block manager (so the timed decodes never share them): the prefill worker's path."""
+
+    def __init__(self, engine: Any, max_tokens: int) -> None:
+        self.engine = engine
+        if max_tokens + 1 > engine.max_model_len:
+            raise ValueError(f"prefill of {max_tokens} tokens does not fit max_model_len {engine.max_model_len}")
+        if not engine.blocks.allocate(_PREFILL_ID, max_tokens):
+            raise ValueError(f"the KV cache has no room for a {max_tokens}-token prompt to profile prefill "
+                             "with: give it more memory (--kv-cache-memory-bytes, --num-kv-blocks)")
+        tables = PrefillTables(engine.blocks.block_size)
+        tables.set(_PREFILL_ID, list(engine.blocks.block_table(_PREFILL_ID)))
+        self.runner = ModelRunner(engine.runner.model, engine.cache, tables, engine.device,
+                                  engine.eos_token_ids, engine.backend, engine.max_model_len)
+        self.vocab = engine.model_config.vocab_size
+
+    def close(self) -> None:
+        self.engine.blocks.free(_PREFILL_ID)
+
+    def step(self, tokens: int, rng: random.Random) -> None:
+        """One prompt of `tokens` tokens to its first token, on the current stream (the
+        sampled token's copy to the host waits for this stream only)."""
+        prompt = [rng.randrange(self.vocab) for _ in range(tokens)]
+        req = Request(_PREFILL_ID, prompt, SamplingParams(temperature=0.0, max_tokens=1), 1)
+        self.runner.execute([ScheduledRequest(req, 0, tokens, True)])
+
+    def time(self, stream: torch.cuda.Stream | None, tokens: int, repeats: int, rng: random.Random) -> float:
+        """Median seconds of `repeats` prefills after one untimed."""
+        times = []
+        with use_stream(stream):
+            for i in range(repeats + 1):
+                t = time.perf_counter()
+                self.step(tokens, rng)
+                if i:
+                    times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    @contextlib.contextmanager
+    def beside(self, stream: torch.cuda.Stream | None, tokens: int, seed: int) -> Iterator[None]:
+        """Prefill steps back to back in a second thread while the body runs."""
+        stop, started = threading.Event(), threading.Event()
+        failed: list[BaseException] = []
+
+        def loop() -> None:
+            rng = random.Random(seed)
+            try:
+                with use_stream(stream):
+                    while not stop.is_set():
+                        started.set()
+                        self.step(tokens, rng)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                failed.append(e)
+                started.set()
+
+        thread = threading.Thread(target=loop, name="profile-prefill", daemon=True)
+        thread.start()
+        started.wait()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if failed:
+            raise RuntimeError(f"the prefill beside the decode steps failed: {failed[0]!r}") from failed[0]
+
+
+@contextlib.contextmanager
+def _capture_stream(stream: torch.cuda.Stream) -> Iterator[None]:
+    """CUDA graphs captured in the body are captured on `stream` (the runner captures on torch's
+    default capture stream, which is on the whole device)."""
+    old = torch.cuda.graph.default_capture_stream
+    torch.cuda.graph.default_capture_stream = stream
+    try:
+        yield
+    finally:
+        torch.cuda.graph.default_capture_stream = old
+
+
+def _recapture(engine: Any, stream: torch.cuda.Stream | None) -> None:
+    """Capture the engine's graphs again on the decode stream of the partition to be measured."""
+    if not engine.use_graphs or stream is None:
+        return
+    runner = engine.runner
+    runner.decode_graphs = runner.piecewise = None
+    gc.collect()
+    torch.cuda.synchronize(engine.device)
+    torch.cuda.empty_cache()
+    with _capture_stream(stream), use_stream(stream):
+        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens)
+
+
+def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, context: int, args: argparse.Namespace,
+               cost: ModelCost, rng: random.Random) -> float:
+    p = measure_decode(_StreamView(engine, stream), batch, context, args.num_steps, args.warmup_steps,
+                       cost, None, rng)
+    if p.skipped is not None or p.median_s is None:
+        raise ValueError(f"decode at batch {batch}, context {context}: {p.skipped}")
+    return p.median_s * 1e3
+
+
+def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[int],
+                args: argparse.Namespace, log: Any = print) -> Profile:
+    """Measure every table of the profile (see the module's doc) with an idle LLMEngine."""
+    total = partitioner.total_sms
+    parts = [Partition.split(n, total) for n in decode_sm_counts] + [Partition.FULL]
+    for g in partitioner.prepare(parts):
+        log(f"partition {g.partition}: decode {g.decode_sms} SMs, prefill {g.prefill_sms} SMs")
+    granted = {g.partition: g for g in partitioner.granted()}
+    cost = model_cost(engine.model_config, engine.dtype)
+    rng = random.Random(engine.config.seed)
+    prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens))
+    alone: list[list[list[float]]] = []
+    beside: list[list[list[float]]] = []
+    prefill_ms: dict[int, list[float]] = {}
+    sm_counts: list[int] = []
+    try:
+        for p in parts:
+            streams = partitioner.streams(p)
+            d_sms = granted[p].decode_sms if not p.is_full else total
+            p_sms = granted[p].prefill_sms if not p.is_full else total
+            sm_counts.append(d_sms)
+            _recapture(engine, streams.decode)
+            a_rows, b_rows = [], []
+            for context in args.context_lens:
+                a_row, b_row = [], []
+                for batch in args.batch_sizes:
+                    a_row.append(_decode_ms(engine, streams.decode, batch, context, args, cost, rng))
+                    with prefill.beside(streams.prefill, args.beside_prefill_tokens, rng.randrange(1 << 30)):
+                        b_row.append(_decode_ms(engine, streams.decode, batch, context, args, cost, rng))
+                    log(f"{p}: decode batch {batch:>4} context {context:>6}: {a_row[-1]:8.3f} ms alone, "
+                        f"{b_row[-1]:8.3f} ms beside a prefill")
+                a_rows.append(a_row)
+                b_rows.append(b_row)
+            alone.append(a_rows)
+            beside.append(b_rows)
+            if p_sms not in prefill_ms:
+                prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
+                                     for n in args.prompt_tokens]
+                log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
+                    f"{n} tok {ms:.3f} ms" for n, ms in zip(args.prompt_tokens, prefill_ms[p_sms])))
+    finally:
+        prefill.close()
+    partitioned = bool(decode_sm_counts)
+    kind = mechanism(engine.device) if partitioned else "none"
+    note = "" if partitioned else (
+        f"SM partitioning unavailable on {engine.device} ({type(partitioner).__name__}): one partition, "
+        "the whole device")
+    if sm_counts != sorted(set(sm_counts)):
+        raise RuntimeError(f"the partitions' decode SM counts are not distinct and increasing: {sm_counts}")
+    psms = sorted(prefill_ms)
+    from rapidserve import __version__
+
+    device = engine.device
+    meta = ProfileMetadata(
+        gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        total_sms=total, sm_granularity=partitioner.granularity if partitioned else 1,
+        partitioning=kind, model=engine.model_name, dtype=str(engine.dtype).replace("torch.", ""),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
+    )
+    return Profile(
+        meta,
+        DecodeTable(tuple(sm_counts), tuple(args.context_lens), tuple(args.batch_sizes),
+                    _tup(alone), _tup(beside)),
+        PrefillTable(tuple(psms), tuple(args.prompt_tokens), _tup([prefill_ms[n] for n in psms])),
+    )
+
+
+def _tup(x: Any) -> Any:
+    return tuple(_tup(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- command ---------------------------------------------------------------------------------
+
+
+def _sorted_list(text: str) -> list[int]:
+    return sorted(set(_int_list(text)))
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("profile")
+    g.add_argument("--output", required=True, help="write the profile (JSON) here")
+    g.add_argument("--batch-sizes", type=_sorted_list, default=[1, 8, 32, 64, 128, 256],
+                   help="decode batch sizes, comma-separated")
+    g.add_argument("--context-lens", type=_sorted_list, default=[1024, 4096],
+                   help="prompt lengths the decodes run at, comma-separated")
+    g.add_argument("--sm-counts", type=_sorted_list, default=None,
+                   help="decode SM counts, comma-separated (default: every multiple of the device's "
+                        "granularity from two granules up to half the SMs; the whole device is always added)")
+    g.add_argument("--prompt-tokens", type=_sorted_list, default=[512, 1024, 2048, 4096],
+                   help="prompt lengths of the prefill timings, comma-separated")
+    g.add_argument("--beside-prefill-tokens", type=int, default=2048,
+                   help="prompt length of the prefill run beside the timed decode steps")
+    g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
+    g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
+    g.add_argument("--prefill-repeats", type=int, default=3)
+    add_engine_args(parser)
+    parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rapidserve.engine import LLMEngine
+
+    if args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.beside_prefill_tokens < 1:
+        raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, "
+                         "--beside-prefill-tokens >= 1")
+    config = engine_config_from_args(args)
+    if config.mode != "hybrid":
+        raise ValueError("rapidserve profile measures steps on one engine: leave --mode at hybrid")
+    engine = LLMEngine(config)
+    try:
+        partitioner = make_partitioner(engine.device)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    total, gran = partitioner.total_sms, partitioner.granularity
+    if args.sm_counts is None:
+        sm_counts = default_decode_sm_counts(total, gran) if total > 1 else []
+    else:
+        bad = [n for n in args.sm_counts if n % gran or n >= total]
+        if bad:
+            raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
+        sm_counts = args.sm_counts
+    print(f"rapidserve profile: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
+          f"{engine.device} ({total} SMs, {mechanism(engine.device)} partitioning)", flush=True)
+    if not sm_counts:
+        print(f"SM partitioning unavailable on {engine.device}: one partition, the whole device", flush=True)
+    try:
+        profile = run_profile(engine, partitioner, sm_counts, args,
+                              log=lambda line: print(line, flush=True))
+    finally:
+        # NOTE: graphs captured on the partitions' streams go before the green contexts do.
+        engine.runner.decode_graphs = engine.runner.piecewise = None
+        del engine
+        gc.collect()
+        partitioner.close()
+    profile.save(args.output)
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,275 @@
+"""Partitioning policies on synthetic profiles, the --partition-policy strings, and the
+partition metrics (resources/policy.py)."""
+
+import itertools
+
+import pytest
+
+from rapidserve.resources.partition import Partition
+from rapidserve.resources.policy import (
+    CostModel,
+    FullPolicy,
+    NexusPolicy,
+    OffPolicy,
+    PartitionMetrics,
+    PolicySpec,
+    RapidPolicy,
+    StaticPolicy,
+    StepState,
+    make_policy,
+    parse_policy,
+)
+from rapidserve.resources.profile import (
+    DecodeTable,
+    PrefillTable,
+    Profile,
+    ProfileMetadata,
+)
+
+TOTAL = 132
+SPLITS = (16, 24, 32, 40, 48, 56, 64)
+CONTEXTS = (1024, 4096)
+BATCHES = (1, 8, 32, 64, 128)
+PROMPTS = (512, 2048, 8192)
+
+
+def _base(b: int, ctx: int) -> float:
+    return 4.0 + 0.01 * b + 1e-5 * b * ctx  # weights + per-sequence work + KV read
+
+
+def decode_alone(s: int, b: int, ctx: int) -> float:
+    return _base(b, ctx) * (1 + 16 / s)
+
+
+def decode_beside(s: int, b: int, ctx: int) -> float:
+    if s == TOTAL:  # over-allocated: decode waits behind prefill kernels, longer with the batch
+        return decode_alone(s, b, ctx) + 2.0 + 0.15 * b
+    return decode_alone(s, b, ctx) * 1.3  # bandwidth contention
+
+
+def prefill_ms(s: int, n: int) -> float:
+    return 1.0 + 0.02 * n * TOTAL / s
+
+
+def synthetic_profile(**meta) -> Profile:
+    sms = SPLITS + (TOTAL,)
+    psms = tuple(sorted({TOTAL - s for s in SPLITS} | {TOTAL}))
+    return Profile(
+        ProfileMetadata(**{"gpu_name": "Synthetic H100", "total_sms": TOTAL, "sm_granularity": 8,
+                           "partitioning": "green-contexts", "model": "synthetic", "dtype": "bfloat16",
+                           "created": "2026-01-01T00:00:00+00:00", "rapidserve_version": "0.1.0",
+                           "prefill_tokens_beside": 2048, **meta}),
+        DecodeTable(sms, CONTEXTS, BATCHES,
+                    tuple(tuple(tuple(decode_alone(s, b, c) for b in BATCHES) for c in CONTEXTS) for s in sms),
+                    tuple(tuple(tuple(decode_beside(s, b, c) for b in BATCHES) for c in CONTEXTS) for s in sms)),
+        PrefillTable(psms, PROMPTS, tuple(tuple(prefill_ms(s, n) for n in PROMPTS) for s in psms)),
+    )
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return synthetic_profile()
+
+
+def state(batch: int, ctx: float = 1024, waiting: int = 0, running: bool = True) -> StepState:
+    return StepState(batch, ctx, int(ctx), waiting, running)
+
+
+def split(n: int) -> Partition:
+    return Partition.split(n, TOTAL)
+
+
+# ---- rapid ---------------------------------------------------------------------------------------
+
+
+def test_rapid_overallocates_below_the_batch_threshold(profile):
+    policy = RapidPolicy(profile, slo_itl_ms=8.0, overalloc_max_batch=32)
+    assert policy.decide(state(1)) == Partition.FULL
+    assert policy.decide(state(32)) == Partition.FULL  # at the threshold: still light
+    assert policy.decide(state(33)) != Partition.FULL
+    assert policy.decide(state(0)) == Partition.FULL  # nothing to decode
+
+
+def test_rapid_threshold_from_the_profile(profile):
+    # Without the flag: over-allocate while the profile says over-allocated decode beside a
+    # prefill meets the SLO (at batch 1, context 1024), not beyond.
+    slo = decode_beside(TOTAL, 1, 1024) + 0.01
+    policy = RapidPolicy(profile, slo_itl_ms=slo)
+    assert policy.decide(state(1)) == Partition.FULL
+    assert policy.decide(state(64)) != Partition.FULL
+
+
+def test_rapid_picks_the_fewest_decode_sms_meeting_the_slo(profile):
+    b, ctx = 64, 4096
+    slo = decode_beside(32, b, ctx)  # D32 meets it exactly, D24 does not
+    policy = RapidPolicy(profile, slo_itl_ms=slo, overalloc_max_batch=0)
+    assert policy.decide(state(b, ctx)) == split(32)  # exactly at the SLO counts as meeting it
+    assert RapidPolicy(profile, slo * 0.999, overalloc_max_batch=0).decide(state(b, ctx)) == split(40)
+    assert RapidPolicy(profile, 1000.0, overalloc_max_batch=0).decide(state(b, ctx)) == split(16)
+
+
+def test_rapid_takes_the_largest_split_when_none_meets_the_slo(profile):
+    policy = RapidPolicy(profile, slo_itl_ms=1.0, overalloc_max_batch=0)
+    assert policy.decide(state(128, 4096)) == split(64)
+    assert policy.partitions() == (Partition.FULL, *(split(n) for n in SPLITS))
+
+
+def test_rapid_uses_the_context_length(profile):
+    slo = decode_beside(24, 64, 1024)
+    policy = RapidPolicy(profile, slo_itl_ms=slo, overalloc_max_batch=0)
+    short, long_ = policy.decide(state(64, 1024)), policy.decide(state(64, 4096))
+    assert short == split(24)
+    assert long_.decode_sms is not None and long_.decode_sms > 24
+    # between measured batches: interpolated, still monotone
+    mid = policy.decide(state(48, 1024))
+    assert mid.decode_sms is not None and mid.decode_sms <= 24
+
+
+def test_static_full_off():
+    assert StaticPolicy(40, TOTAL).decide(state(64)) == Partition(40, 92)
+    assert StaticPolicy(40, TOTAL).partitions() == (Partition(40, 92),)
+    assert FullPolicy().decide(state(256, waiting=9999)) == Partition.FULL
+    assert FullPolicy().partitioned and not OffPolicy().partitioned
+    assert OffPolicy().decide(state(1)) == Partition.FULL
+
+
+# ---- nexus ---------------------------------------------------------------------------------------
+
+
+def test_cost_model_fits_the_profile(profile):
+    model = CostModel(profile)
+    assert model.fit_max_rel_error < 0.05
+    assert model.decode_ms(40, 64, 4096, True) == pytest.approx(decode_beside(40, 64, 4096), rel=0.05)
+    assert model.decode_ms(TOTAL, 8, 1024, False) == pytest.approx(decode_alone(TOTAL, 8, 1024), rel=0.05)
+    assert model.prefill_ms(92, 2048, decode_beside=False, over_allocated=False) == pytest.approx(
+        prefill_ms(92, 2048), rel=0.05)
+    # contention from the other phase slows prefill
+    assert model.prefill_ms(92, 2048, True, False) > model.prefill_ms(92, 2048, False, False)
+
+
+def test_nexus_gives_prefill_more_sms_when_prompts_wait_and_decode_has_slack(profile):
+    slo = 20.0  # loose: decode has slack at batch 32 on every split
+    few = NexusPolicy(profile, slo_itl_ms=slo, min_hold_steps=0).target(state(32, waiting=200))
+    many = NexusPolicy(profile, slo_itl_ms=slo, min_hold_steps=0).target(state(32, waiting=60000))
+    assert few == split(64)  # little to prefill: the lowest ITL
+    assert many.prefill_share(TOTAL) > few.prefill_share(TOTAL)
+    assert NexusPolicy(profile, slo_itl_ms=slo).predict(many, state(32, waiting=60000))[0] <= slo
+
+
+def test_nexus_full_device_when_one_phase_is_idle(profile):
+    policy = NexusPolicy(profile, slo_itl_ms=10.0, min_hold_steps=0)
+    assert policy.target(state(64, waiting=0, running=False)) == Partition.FULL
+    assert policy.target(state(0, waiting=5000)) == Partition.FULL
+
+
+def test_nexus_meets_the_itl_slo_or_takes_the_fastest_decode(profile):
+    policy = NexusPolicy(profile, slo_itl_ms=decode_beside(48, 128, 4096) * 1.01, min_hold_steps=0)
+    p = policy.target(state(128, 4096, waiting=100000))
+    assert p == split(48)  # the most prefill SMs whose decode still meets the ITL SLO
+    hopeless = NexusPolicy(profile, slo_itl_ms=0.5, min_hold_steps=0).target(state(128, 4096, waiting=1000))
+    assert hopeless == split(64)
+
+
+def test_nexus_hysteresis_does_not_flap(profile):
+    # The queue swings between nearly empty and full every step: the target swings with it,
+    # the partition must not.
+    policy = NexusPolicy(profile, slo_itl_ms=20.0, min_hold_steps=8, switch_margin=0.15)
+    a, b = state(32, waiting=300), state(32, waiting=30000)
+    assert policy.target(a) != policy.target(b)
+    seen = [policy.decide(a if i % 2 else b) for i in range(201)]  # ends with b
+    assert sum(x != y for x, y in itertools.pairwise(seen)) <= 1
+    # a lasting change is followed, after the confirmation steps
+    steady = [policy.decide(a) for _ in range(12)]
+    assert steady[-1] == policy.target(a)
+    assert steady.index(steady[-1]) >= policy.confirm_steps - 1
+
+
+def test_nexus_switches_at_once_to_stop_an_itl_miss(profile):
+    policy = NexusPolicy(profile, slo_itl_ms=decode_beside(64, 128, 4096) * 1.01, min_hold_steps=100)
+    assert policy.decide(state(1, waiting=100000)) == Partition.FULL  # light decode: over-allocate
+    # the batch grows: over-allocated decode would miss the SLO, so it switches without waiting
+    # out the hold, to the only split that meets it
+    assert policy.decide(state(128, 4096, waiting=100000)) == split(64)
+
+
+# ---- parsing and construction ----------------------------------------------------------------------
+
+
+def test_parse_policy():
+    assert parse_policy("rapid") == PolicySpec("rapid")
+    assert parse_policy(" Nexus ") == PolicySpec("nexus")
+    assert parse_policy("static:40") == PolicySpec("static", 40)
+    assert str(parse_policy("static:40")) == "static:40"
+    assert parse_policy("full").kind == "full" and parse_policy("off").kind == "off"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("fastest", "unknown partition policy 'fastest'; available: rapid, nexus, static:N, full, off"),
+    ("static", "needs a decode SM count: static:N"),
+    ("static:", "needs a decode SM count"),
+    ("static:abc", "positive whole number N of decode SMs, got 'abc'"),
+    ("static:0", "positive whole number"),
+    ("static:-8", "positive whole number"),
+])
+def test_parse_policy_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_policy(text)
+
+
+def test_make_policy(profile):
+    assert isinstance(make_policy("off", TOTAL), OffPolicy)
+    assert isinstance(make_policy("full", 1), FullPolicy)
+    assert make_policy("static:40", TOTAL, 8).partitions() == (Partition(40, 92),)
+    assert make_policy("static:42", TOTAL, 8).partitions() == (Partition(40, 92),)  # rounded
+    assert isinstance(make_policy("rapid", TOTAL, 8, profile, slo_itl_ms=10), RapidPolicy)
+    assert isinstance(make_policy("nexus", TOTAL, 8, profile, slo_itl_ms=10), NexusPolicy)
+    with pytest.raises(ValueError, match="needs a profile"):
+        make_policy("rapid", TOTAL, 8, slo_itl_ms=10)
+    with pytest.raises(ValueError, match="needs an ITL SLO"):
+        make_policy("nexus", TOTAL, 8, profile)
+    with pytest.raises(ValueError, match="132 SMs; this device has 78"):
+        make_policy("rapid", 78, 8, profile, slo_itl_ms=10)
+    with pytest.raises(ValueError, match="needs SM partitioning"):
+        make_policy("static:40", 1)
+
+
+def test_a_profile_without_splits_always_overallocates():
+    cpu = Profile(
+        ProfileMetadata("cpu", 1, 1, "none", "tiny", "float32", "2026-01-01", "0.1.0", 16),
+        DecodeTable((1,), (8,), (1, 2), (((1.0, 1.5),),), (((2.0, 2.5),),)),
+        PrefillTable((1,), (8,), ((3.0,),)),
+    )
+    for policy in (RapidPolicy(cpu, 0.1), NexusPolicy(cpu, 0.1)):
+        assert policy.partitions() == (Partition.FULL,)
+        assert policy.decide(state(2, 8, waiting=100)) == Partition.FULL
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_partition_metrics():
+    clock = FakeClock()
+    m = PartitionMetrics(clock)
+    assert m.snapshot() == ((""), {}, 0, 0.0, 0.0)
+    m.record(Partition.FULL)
+    clock.t += 2.0
+    m.record(Partition.FULL)  # same partition: not a switch
+    clock.t += 1.0
+    m.record(split(40))
+    clock.t += 3.0
+    m.record(Partition.FULL)
+    clock.t += 4.0
+    s = m.snapshot()
+    assert s.current == "full"
+    assert s.seconds == {"full": 7.0, "D40/P92": 3.0}
+    assert s.switches == 2
+    assert s.elapsed_s == 10.0
+    assert s.switches_per_s == pytest.approx(0.2)

@@ -1,0 +1,138 @@
+"""The offline profile: JSON round trip, clear errors for malformed files, interpolation, and
+`rapidserve profile` end to end on a tiny CPU model (resources/profile.py, profiler.py)."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+from test_partition_policy import (
+    TOTAL,
+    decode_alone,
+    decode_beside,
+    prefill_ms,
+    synthetic_profile,
+)
+
+from rapidserve.entrypoints.cli import main
+from rapidserve.resources.partition import Partition
+from rapidserve.resources.policy import make_policy
+from rapidserve.resources.profile import SCHEMA_VERSION, Profile, load_profile
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return synthetic_profile()
+
+
+def test_round_trip(profile, tmp_path):
+    path = tmp_path / "p.json"
+    profile.save(path)
+    again = load_profile(path)
+    assert again == profile
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["metadata"]["gpu_name"] == "Synthetic H100"
+    assert Profile.from_json(data) == profile
+
+
+def test_lookups_at_and_between_measured_points(profile):
+    assert profile.decode_ms(40, 64, 4096, True) == decode_beside(40, 64, 4096)  # exact at a point
+    assert profile.decode_ms(TOTAL, 8, 1024, False) == decode_alone(TOTAL, 8, 1024)
+    mid = profile.decode_ms(40, 48, 1024, False)  # between batch 32 and 64: linear
+    assert mid == pytest.approx((decode_alone(40, 32, 1024) + decode_alone(40, 64, 1024)) / 2)
+    ctx = profile.decode_ms(40, 64, 2560, False)  # between the two contexts
+    assert ctx == pytest.approx((decode_alone(40, 64, 1024) + decode_alone(40, 64, 4096)) / 2)
+    # past the largest batch: the last segment extended, not clamped
+    assert profile.decode_ms(40, 256, 1024, False) > profile.decode_ms(40, 128, 1024, False)
+    # between measured SM counts: between the neighbours
+    lo, hi = profile.decode_ms(40, 64, 1024, False), profile.decode_ms(48, 64, 1024, False)
+    assert hi < profile.decode_ms(44, 64, 1024, False) < lo
+    assert profile.prefill_ms(92, 2048) == prefill_ms(92, 2048)
+    assert profile.split_sm_counts == (16, 24, 32, 40, 48, 56, 64)
+
+
+def _broken(profile, edit):
+    data = copy.deepcopy(profile.to_json())
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.pop("decode"), r"bad\.json: decode: missing"),
+    (lambda d: d["metadata"].pop("total_sms"), r": metadata\.total_sms: missing"),
+    (lambda d: d["metadata"].update(total_sms="132"), r": metadata\.total_sms: expected an integer"),
+    (lambda d: d["metadata"].update(model=7), r": metadata\.model: expected a string"),
+    (lambda d: d["metadata"].update(partitioning="mig"), r"metadata\.partitioning: expected one of"),
+    (lambda d: d.update(schema_version=99), r"schema_version: this rapidserve reads version 1, the file has 99"),
+    (lambda d: d.pop("schema_version"), r": schema_version: missing"),
+    (lambda d: d["decode"].update(batch_sizes=[1, 32, 8, 64, 128]),
+     r"decode\.batch_sizes: must be strictly increasing, but \[2\] = 8 follows 32"),
+    (lambda d: d["decode"].update(context_lens=[1024, -4096]), r"decode\.context_lens\[1\]: must be at least 1"),
+    (lambda d: d["decode"]["alone_ms"][2][1].__setitem__(3, -0.5),
+     r"decode\.alone_ms\[2\]\[1\]\[3\]: latency must be a positive number of ms, got -0\.5"),
+    (lambda d: d["decode"]["beside_prefill_ms"][0][0].__setitem__(0, "fast"),
+     r"decode\.beside_prefill_ms\[0\]\[0\]\[0\]: expected a number"),
+    (lambda d: d["decode"]["alone_ms"].pop(), r"decode\.alone_ms: expected a list of 8 entries, got 7"),
+    (lambda d: d["decode"].update(sm_counts=[16, 24, 32, 40, 48, 56, 64, 128]),
+     r"decode\.sm_counts: the last must be the whole device \(132 SMs"),
+    (lambda d: d["prefill"].update(sm_counts=[68, 76, 84, 92, 100, 108, 116, 140]),
+     r"prefill\.sm_counts: 140 exceeds the device's 132 SMs"),
+    (lambda d: d["prefill"]["latency_ms"][0].__setitem__(0, float("nan")), r"prefill\.latency_ms\[0\]\[0\]"),
+    (lambda d: d.update(prefill=[]), r": prefill: expected an object, got list"),
+])
+def test_malformed_profiles_name_the_bad_field(profile, tmp_path, edit, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(profile, edit)))
+    with pytest.raises(ValueError, match=match):
+        load_profile(path)
+
+
+def test_unreadable_profiles(tmp_path):
+    with pytest.raises(ValueError, match="cannot read the profile"):
+        load_profile(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        load_profile(bad)
+    bad.write_text("[]")
+    with pytest.raises(ValueError, match="expected an object, got list"):
+        load_profile(bad)
+
+
+def test_the_constructor_validates_too(profile):
+    with pytest.raises(ValueError, match=r"profile: decode\.alone_ms: expected a list of 8 entries, got 0"):
+        dataclasses.replace(profile, decode=dataclasses.replace(profile.decode, alone_ms=()))
+
+
+@pytest.mark.slow
+def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
+    path, _ = tiny_model_dir("llama")
+    out = tmp_path / "profile.json"
+    rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
+               "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "2,1", "--context-lens", "8,16",
+               "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--num-steps", "2",
+               "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "SM partitioning unavailable on cpu: one partition, the whole device" in text
+    profile = load_profile(out)
+    meta = profile.metadata
+    assert (meta.gpu_name, meta.total_sms, meta.partitioning, meta.dtype) == ("cpu", 1, "none", "float32")
+    assert "unavailable" in meta.notes and meta.prefill_tokens_beside == 16
+    assert profile.decode.sm_counts == (1,) and profile.decode.batch_sizes == (1, 2)
+    assert profile.decode.context_lens == (8, 16) and profile.prefill.prompt_tokens == (8, 24)
+    assert all(ms > 0 for ctx in profile.decode.beside_prefill_ms[0] for ms in ctx)
+    # the policies run on it: one partition, the whole device
+    policy = make_policy("rapid", 1, 1, profile, slo_itl_ms=1.0)
+    assert policy.partitions() == (Partition.FULL,)
+
+
+def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
+    path, _ = tiny_model_dir("llama")
+    common = ["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
+              "--kv-cache-memory-bytes", "16MiB", "--output", str(tmp_path / "p.json")]
+    assert main([*common, "--num-steps", "0"]) == 2
+    assert "--num-steps >= 1" in capsys.readouterr().err
+    assert main([*common, "--sm-counts", "8"]) == 2
+    assert "decode SM counts must be multiples of 1 below 1" in capsys.readouterr().err
