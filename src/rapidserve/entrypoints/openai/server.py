@@ -132,6 +132,16 @@ def _finish_reason(output: RequestOutput) -> str | None:
     return "length" if output.outputs[0].finish_reason == "length" else "stop"
 
 
+class _RequestFailed(Exception):
+    """The engine ended one request with an error (finish_reason "error"); the others go on."""
+
+
+def _check_failed(output: RequestOutput) -> RequestOutput:
+    if output.error is not None:
+        raise _RequestFailed(f"request {output.request_id} failed: {output.error}")
+    return output
+
+
 def _stop_reason(output: RequestOutput) -> int | str | None:
     return output.outputs[0].stop_reason if output.finished else None
 
@@ -311,7 +321,7 @@ class OpenAIServer:
                 final = out
             if final is None or not final.finished:
                 raise EngineDeadError(f"request {stream.request_id} was aborted")
-            return final
+            return _check_failed(final)
 
         return await asyncio.gather(*(last(s) for s in batch.streams))
 
@@ -320,7 +330,7 @@ class OpenAIServer:
         """A non-streaming answer; a client that leaves first has its requests aborted."""
         try:
             finals = await _until_disconnect(request, self.collect(batch))
-        except EngineDeadError as e:
+        except (EngineDeadError, _RequestFailed) as e:
             raise APIError(500, str(e)) from e
         finally:
             batch.close()
@@ -364,7 +374,7 @@ class OpenAIServer:
         model = self.engine.model_name
         try:
             async for i, out in _merged(batch.streams):
-                if out.finished:
+                if _check_failed(out).finished:
                     finals.append(out)
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model,
@@ -374,7 +384,7 @@ class OpenAIServer:
             if include_usage:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
-        except EngineDeadError as e:
+        except (EngineDeadError, _RequestFailed) as e:
             yield _sse(_error_body(500, str(e)))
         yield _SSE_DONE
 
@@ -416,7 +426,7 @@ class OpenAIServer:
             # NOTE: every chunk carries one token; the role rides on the first token's chunk
             # (no token-less chunk goes out before the first token).
             async for _, out in _merged(batch.streams):
-                final = out if out.finished else None
+                final = out if _check_failed(out).finished else None
                 delta = DeltaMessage(role="assistant" if first else None, content=text.delta(out))
                 first = False
                 yield _sse(ChatCompletionChunk(
@@ -426,7 +436,7 @@ class OpenAIServer:
             if include_usage and final is not None:
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model, choices=[], usage=_usage([final])))
-        except EngineDeadError as e:
+        except (EngineDeadError, _RequestFailed) as e:
             yield _sse(_error_body(500, str(e)))
         yield _SSE_DONE
 

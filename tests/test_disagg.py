@@ -1,0 +1,320 @@
+"""The disagg topology on CPU: a prefill and a decode instance, each with its own weights and KV
+pool, with a real KV copy after each prefill, give the hybrid mode's tokens; every block of both
+pools ends free; transfers are counted; an injected transfer failure fails only its request."""
+
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from rapidserve import LLM, SamplingParams
+from rapidserve.async_engine import AsyncEngine
+from rapidserve.config import EngineConfig
+from rapidserve.engine import create_engine
+from rapidserve.entrypoints.args import engine_config_from_args
+from rapidserve.entrypoints.cli import build_parser
+from rapidserve.entrypoints.openai.server import ServerConfig, build_app
+from rapidserve.kv.block_manager import BlockManager, blocks_needed
+from rapidserve.request import Request
+from rapidserve.scheduler.disagg_prefill import DisaggPrefillScheduler
+from rapidserve.serving.disagg import INJECT_FAILURE_ENV, DisaggEngine, instance_config
+from rapidserve.serving.rapid import WorkerError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers, k/v, block_size, kv heads, head dim, fp32
+
+
+def _prompts(n: int, seed: int = 3, max_len: int = 100) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(n)]
+
+
+def _run(engine, prompts, params, arrivals_every: int = 0, ids=None, timeout_s: float = 60.0) -> dict:
+    """Submit the prompts (one every `arrivals_every` steps, or all at once) and run to the end;
+    the final output of each, by request id, in submission order."""
+    done, order = {}, []
+    deadline = time.monotonic() + timeout_s
+    pending = list(zip(prompts, ids or [None] * len(prompts)))
+    while pending or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish in time"
+        if pending:
+            batch = pending if not arrivals_every else pending[:1]
+            for p, rid in batch:
+                order.append(engine.add_request(p, params, rid))
+            pending = pending[len(batch):]
+        for _ in range(max(1, arrivals_every)):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+    return {i: done[i] for i in order}
+
+
+def _wait_both_pools_free(engine: DisaggEngine, num_transfers: int | None = None, timeout_s: float = 10.0):
+    """Step until the decode instance reports every block free and the prefill instance its
+    pool free (and, if given, that many transfers counted); returns the final stats."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engine.step()
+        w, s = engine.worker_stats, engine.stats()
+        t = s.kv_transfer
+        if (w is not None and w.num_free_blocks == w.num_blocks and w.num_running == 0
+                and w.num_prefilling == 0 and t.prefill_free_blocks == t.prefill_total_blocks
+                and (num_transfers is None or t.num_transfers == num_transfers)):
+            return s
+        assert time.monotonic() < deadline, f"blocks not freed: {w} {t}"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    prompts = _prompts(10)
+    return prompts, [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny):
+    # The prefill process inherits the environment at spawn: requests named fail-* fail there.
+    old = os.environ.get(INJECT_FAILURE_ENV)
+    os.environ[INJECT_FAILURE_ENV] = "fail-*"
+    try:
+        engine = create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg"))
+    finally:
+        if old is None:
+            del os.environ[INJECT_FAILURE_ENV]
+        else:
+            os.environ[INJECT_FAILURE_ENV] = old
+    assert isinstance(engine, DisaggEngine) and engine.placement == "process"
+    yield engine
+    engine.shutdown()
+
+
+def test_process_placement_matches_hybrid_and_counts_transfers(process_engine, reference):
+    prompts, ref = reference
+    eng = process_engine
+    before = eng.stats().kv_transfer
+    got = _run(eng, prompts, GREEDY, arrivals_every=2)
+    assert [o.outputs[0].token_ids for o in got.values()] == ref
+    s = _wait_both_pools_free(eng, before.num_transfers + len(prompts))
+    t = s.kv_transfer
+    blocks = sum(blocks_needed(len(p), 16) for p in prompts)
+    assert t.num_bytes - before.num_bytes == blocks * BLOCK_BYTES
+    assert t.seconds > before.seconds and t.bucket_counts[-1] == t.num_transfers
+    # 1 GiB split half and half by default
+    assert s.num_total_blocks == t.prefill_total_blocks == (1 << 29) // BLOCK_BYTES
+
+
+def test_injected_failure_fails_only_its_request_across_processes(process_engine, reference):
+    prompts, ref = reference
+    eng = process_engine
+    before = eng.stats().kv_transfer.num_transfers
+    ids = [f"ok-{i}" if i % 4 else f"fail-{i}" for i in range(len(prompts))]
+    got = _run(eng, prompts, GREEDY, ids=ids)
+    for i, (rid, out) in enumerate(got.items()):
+        c = out.outputs[0]
+        if rid.startswith("fail"):
+            assert (c.finish_reason, c.token_ids, out.finished) == ("error", [], True)
+            assert "injected" in out.error
+        else:
+            assert c.finish_reason == "length" and c.token_ids == ref[i] and out.error is None
+    _wait_both_pools_free(eng, before + sum(r.startswith("ok") for r in ids))
+
+
+def test_small_prefill_pool_waits_and_completes(tiny, reference, monkeypatch):
+    """The prefill pool (8 blocks) holds one or two of the prompts at a time; the LLM API
+    reports the injected failure of request "2" as that request's output only."""
+    prompts, ref = reference
+    monkeypatch.setenv(INJECT_FAILURE_ENV, "2")
+    llm = LLM(model=tiny, device="cpu", mode="disagg", placement="thread",
+              kv_cache_memory_bytes=10 * 8 * BLOCK_BYTES, disagg_memory_split=0.1)
+    eng = llm.engine
+    try:
+        assert (eng.prefill_num_kv_blocks, eng.decode_num_kv_blocks) == (8, 72)
+        assert sum(blocks_needed(len(p), 16) for p in prompts) > 8
+        outs = llm.generate(prompts, GREEDY)
+        for i, o in enumerate(outs):
+            if i == 2:
+                assert o.outputs[0].finish_reason == "error" and "transfer" in o.error
+            else:
+                assert o.outputs[0].token_ids == ref[i]
+        _wait_both_pools_free(eng, len(prompts) - 1)
+    finally:
+        eng.shutdown()
+
+
+def test_a_prompt_larger_than_the_prefill_pool_fails_alone(tiny):
+    eng = create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg", placement="thread",
+                                     num_kv_blocks=4))
+    try:
+        # the front admits only what fits in both pools (here 4 blocks each)
+        with pytest.raises(ValueError, match="more than the whole cache"):
+            eng.add_request([1] * 60, GREEDY)
+        got = _run(eng, [[1] * 40, [2] * 5], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        assert all(o.outputs[0].finish_reason == "length" for o in got.values())
+        _wait_both_pools_free(eng)
+    finally:
+        eng.shutdown()
+
+
+def test_killing_the_prefill_process_fails_pending_requests(tiny):
+    eng = create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg", placement="process"))
+    workers = dict(eng.workers)
+    try:
+        for p in _prompts(3):
+            eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        eng.step()
+        workers["prefill"].kill()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="prefill"):
+            while time.monotonic() - t0 < 20:
+                eng.step()
+        assert time.monotonic() - t0 < 10
+    finally:
+        eng.shutdown()
+    for w in workers.values():
+        w.join(timeout=10)
+        assert not w.is_alive()
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+
+class _LiveServer:
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off", timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    def start(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_server_serves_disagg_and_fails_only_the_failed_request(tiny, monkeypatch):
+    # The server names a completion's engine requests cmpl-<hex>-<prompt index>: the second
+    # prompt of every completion fails its transfer.
+    monkeypatch.setenv(INJECT_FAILURE_ENV, "cmpl-*-1")
+    eng = AsyncEngine(create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg",
+                                                 placement="thread", num_kv_blocks=64)))
+    live = _LiveServer(build_app(eng, ServerConfig()))
+    url = live.start()
+    try:
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+        ok = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+        two = {**body, "prompt": [[5, 6, 7, 8], [9, 10, 11]]}
+        bad = httpx.post(url + "/v1/completions", json=two, timeout=60)
+        assert bad.status_code == 500 and "KV transfer" in bad.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/completions", json={**two, "stream": True}, timeout=60) as r:
+            events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "KV transfer" in json.loads(events[-2])["error"]["message"]
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(url + "/metrics").text
+            if (_metric(text, "rapidserve:kv_cache_free_blocks") == 64
+                    and _metric(text, "rapidserve:prefill_kv_cache_free_blocks") == 64
+                    and _metric(text, "rapidserve:kv_transfer_total") >= 4):
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert _metric(text, "rapidserve:prefill_kv_cache_total_blocks") == 64
+        n = _metric(text, "rapidserve:kv_transfer_total")
+        assert n == _metric(text, "rapidserve:kv_transfer_seconds_count")
+        assert _metric(text, "rapidserve:kv_transfer_bytes_total") == n * BLOCK_BYTES  # one block each
+        assert eng.healthy
+    finally:
+        live.stop()
+        eng.shutdown()
+
+
+# ---- configuration and the prefill instance's scheduler ----------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"disagg_memory_split": 0.0}, "disagg_memory_split"),
+    ({"disagg_memory_split": 1.0}, "disagg_memory_split"),
+    ({"disagg_memory_split": -0.5}, "disagg_memory_split"),
+    ({"disagg_devices": "0"}, "two CUDA device indices"),
+    ({"disagg_devices": "a,b"}, "two CUDA device indices"),
+    ({"disagg_devices": "0,1,2"}, "two CUDA device indices"),
+    ({"disagg_devices": "0,1", "device": "cpu"}, "cannot go with device cpu"),
+    ({"disagg_devices": "0,1", "mode": "rapid"}, "applies to the disagg mode"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**{"mode": "disagg", **kw})
+
+
+def test_cli_flags_and_missing_devices(tiny):
+    args = build_parser().parse_args(["serve", "--mode", "disagg", "--disagg-memory-split", "0.25",
+                                      "--disagg-devices", "0,1", "--placement", "thread"])
+    cfg = engine_config_from_args(args)
+    assert (cfg.mode, cfg.disagg_memory_split, cfg.disagg_devices) == ("disagg", 0.25, "0,1")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="names CUDA devices"):
+            create_engine(EngineConfig(model=tiny, mode="disagg", disagg_devices="0,1"))
+
+
+def test_instance_configs_split_the_memory():
+    cfg = EngineConfig(mode="disagg", device="cpu", disagg_memory_split=0.25)
+    p, d = instance_config(cfg, "prefill"), instance_config(cfg, "decode")
+    assert (p.kv_cache_memory_bytes, d.kv_cache_memory_bytes) == (1 << 28, 3 << 28)
+    assert p.enforce_eager and not d.enforce_eager
+    fixed = EngineConfig(mode="disagg", device="cpu", num_kv_blocks=100)
+    assert instance_config(fixed, "prefill").num_kv_blocks == instance_config(fixed, "decode").num_kv_blocks == 100
+    assert instance_config(fixed, "prefill").kv_cache_memory_bytes is None
+
+
+def _req(rid: str, n: int) -> Request:
+    return Request(rid, list(range(n)), GREEDY, 16)
+
+
+def test_prefill_scheduler_fills_its_own_pool_then_waits():
+    blocks = BlockManager(4, 16)
+    sched = DisaggPrefillScheduler(blocks, max_num_batched_tokens=1000)
+    sched.add(_req("a", 40), [7, 8, 9])  # 3 blocks
+    sched.add(_req("b", 20), [1, 2])  # 2 blocks: does not fit beside a
+    sched.add(_req("huge", 80), [0] * 5)  # 5 blocks: never fits
+    with pytest.raises(ValueError, match="needs 1 blocks"):
+        sched.add(_req("c", 3), [1, 2])
+    batch = sched.schedule()
+    assert [s.request.request_id for s in batch.scheduled] == ["a"] and batch.unplaceable == []
+    own, dest = sched.transfer_plan("a")
+    assert len(own) == 3 and dest == [7, 8, 9] and blocks.num_free_blocks == 1
+    sched.finish("a")
+    assert blocks.num_free_blocks == 4
+    batch = sched.schedule()
+    assert [s.request.request_id for s in batch.scheduled] == ["b"]
+    assert [r.request_id for r in batch.unplaceable] == ["huge"]
+    sched.add(_req("d", 5), [3])
+    assert sched.drop("d") and not sched.drop("b")
+    sched.finish("b")
+    assert blocks.num_free_blocks == 4 and not sched.waiting
