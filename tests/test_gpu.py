@@ -85,3 +85,53 @@ def test_rapid_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rapid"])
+def test_async_scheduling_on_cuda_matches_sync(mode, tiny_model_dir):
+    """One step ahead with CUDA graphs (the default on CUDA) gives the synchronous engine's
+    tokens, with requests stopping mid-batch (stop ids) and preemption under a small cache."""
+    path, _ = tiny_model_dir("llama")
+    prompts = _prompts(16, seed=7)
+    kw = dict(model=path, device="cuda", dtype="float32", num_kv_blocks=24, max_num_batched_tokens=64)
+    free = [o.outputs[0].token_ids for o in LLM(async_scheduling=False, **kw).generate(prompts, GREEDY)]
+    stop_ids = sorted({t[3 + i % 6] for i, t in enumerate(free)})
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=stop_ids)
+    want = [o.outputs[0].token_ids for o in LLM(async_scheduling=False, **kw).generate(prompts, params)]
+    llm = LLM(async_scheduling=True, mode=mode, placement="thread", **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_disagg_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
+    """The KV of each prompt travels from the prefill instance's pool to the decode instance's
+    (CUDA IPC under process placement), with the static half-and-half SM split."""
+    path, _ = tiny_model_dir("llama")
+    prompts = _prompts(12, seed=4)
+    kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, GREEDY)]
+    llm = LLM(mode="disagg", placement=placement, mps="off", **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+        assert llm.engine.stats().kv_transfer.num_transfers == len(prompts)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["static:64", "full"])
+def test_partitioned_rapid_mode_on_cuda_matches_hybrid(policy, tiny_model_dir):
+    """Green-context streams and per-partition decode graphs do not change tokens."""
+    path, _ = tiny_model_dir("llama")
+    prompts = _prompts(12, seed=6)
+    kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, GREEDY)]
+    llm = LLM(mode="rapid", placement="thread", partition_policy=policy, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
+        s = llm.engine.stats()
+        assert s.decode_sms == (64 if policy == "static:64" else torch.cuda.get_device_properties(0).multi_processor_count)
+    finally:
+        llm.engine.shutdown()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-MODES = ("hybrid", "rapid")
+if TYPE_CHECKING:
+    import torch
+
+MODES = ("hybrid", "rapid", "disagg")
 PLACEMENTS = ("process", "thread")
 LOAD_FORMATS = ("auto", "dummy", "gguf", "safetensors")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,6 +27,14 @@ def parse_bytes(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * scale)
 
 
+def parse_disagg_devices(text: str) -> tuple[int, int]:
+    """'0,1' -> (prefill device index, decode device index)."""
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"disagg_devices must be two CUDA device indices 'P,D' (e.g. 0,1), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
@@ -32,7 +44,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     mode: str = "hybrid"
-    placement: str = "process"  # rapid mode: workers as two processes or two threads
+    placement: str = "process"  # rapid / disagg mode: workers as two processes or two threads
     mps: str = "auto"  # rapid mode, process placement on NVIDIA: use/start an MPS daemon
     max_model_len: int | None = None
     block_size: int = 16
@@ -44,10 +56,24 @@ class EngineConfig:
     served_model_name: str | None = None
     enforce_eager: bool = False  # no CUDA graphs
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    disagg_memory_split: float = 0.5  # disagg mode: the prefill instance's share of the memory
+    disagg_devices: str | None = None  # disagg mode: "P,D" CUDA devices of prefill and decode
+    # Plan and launch step N+1 before reading step N's tokens back (None: on CUDA only, where
+    # the GPU then never waits for the host; on CPU there is nothing to overlap).
+    async_scheduling: bool | None = None
+    step_timeline: str | None = None  # a directory: each worker writes when its steps ran (diagnostic)
+    # rapid mode: how the SMs are split between the phases each step (resources/policy.py)
+    partition_policy: str = "off"  # rapid, nexus, static:N, full, off
+    profile: str | None = None  # the JSON of `rapidserve profile` (rapid and nexus need it)
+    slo_itl_ms: float | None = None  # the ITL SLO the rapid and nexus policies keep
+    slo_ttft_ms: float | None = None  # nexus: the time to drain waiting prompts it aims at
 
     @property
     def use_cuda_graphs(self) -> bool:
         return not self.enforce_eager
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -80,5 +106,25 @@ class EngineConfig:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; available: auto, torch, triton"
             )
+        from rapidserve.resources.policy import parse_policy
+
+        policy = parse_policy(self.partition_policy)
+        if policy.kind != "off" and self.mode != "rapid":
+            raise ValueError(f"partition_policy {self.partition_policy!r} applies to the rapid mode, not {self.mode!r}")
+        if policy.kind in ("rapid", "nexus") and (self.profile is None or self.slo_itl_ms is None):
+            raise ValueError(f"the {policy.kind} partition policy needs a profile (--profile PATH, from "
+                             "`rapidserve profile`) and an ITL SLO (--slo-itl-ms)")
+        for name in ("slo_itl_ms", "slo_ttft_ms"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
+        if not 0.0 < self.disagg_memory_split < 1.0:
+            raise ValueError(f"disagg_memory_split must be in (0, 1), got {self.disagg_memory_split}")
+        if self.disagg_devices is not None:
+            parse_disagg_devices(self.disagg_devices)
+            if self.mode != "disagg":
+                raise ValueError(f"disagg_devices applies to the disagg mode, not {self.mode!r}")
+            if self.device == "cpu":
+                raise ValueError("disagg_devices names CUDA devices; it cannot go with device cpu")

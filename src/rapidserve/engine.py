@@ -16,8 +16,10 @@ from rapidserve.kv.block_manager import BlockManager, blocks_needed
 from rapidserve.model.config import ModelConfig
 from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.request import Request, RequestStatus
-from rapidserve.runner.model_runner import ModelRunner
+from rapidserve.resources.policy import PartitionStats
+from rapidserve.runner.model_runner import ModelRunner, StepResult
 from rapidserve.runner.setup import prepare_model
+from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import IncrementalDetokenizer, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ChunkedScheduler, ScheduledRequest, SchedulerConfig
@@ -55,14 +57,33 @@ class StepStats(NamedTuple):
         return cls(prefill, decode, decode_kv)
 
 
+# Upper bounds (seconds) of the KV transfer time histogram (KVTransferStats.bucket_counts).
+KV_TRANSFER_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class KVTransferStats(NamedTuple):
+    """The disagg mode's KV copies since start (one per prefill), and its prefill instance's KV
+    pool (the decode instance's is EngineStats' blocks)."""
+
+    num_transfers: int
+    num_bytes: int
+    seconds: float  # all transfers together
+    bucket_counts: tuple[int, ...]  # transfers within each KV_TRANSFER_BUCKETS bound (cumulative)
+    prefill_free_blocks: int
+    prefill_total_blocks: int
+
+
 class EngineStats(NamedTuple):
     """The engine's state for metrics: the same fields in every topology."""
 
     num_running: int
     num_waiting: int  # not yet running (in the rapid mode: including prompts being prefilled)
-    num_free_blocks: int
+    num_free_blocks: int  # in the disagg mode: of the decode instance's pool
     num_total_blocks: int
     num_preemptions: int
+    kv_transfer: KVTransferStats | None = None  # the disagg mode only
+    decode_sms: int = 0  # the rapid mode: SMs of the decode partition in force (0: no partitioning)
+    partition: PartitionStats | None = None  # the rapid mode with a partition policy
 
     @property
     def kv_cache_usage(self) -> float:
@@ -210,6 +231,15 @@ class EngineFront:
                 state.text += state.detokenizer.flush()
         return self._output(req, prev_len)
 
+    def _on_error(self, req: Request, message: str) -> RequestOutput:
+        """End a request with an error its worker reported (the worker has freed what it held):
+        finish_reason "error", the message in `error`; the other requests go on."""
+        req.status = RequestStatus.FINISHED_ERROR
+        del self._requests[req.request_id]
+        out = self._output(req, len(self._text[req.request_id].text))
+        out.error = message
+        return out
+
     def _output(self, req: Request, prev_text_len: int) -> RequestOutput:
         state = self._text[req.request_id]
         finished = req.status.finished
@@ -286,9 +316,18 @@ class LLMEngine(EngineFront):
         self.scheduler = ChunkedScheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
+        self.async_scheduling = config.resolve_async_scheduling(self.device)
+        if config.step_timeline:
+            self.runner.timeline = StepTimeline("hybrid", self.device)
+        self._in_flight: StepResult | None = None  # the launched step not yet read back
 
     def _submit(self, req: Request) -> None:
         self.scheduler.add(req)
+
+    def shutdown(self) -> None:
+        if self.config.step_timeline and self.runner.timeline is not None:
+            self.runner.timeline.dump(self.config.step_timeline)
+            self.runner.timeline = None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -301,18 +340,42 @@ class LLMEngine(EngineFront):
         self.runner.release(req.request_id)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for each request that got a token."""
+        """Run one scheduled step; returns an output for each request that got a token.
+
+        With async scheduling the outputs are those of the previous step: this one is planned
+        and launched first, so the GPU is never idle while the host reads tokens back, checks
+        stops and detokenizes (a request that stopped at that step wasted one token of this
+        step, which is discarded)."""
         out = self.scheduler.schedule()
         self.last_step_stats = StepStats.of(out.scheduled)
-        if not out.scheduled:
-            if self.has_unfinished_requests():
-                # Cannot happen for requests add_request accepted; never spin silently.
-                raise RuntimeError(
-                    f"the scheduler could not place any of {self.scheduler.num_unfinished} requests"
-                )
-            return []
-        tokens = iter(self.runner.execute(out.scheduled))
-        return [self._on_token(s.request, next(tokens)) for s in out.scheduled if s.samples]
+        prev, self._in_flight = self._in_flight, None
+        if out.scheduled:
+            launched = self.runner.submit(out.scheduled, prev)
+            if self.async_scheduling:
+                for s in out.scheduled:
+                    if s.samples:
+                        s.request.num_pending += 1
+                self._in_flight = launched
+            else:
+                prev = launched
+        elif prev is None and self.has_unfinished_requests():
+            # Cannot happen for requests add_request accepted; never spin silently.
+            raise RuntimeError(
+                f"the scheduler could not place any of {self.scheduler.num_unfinished} requests"
+            )
+        return [] if prev is None else self._take(prev)
+
+    def _take(self, result: StepResult) -> list[RequestOutput]:
+        """The tokens of a finished step, for the requests still unfinished."""
+        outputs = []
+        for s, token in zip((s for s in result.scheduled if s.samples), result.tokens()):
+            req = s.request
+            if self.async_scheduling:
+                req.num_pending -= 1
+            if req.status.finished:
+                continue  # stopped or aborted after this step was launched: discarded
+            outputs.append(self._on_token(req, token))
+        return outputs
 
 
 def create_engine(config: EngineConfig) -> EngineFront:
@@ -321,4 +384,8 @@ def create_engine(config: EngineConfig) -> EngineFront:
         from rapidserve.serving.rapid import RapidEngine
 
         return RapidEngine(config)
+    if config.mode == "disagg":
+        from rapidserve.serving.disagg import DisaggEngine
+
+        return DisaggEngine(config)
     return LLMEngine(config)

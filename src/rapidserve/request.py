@@ -42,6 +42,10 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # NOTE: tokens sampled on the device by a step still in flight (0 or 1): with
+        # one-step-ahead scheduling the next step is planned before this one's token is read
+        # back; the runner feeds it to that step from device memory.
+        self.num_pending = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -63,12 +67,24 @@ class Request:
         return self.all_token_ids[len(self.prompt_token_ids):]
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens (known or pending) whose KV is not in the cache yet."""
+        return self.num_tokens + self.num_pending - self.num_computed_tokens
+
+    @property
+    def at_max_tokens(self) -> bool:
+        """Its pending token will be its last: nothing more to schedule."""
+        return self.num_output_tokens + self.num_pending >= self.max_tokens
+
+    @property
     def is_decoding(self) -> bool:
         """Only the last sampled token lacks KV: the next step is a one-token decode."""
-        return self.num_output_tokens > 0 and self.num_tokens - self.num_computed_tokens == 1
+        return self.num_output_tokens + self.num_pending > 0 and self.num_uncomputed_tokens == 1
 
     def reset_for_recompute(self) -> None:
         """Preempted: its KV is dropped, and its prompt and outputs will be computed again."""
+        # NOTE: a token in flight (num_pending) still lands and is kept: it was sampled from
+        # the full context before the KV was dropped.
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions += 1

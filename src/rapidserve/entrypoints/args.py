@@ -19,13 +19,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mode", default="hybrid", choices=MODES,
-                   help="hybrid: chunked prefill in one batch; rapid: concurrent prefill and decode workers")
+                   help="hybrid: chunked prefill in one batch; rapid: concurrent prefill and decode workers; "
+                        "disagg: prefill and decode instances with their own weights and KV pools")
     g.add_argument("--placement", default="process", choices=PLACEMENTS,
-                   help="rapid mode: the two workers as processes (default) or threads")
+                   help="rapid and disagg modes: the two workers as processes (default) or threads")
     g.add_argument("--mps", default="auto", choices=("auto", "on", "off"),
                    help="rapid mode, process placement on NVIDIA: auto uses a running MPS daemon or "
                         "starts a private one (falling back to thread placement if it cannot); on "
                         "requires one; off runs without (the two processes are then time-sliced)")
+    g.add_argument("--disagg-memory-split", type=float, default=0.5,
+                   help="disagg mode: the prefill instance's share of the memory (KV budget on CPU or "
+                        "with --kv-cache-memory-bytes; of gpu_memory_utilization x total on one GPU)")
+    g.add_argument("--disagg-devices", default=None, metavar="P,D",
+                   help="disagg mode: CUDA device indices of the prefill and decode instances (default: "
+                        "both on one device)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -37,6 +44,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="token budget of one step (the prefill chunk size)")
     g.add_argument("--served-model-name", default=None)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan and launch each step before reading the previous one's tokens back "
+                        "(default: on with CUDA, off on CPU)")
+    g.add_argument("--partition-policy", default="off",
+                   help="rapid mode: how the SMs are split between prefill and decode each step: rapid "
+                        "(the paper; needs --profile and --slo-itl-ms), nexus (cost model; same), "
+                        "static:N (decode on N SMs), full (both on every SM), off (no partitioning)")
+    g.add_argument("--profile", default=None, metavar="PATH",
+                   help="the SM-partitioning profile written by `rapidserve profile`")
+    g.add_argument("--slo-itl-ms", type=float, default=None, help="the ITL SLO the rapid/nexus policies keep")
+    g.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="nexus policy: the time to drain the waiting prompts it aims at (default 1000)")
+    g.add_argument("--step-timeline", default=None, metavar="DIR",
+                   help="diagnostic: each worker writes the start and end of its steps on the device "
+                        "to DIR/{role}-{pid}.json at shutdown (shows prefill/decode overlap)")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="auto: triton on CUDA, torch on CPU")
 

@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif not stream:
             print(f"--- {text!r}\n{o.text}\n[{o.finish_reason}]")
     print(f"[{len(prompts)} request(s), {n_out} tokens in {elapsed:.2f} s, "
-          f"{n_out / elapsed:.1f} tok/s on {engine.device}]", file=sys.stderr)
+          f"{n_out / elapsed:.1f} tok/s on {getattr(engine, 'device', args.device)}]", file=sys.stderr)
     return 0
 
 
@@ -157,12 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     _add_serve_parser(sub)
     _add_bench_parsers(sub)
+    _add_profile_parser(sub)
     return parser
+
+
+def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
+    from rapidserve.resources import profiler
+
+    profiler.add_cli_args(sub.add_parser(
+        "profile", help="measure the SM-partitioning profile (decode and prefill latency per SM split)"))
 
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     # Imported here: the bench modules pull in torch, which `generate` loads later anyway.
-    from rapidserve.bench import latency, serve, throughput
+    from rapidserve.bench import interference, latency, serve, sweep, throughput
 
     bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency, online serving)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -172,6 +180,10 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         "latency", help="decode step time per batch size and context, and one long prefill"))
     serve.add_cli_args(kinds.add_parser(
         "serve", help="an async load generator against an OpenAI-compatible server (vLLM's metrics)"))
+    interference.add_cli_args(kinds.add_parser(
+        "interference", help="decode inter-token latency while long prefills stream in (any mode)"))
+    sweep.add_cli_args(kinds.add_parser(
+        "sweep", help="start a server per configuration and compare them across offered rates (CSV, JSON, plots)"))
 
 
 def main(argv: list[str] | None = None) -> int:

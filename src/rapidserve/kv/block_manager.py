@@ -36,10 +36,32 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[str, list[int]] = {}
+        # NOTE: with a step in flight on another stream than the one that next writes a block
+        # (the rapid topology: decode launches step N+1, then frees a request that stopped at
+        # N, whose blocks N+1 still writes, while the prefill worker may be handed them), freed
+        # blocks are held back until that step is known to be done (`retire`).
+        self._fence: int | None = None  # the latest launched step that may still write blocks
+        self._held: deque[tuple[int, int]] = deque()  # (step, block), steps in increasing order
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Freed, but a step in flight may still write them."""
+        return len(self._held)
+
+    def fence(self, step: int) -> None:
+        """Step `step` was launched: blocks freed from now on wait until it is retired."""
+        self._fence = step
+
+    def retire(self, step: int) -> None:
+        """Every step up to `step` is done: the blocks freed while they ran are free now."""
+        while self._held and self._held[0][0] <= step:
+            self._free.appendleft(self._held.popleft()[1])
+        if self._fence is not None and self._fence <= step:
+            self._fence = None
 
     @property
     def usage(self) -> float:
@@ -88,5 +110,8 @@ class BlockManager:
         for block in reversed(self._tables.pop(request_id, [])):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
-                # Recently freed blocks go to the front: their memory is likely still warm.
-                self._free.appendleft(block)
+                if self._fence is not None:
+                    self._held.append((self._fence, block))
+                else:
+                    # Recently freed blocks go to the front: their memory is likely still warm.
+                    self._free.appendleft(block)

@@ -89,11 +89,14 @@ class DecodeGraphs:
     """One graph per padded batch size, each running embed → layers → logits."""
 
     def __init__(self, model: CausalLM, static: StaticInputs, sizes: list[int], vocab: int,
-                 pool: object, device: torch.device) -> None:
+                 pool: object, device: torch.device, num_sms: int | None = None,
+                 logits: torch.Tensor | None = None) -> None:
         self.model, self.static, self.sizes = model, static, sizes
-        self.logits = torch.zeros(sizes[-1], vocab, dtype=torch.float32, device=device)
-        props = torch.cuda.get_device_properties(device)
-        self.num_sms = props.multi_processor_count
+        # NOTE: sets captured for several SM partitions share the static inputs, the output
+        # buffer and the memory pool: only one set runs at a time (one decode worker).
+        self.logits = torch.zeros(sizes[-1], vocab, dtype=torch.float32, device=device) if logits is None else logits
+        # The SMs the graphs will run on (a partition's decode group): sets the KV split count.
+        self.num_sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = pool
 
@@ -107,11 +110,13 @@ class DecodeGraphs:
             self.logits[:n].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture on `stream` (default: torch's capture stream); a graph keeps the SM partition
+        of the stream it was captured on."""
         for n in reversed(self.sizes):  # largest first: later ones reuse its pool memory
             self._run(n)  # warm-up: compiles kernels outside the capture
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            with torch.cuda.graph(g, pool=self.pool, stream=stream):
                 self._run(n)
             self.graphs[n] = g
 
@@ -157,13 +162,13 @@ class PiecewiseGraphs:
         return pieces
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, stream: torch.cuda.Stream | None = None) -> None:
         for n in reversed(self.sizes):
             graphs = []
             for piece in self._pieces(n):
                 piece()  # warm-up
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool):
+                with torch.cuda.graph(g, pool=self.pool, stream=stream):
                     piece()
                 graphs.append(g)
             self.graphs[n] = graphs

@@ -39,8 +39,19 @@ class StepInputs:
         seq_index = np.repeat(np.arange(b), n_new)  # [T]
         positions = starts[seq_index] + (np.arange(t) - qsl[:-1][seq_index])
         tokens: list[int] = []
+        # Tokens still being sampled by the step in flight: the runner fills them on the device.
+        pending_at: list[int] = []
+        self.pending_request_ids: list[str] = []
         for s in scheduled:
-            tokens.extend(s.request.all_token_ids[s.start : s.start + s.num_new_tokens])
+            known = s.request.all_token_ids[s.start : s.start + s.num_new_tokens]
+            tokens.extend(known)
+            if len(known) < s.num_new_tokens:
+                if len(known) + 1 != s.num_new_tokens or s.request.num_pending != 1:
+                    raise RuntimeError(f"{s.request!r}: only its last token may be pending")
+                pending_at.append(len(tokens))
+                self.pending_request_ids.append(s.request.request_id)
+                tokens.append(0)
+        self.pending_index = np.array(pending_at, dtype=np.int64)  # [P] flat token indices
         tables = [blocks.block_table(s.request.request_id) for s in scheduled]
         width = table_width or max(len(tb) for tb in tables)
         pb, pt = pad_seqs or b, pad_tokens or t

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 
 import numpy as np
 import torch
@@ -18,10 +19,39 @@ from rapidserve.runner.graphs import (
     token_buckets,
 )
 from rapidserve.runner.inputs import StepInputs
+from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import Sampler, SamplingBatch, make_generator
 from rapidserve.scheduler.chunked import ScheduledRequest
 
 log = logging.getLogger("rapidserve.engine")
+
+
+class StepResult:
+    """A launched step: its sampled tokens live on the device until `tokens()` reads them."""
+
+    def __init__(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None,
+                 rows: dict[str, int]) -> None:
+        self.scheduled = scheduled
+        self.sampled = sampled  # [S] int64 on the device, one per sampling request
+        self.rows = rows  # request id -> its row in `sampled`
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if sampled is not None and sampled.device.type == "cuda":
+            # Start the copy back now, behind the step's kernels; tokens() waits for it only.
+            self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            self._host.copy_(sampled, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def tokens(self) -> list[int]:
+        """The sampled token of each sampling request, in order (waits for the step)."""
+        if self.sampled is None:
+            return []
+        if self._ready is None:
+            return self.sampled.tolist()
+        self._ready.synchronize()
+        assert self._host is not None
+        return self._host.tolist()
 
 
 class ModelRunner:
@@ -54,30 +84,74 @@ class ModelRunner:
         self.static: StaticInputs | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
+        self.timeline: StepTimeline | None = None  # set to record when each step ran
+        self._decode_graph_sets: dict[Hashable, DecodeGraphs] = {}  # per SM partition; None: the first
+        self._graph_pool: object = None
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
 
-    def capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def capture_graphs(self, max_num_seqs: int, max_num_batched_tokens: int, decode: bool = True,
+                       piecewise: bool = True) -> None:
+        """Capture whole-step graphs for decode batches of up to max_num_seqs (`decode`) and
+        piecewise graphs for steps of up to max_num_batched_tokens tokens (`piecewise`). The
+        rapid topology's decode worker needs only the former, its prefill worker the latter."""
         if self.device.type != "cuda" or not self.backend.graph_safe:
             raise ValueError("CUDA graphs need a CUDA device and the triton attention backend")
         t0 = time.perf_counter()
-        dec_sizes = decode_batch_sizes(max_num_seqs)
-        tok_sizes = token_buckets(max_num_batched_tokens)
-        self.static = StaticInputs(max(tok_sizes[-1], dec_sizes[-1]), max(max_num_seqs, 1),
+        dec_sizes = decode_batch_sizes(max_num_seqs) if decode else []
+        tok_sizes = token_buckets(max_num_batched_tokens) if piecewise else []
+        self.static = StaticInputs(max([*tok_sizes, *dec_sizes, 1]), max(max_num_seqs, 1),
                                    self.table_width, self.device)
-        pool = torch.cuda.graph_pool_handle()
-        cfg = self.model.config
-        self.decode_graphs = DecodeGraphs(self.model, self.static, dec_sizes, cfg.vocab_size, pool, self.device)
-        self.decode_graphs.capture()
-        self.piecewise = PiecewiseGraphs(self.model, self.static, tok_sizes, pool, self.device,
-                                         self.cache.spec.dtype)
-        self.piecewise.capture()
+        pool = self._graph_pool = torch.cuda.graph_pool_handle()
+        # NOTE: a graph keeps the SM partition of the stream it is captured on: a worker on a
+        # partition's stream captures there (torch's own capture stream covers the whole device;
+        # capturing on the legacy default stream is not allowed).
+        current = torch.cuda.current_stream(self.device)
+        stream = None if current == torch.cuda.default_stream(self.device) else current
+        if decode:
+            self.decode_graphs = DecodeGraphs(self.model, self.static, dec_sizes, self.model.config.vocab_size,
+                                              pool, self.device, num_sms=self.num_sms)
+            self.decode_graphs.capture(stream)
+            self._decode_graph_sets = {None: self.decode_graphs}
+        if piecewise:
+            self.piecewise = PiecewiseGraphs(self.model, self.static, tok_sizes, pool, self.device,
+                                             self.cache.spec.dtype)
+            self.piecewise.capture(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured decode graphs for batch sizes %s and piecewise graphs for %s tokens in %.1f s",
                  dec_sizes, tok_sizes, time.perf_counter() - t0)
+
+    def capture_partition_graphs(self, key: Hashable, stream: torch.cuda.Stream, num_sms: int) -> None:
+        """Capture another set of decode graphs on `stream` (an SM partition's decode stream: a
+        graph keeps the partition it was captured in), with KV split counts for `num_sms`.
+        Needs `capture_graphs` first (the static inputs and pool are shared)."""
+        if self.decode_graphs is None or self.static is None:
+            raise RuntimeError("capture_graphs(decode=True) must run before capture_partition_graphs")
+        base = self._decode_graph_sets[None]
+        graphs = DecodeGraphs(self.model, self.static, base.sizes, self.model.config.vocab_size,
+                              self._graph_pool, self.device, num_sms=num_sms, logits=base.logits)
+        graphs.capture(stream)
+        torch.cuda.synchronize(self.device)
+        self._decode_graph_sets[key] = graphs
+
+    def drop_graphs(self) -> None:
+        """Free every captured graph (before the streams they were captured on are destroyed)."""
+        self.decode_graphs = self.piecewise = None
+        self._decode_graph_sets.clear()
+
+    @property
+    def partition_graph_keys(self) -> set[Hashable]:
+        return {k for k in self._decode_graph_sets if k is not None}
+
+    def use_partition(self, key: Hashable, num_sms: int) -> None:
+        """Run the next steps on the decode graphs captured for `key` (None: the first set) and
+        size eager decode attention splits for `num_sms` SMs."""
+        self.num_sms = num_sms
+        if self._decode_graph_sets:
+            self.decode_graphs = self._decode_graph_sets[key]
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -108,14 +182,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int]:
-        """Run one step; returns the sampled token of each sampling request, in order."""
-        rows = [s for s in scheduled if s.samples]
-        logits = self._logits(scheduled)
-        if not rows:
-            return []
-        return self.sampler(logits, self._sampling_batch(rows)).tolist()
+        """Run one step and wait for it; returns the sampled token of each sampling request,
+        in order."""
+        return self.submit(scheduled).tokens()
 
-    def _logits(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+    @torch.inference_mode()
+    def submit(self, scheduled: list[ScheduledRequest], prev: StepResult | None = None) -> StepResult:
+        """Launch one step without waiting for it (on CUDA the host returns as soon as the work
+        is queued). Tokens still pending from `prev` (the step in flight) are fed to this one
+        from device memory."""
+        rows = [s for s in scheduled if s.samples]
+        start = self.timeline.begin() if self.timeline is not None else None
+        logits = self._logits(scheduled, prev)
+        sampled = None if not rows else self.sampler(logits, self._sampling_batch(rows))  # [S] int64
+        if self.timeline is not None:
+            self.timeline.end(start, sum(s.num_new_tokens for s in scheduled), len(scheduled))
+        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)})
+
+    def _fill_pending(self, input_ids: torch.Tensor, inp: StepInputs, prev: StepResult | None) -> None:
+        """Write the tokens the step in flight samples into this step's input ids (device to
+        device: the host never waits for them)."""
+        if not len(inp.pending_index):
+            return
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a step has pending tokens but no step in flight produces them")
+        try:
+            src = [prev.rows[rid] for rid in inp.pending_request_ids]
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]!r} has a pending token the step in flight does not sample") from None
+        input_ids.index_copy_(0, self._tensor(inp.pending_index),
+                              prev.sampled.index_select(0, self._tensor(np.array(src, dtype=np.int64))))
+
+    def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None) -> torch.Tensor | None:
         b = len(scheduled)
         t = sum(s.num_new_tokens for s in scheduled)
         if self.decode_graphs is not None and t == b:
@@ -124,6 +222,7 @@ class ModelRunner:
                 assert self.static is not None
                 inp = StepInputs(scheduled, self.blocks, pad_seqs=n, pad_tokens=n, table_width=self.table_width)
                 self.static.load(inp, n, n)
+                self._fill_pending(self.static.input_ids, inp, prev)
                 logits = self.decode_graphs.replay(n)
                 # NOTE: a one-token prefill chunk looks like a decode but does not sample.
                 return logits[:b] if len(inp.logits_indices) == b else logits[self._tensor(inp.logits_indices)]
@@ -134,6 +233,7 @@ class ModelRunner:
                 inp = StepInputs(scheduled, self.blocks, pad_tokens=n, table_width=self.table_width)
                 s = self.static
                 s.load(inp, n, b)
+                self._fill_pending(s.input_ids, inp, prev)
                 meta = AttentionMetadata(
                     slot_mapping=s.slot_mapping[:t], query_start_loc=s.query_start_loc[: b + 1],
                     seq_lens=s.seq_lens[:b], block_tables=s.block_tables[:b],
@@ -144,8 +244,10 @@ class ModelRunner:
                 hidden = self.piecewise.run(n, t, meta)
                 return self._select_logits(hidden, inp)
         inp = StepInputs(scheduled, self.blocks)
+        input_ids = self._tensor(inp.input_ids)
+        self._fill_pending(input_ids, inp, prev)
         with forward_context(self._metadata(inp)):
-            hidden = self.model(self._tensor(inp.input_ids), self._tensor(inp.positions))
+            hidden = self.model(input_ids, self._tensor(inp.positions))
         return self._select_logits(hidden, inp)
 
     def _select_logits(self, hidden: torch.Tensor, inp: StepInputs) -> torch.Tensor | None:
@@ -164,7 +266,7 @@ class ModelRunner:
                 if gen is None:
                     gen = self.generators[req.request_id] = make_generator(p.seed, self.device)
             gens.append(gen)
-            if req.num_output_tokens < p.min_tokens:
+            if req.num_output_tokens + req.num_pending < p.min_tokens:
                 stop_ids = p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids)
                 banned.append(tuple(stop_ids))
             else:

@@ -34,7 +34,7 @@ class ScheduledRequest(NamedTuple):
     request: Request
     start: int  # num_computed_tokens before this step: the first new token's position
     num_new_tokens: int
-    samples: bool  # the step reaches the request's last known token: it produces a new one
+    samples: bool  # the step reaches the request's last token (known or pending): it produces a new one
 
 
 class SchedulerOutput(NamedTuple):
@@ -45,7 +45,7 @@ class SchedulerOutput(NamedTuple):
 
 def _entry(req: Request, n: int) -> ScheduledRequest:
     start = req.num_computed_tokens
-    return ScheduledRequest(req, start, n, start + n == req.num_tokens)
+    return ScheduledRequest(req, start, n, start + n == req.num_tokens + req.num_pending)
 
 
 class ChunkedScheduler:
@@ -95,7 +95,8 @@ class ChunkedScheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens. Advances `num_computed_tokens` of every scheduled request
         as if the step had run (the runner reads `start` for positions), so the next step can
-        be planned before this one finishes."""
+        be planned before this one finishes: a request's token still being sampled on the device
+        (`num_pending`) is scheduled like a known one."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -105,7 +106,10 @@ class ChunkedScheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and req.at_max_tokens:
+                i += 1  # its token in flight is its last
+                continue
+            n = min(req.num_uncomputed_tokens, budget)
             while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority: admitted last
                 self._preempt(victim)
@@ -123,7 +127,9 @@ class ChunkedScheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if req.num_pending:
+                    break  # preempted with a token in flight: back once it has landed
+                n = min(req.num_uncomputed_tokens, budget)
                 if not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
                     break
                 self.waiting.popleft()

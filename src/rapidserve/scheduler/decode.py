@@ -57,6 +57,8 @@ class DecodeScheduler:
         jobs: list[PrefillJob] = []
         while self.waiting and self._seats_taken() < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted with a token in flight: handed over once it has landed
             if not self.blocks.allocate(req.request_id, req.num_tokens):
                 break
             self.waiting.popleft()
@@ -84,6 +86,19 @@ class DecodeScheduler:
         self._aborted_in_prefill.discard(request_id)
         self.blocks.free(request_id)
 
+    def prefill_failed(self, request_id: str) -> Request | None:
+        """The prefill side could not deliver the request's KV (the disagg topology: a failed
+        transfer): its blocks are freed and it ends with an error. Returns the request, or None
+        if it was aborted meanwhile."""
+        req = self.prefilling.pop(request_id)
+        self.blocks.free(request_id)
+        if request_id in self._aborted_in_prefill:
+            self._aborted_in_prefill.discard(request_id)
+            return None
+        del self._by_id[request_id]
+        req.status = RequestStatus.FINISHED_ERROR
+        return req
+
     def abort(self, request_id: str) -> bool:
         """Abort wherever the request is. Returns True if the prefill worker holds it (the
         caller must tell that worker; blocks are freed when it reports back)."""
@@ -104,7 +119,8 @@ class DecodeScheduler:
         return False
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """A running request ended (stop token, length, stop string): free its blocks."""
+        """A request ended (stop token, length, stop string): free its blocks. It is running,
+        ready, or waiting after a preemption (its token in flight then landed and ended it)."""
         assert status.finished
         if self._by_id.pop(request.request_id, None) is None:
             return
@@ -113,6 +129,8 @@ class DecodeScheduler:
             self.running.remove(request)
         elif request in self.ready:
             self.ready.remove(request)
+        elif request in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(request)
         self.blocks.free(request.request_id)
 
     # ---- one decode step ---------------------------------------------------------------------
@@ -133,6 +151,9 @@ class DecodeScheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
+            if req.num_pending and req.at_max_tokens:
+                i += 1  # its token in flight is its last
+                continue
             if self.blocks.allocate(req.request_id, req.num_computed_tokens + 1):
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, 1, True))
                 i += 1

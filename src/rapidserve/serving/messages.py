@@ -54,6 +54,14 @@ class CancelPrefill:
 
 
 @dataclass(frozen=True)
+class SetPartition:
+    """The decode worker moved to another SM partition: the prefill worker follows at its next
+    step (onto the remainder of the same split)."""
+
+    partition: Any  # resources.partition.Partition
+
+
+@dataclass(frozen=True)
 class SharedTensors:
     """The decode worker's model and KV cache, handed to the prefill worker once (CUDA IPC
     or shared memory under process placement; plain references under thread placement)."""
@@ -78,6 +86,15 @@ class PrefillDropped:
     request_id: str
 
 
+@dataclass(frozen=True)
+class PrefillFailed:
+    """The request's KV could not be delivered (the disagg topology: its transfer failed); the
+    prefill side holds nothing of it any more."""
+
+    request_id: str
+    message: str
+
+
 # ---- decode worker -> front ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -86,6 +103,14 @@ class TokenEvent:
     token: int
     status: str | None  # a RequestStatus value when the token ends the request
     stop_reason: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """The request ended with an error (its blocks are freed); the other requests go on."""
+
+    request_id: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,8 @@ class WorkerStats:
     num_waiting: int
     num_prefilling: int
     num_preemptions: int
+    decode_sms: int = 0  # SMs of the decode partition in force (0: no partitioning)
+    partition: Any = None  # resources.policy.PartitionStats (rapid mode with a policy)
 
 
 @dataclass(frozen=True)

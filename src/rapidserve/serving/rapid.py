@@ -40,9 +40,11 @@ class WorkerError(RuntimeError):
 
 
 class RapidEngine(EngineFront):
+    mode = "rapid"  # the topology's workers: see _worker_targets
+
     def __init__(self, config: EngineConfig) -> None:
-        if config.mode != "rapid":
-            raise ValueError(f"RapidEngine runs the rapid mode, not {config.mode!r}")
+        if config.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} runs the {self.mode} mode, not {config.mode!r}")
         super().__init__(config)
         # The front needs the config and the tokenizer, not the weights (the decode worker
         # loads those).
@@ -70,7 +72,6 @@ class RapidEngine(EngineFront):
     # ---- workers -----------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        cfg = self.config
         if self.placement == "process":
             ctx = mp.get_context("spawn")
             self.to_decode: Any = ctx.Queue()
@@ -81,11 +82,8 @@ class RapidEngine(EngineFront):
             self.to_decode, self.to_prefill, self.to_front = queue.Queue(), queue.Queue(), queue.Queue()
             make = threading.Thread  # type: ignore[assignment]
         self.workers = {
-            "decode": make(target=decode_main, name="rapidserve-decode", daemon=True,
-                           args=(cfg, self.to_decode, self.to_prefill, self.to_front,
-                                 self.placement == "process")),
-            "prefill": make(target=prefill_main, name="rapidserve-prefill", daemon=True,
-                            args=(cfg, self.to_prefill, self.to_decode, self.to_front)),
+            role: make(target=target, name=f"rapidserve-{role}", daemon=True, args=args)
+            for role, (target, args) in self._worker_targets().items()
         }
         for w in self.workers.values():
             w.start()
@@ -99,8 +97,17 @@ class RapidEngine(EngineFront):
             if msg is None and time.monotonic() > deadline:
                 self.shutdown()
                 raise WorkerError("the rapid topology's workers did not start in time")
-        log.info("rapid topology up (%s placement): KV %d blocks of %d", self.placement,
+        log.info("%s topology up (%s placement): KV %d blocks of %d", self.mode, self.placement,
                  self.num_kv_blocks, self.block_size)
+
+    def _worker_targets(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+        """Each worker's entry point and arguments, by role (the queues exist by now)."""
+        cfg = self.config
+        return {
+            "decode": (decode_main, (cfg, self.to_decode, self.to_prefill, self.to_front,
+                                     self.placement == "process")),
+            "prefill": (prefill_main, (cfg, self.to_prefill, self.to_decode, self.to_front)),
+        }
 
     def _next_message(self, timeout: float) -> Any:
         """The next message for the front, or None after timeout. Raises WorkerError (after
@@ -171,11 +178,14 @@ class RapidEngine(EngineFront):
         if s is None:
             return EngineStats(0, 0, self.num_kv_blocks, self.num_kv_blocks, 0)
         return EngineStats(s.num_running, s.num_waiting + s.num_prefilling, s.num_free_blocks,
-                           s.num_blocks, s.num_preemptions)
+                           s.num_blocks, s.num_preemptions, decode_sms=s.decode_sms, partition=s.partition)
 
     def _release(self, req: Request, decided_by_worker: bool) -> None:
         if not decided_by_worker and self.failed is None:
             self.to_decode.put(m.Abort(req.request_id))
+
+    def _on_report(self, msg: Any) -> None:
+        """Another message for the front (a subclass's topology may send some; rapid none)."""
 
     def step(self) -> list[RequestOutput]:
         """Outputs of the tokens the workers produced since the last call; waits briefly for
@@ -194,6 +204,12 @@ class RapidEngine(EngineFront):
                         continue  # aborted or stopped here meanwhile
                     status = RequestStatus(ev.status) if ev.status is not None else None
                     outputs.append(self._on_token(req, ev.token, (status, ev.stop_reason)))
+            elif isinstance(msg, m.RequestFailed):
+                req = self._requests.get(msg.request_id)
+                if req is not None:
+                    outputs.append(self._on_error(req, msg.message))
+            else:
+                self._on_report(msg)
             try:
                 msg = self.to_front.get_nowait()
             except queue.Empty:

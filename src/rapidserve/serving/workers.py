@@ -20,13 +20,16 @@ from rapidserve.config import EngineConfig
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.kv.cache import KVCache
 from rapidserve.request import Request
-from rapidserve.runner.model_runner import ModelRunner
-from rapidserve.runner.setup import prepare_model, resolve_device
+from rapidserve.resources.policy import StepState
+from rapidserve.runner.model_runner import ModelRunner, StepResult
+from rapidserve.runner.setup import PreparedModel, prepare_model, resolve_device
+from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import make_generator
-from rapidserve.scheduler.chunked import SchedulerConfig
+from rapidserve.scheduler.chunked import ScheduledRequest, SchedulerConfig
 from rapidserve.scheduler.decode import DecodeScheduler
 from rapidserve.scheduler.prefill import PrefillJob, PrefillScheduler
 from rapidserve.serving import messages as m
+from rapidserve.serving.partitioning import DecodePartitioning, PrefillPartitioning
 
 # How long an idle worker blocks on its inbox before looking again (no busy polling).
 _IDLE_WAIT_S = 0.5
@@ -56,6 +59,17 @@ def _restore_generator(runner: ModelRunner, req: Request, state: torch.Tensor | 
         runner.generators[req.request_id] = gen
 
 
+def _start_timeline(runner: ModelRunner, config: EngineConfig, role: str) -> str | None:
+    if config.step_timeline:
+        runner.timeline = StepTimeline(role, runner.device)
+    return config.step_timeline
+
+
+def _dump_timeline(runner: ModelRunner, directory: str | None) -> None:
+    if directory and runner.timeline is not None:
+        runner.timeline.dump(directory)
+
+
 # ---- decode ------------------------------------------------------------------------------------
 
 
@@ -64,24 +78,29 @@ class DecodeWorker:
         self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool
     ) -> None:
         self.inbox, self.to_prefill, self.to_front = inbox, to_prefill, to_front
+        device = resolve_device(config.device)
+        # The rapid mode's SM partitions: made first, so that all this worker runs is on its
+        # partition's stream (the disagg mode's decode instance has its static split already).
+        self.partitioning = DecodePartitioning(config, device) if config.mode == "rapid" else None
         prepared = prepare_model(config)
         model, cache = prepared.loaded.model, prepared.cache
-        if share and cache.tensor.device.type == "cpu":
-            # Process placement on CPU: move weights and cache into shared memory before any
-            # view of them is taken, so that the prefill process writes the same pages.
-            model.share_memory()
-            cache.tensor.share_memory_()
-        self.to_prefill.put(m.SharedTensors(
-            model, cache.tensor, prepared.loaded.max_model_len, prepared.eos_token_ids
-        ))
+        self._share(prepared, share)
         self.blocks = BlockManager(cache.num_blocks, config.block_size)
         self.eos = prepared.eos_token_ids
         self.runner = ModelRunner(
             model, cache, self.blocks, prepared.device, self.eos, prepared.backend,
             prepared.loaded.max_model_len,
         )
-        if prepared.use_graphs:
-            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
+        if self.partitioning is not None:
+            self.partitioning.use(self.runner, self.partitioning.current)
+        if prepared.use_graphs:  # its steps are pure decodes
+            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, piecewise=False)
+            if self.partitioning is not None:
+                self.partitioning.capture_graphs(self.runner)  # a set per partition
+        self.timeline_dir = _start_timeline(self.runner, config, "decode")
+        self.async_scheduling = config.resolve_async_scheduling(prepared.device)
+        self._in_flight: tuple[int, StepResult] | None = None  # (step number, launched step)
+        self._num_steps = 0
         self.scheduler = DecodeScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                          self.blocks)
         self.to_front.put(m.Ready(cache.num_blocks, config.block_size, self.eos))
@@ -91,7 +110,7 @@ class DecodeWorker:
         sched = self.scheduler
         while True:
             events: list[m.TokenEvent] = []
-            idle = not sched.running and not sched.ready
+            idle = not sched.running and not sched.ready and self._in_flight is None
             msgs = _drain(self.inbox, block=idle)
             for msg in msgs:
                 if isinstance(msg, m.Submit):
@@ -103,12 +122,18 @@ class DecodeWorker:
                         self._take(req, msg.token, events)
                 elif isinstance(msg, m.PrefillDropped):
                     sched.prefill_dropped(msg.request_id)
+                elif isinstance(msg, m.PrefillFailed):
+                    self._prefill_failed(msg)
                 elif isinstance(msg, m.Abort):
                     if sched.abort(msg.request_id):
                         self.to_prefill.put(m.CancelPrefill(msg.request_id))
                     self.runner.release(msg.request_id)
                 elif isinstance(msg, m.Shutdown):
                     log.info("decode worker stopping")
+                    _dump_timeline(self.runner, self.timeline_dir)
+                    if self.partitioning is not None:
+                        self.runner.drop_graphs()
+                        self.partitioning.close()
                     return
             for job in sched.hand_over():
                 req = job.request
@@ -116,19 +141,79 @@ class DecodeWorker:
                     req.request_id, list(req.all_token_ids), req.num_prompt_tokens, req.params,
                     req.max_tokens, job.block_ids, _generator_state(self.runner, req.request_id),
                 ))
-            out = sched.schedule()
-            if out.scheduled:
-                tokens = self.runner.execute(out.scheduled)
-                for s, token in zip(out.scheduled, tokens):
-                    self._take(s.request, token, events)
-            if events or msgs:
+            collected = self._decode_step(events)
+            if events or msgs or collected:
                 self.to_front.put(m.StepEvents(events, self._stats()))
+
+    def _decode_step(self, events: list[m.TokenEvent]) -> bool:
+        """Launch the next decode step, then take the tokens of the one before it (async
+        scheduling) or of this one. Returns whether there is news for the front (a step's
+        tokens were taken, or the partition changed)."""
+        out = self.scheduler.schedule()
+        moved = None
+        if self.partitioning is not None:
+            moved = self.partitioning.before_step(self._step_state(out.scheduled), self.runner)
+            if moved is not None:
+                self.to_prefill.put(m.SetPartition(moved))
+        prev, self._in_flight = self._in_flight, None
+        if out.scheduled:
+            self._num_steps += 1
+            launched = (self._num_steps, self.runner.submit(out.scheduled, prev[1] if prev else None))
+            if self.async_scheduling:
+                for s in out.scheduled:
+                    s.request.num_pending += 1
+                self.blocks.fence(self._num_steps)
+                self._in_flight = launched
+            else:
+                prev = launched
+        if prev is None:
+            return moved is not None  # a new partition is news for the front's stats too
+        step, result = prev
+        for s, token in zip(result.scheduled, result.tokens()):
+            req = s.request
+            if self.async_scheduling:
+                req.num_pending -= 1
+            if not req.status.finished:  # else it stopped or was aborted meanwhile: discarded
+                self._take(req, token, events)
+        self.blocks.retire(step)
+        return True
+
+    def _share(self, prepared: PreparedModel, share: bool) -> None:
+        """Hand the prefill worker what it runs on: the model and the KV cache."""
+        model, cache = prepared.loaded.model, prepared.cache
+        if share and cache.tensor.device.type == "cpu":
+            # Process placement on CPU: move weights and cache into shared memory before any
+            # view of them is taken, so that the prefill process writes the same pages.
+            model.share_memory()
+            cache.tensor.share_memory_()
+        self.to_prefill.put(m.SharedTensors(
+            model, cache.tensor, prepared.loaded.max_model_len, prepared.eos_token_ids
+        ))
+
+    def _prefill_failed(self, msg: m.PrefillFailed) -> None:
+        """The prefill side could not deliver a request's KV (the disagg topology: its transfer
+        failed). Its blocks are freed and it ends with an error; the others go on."""
+        req = self.scheduler.prefill_failed(msg.request_id)
+        self.runner.release(msg.request_id)
+        if req is not None:
+            self.to_front.put(m.RequestFailed(msg.request_id, msg.message))
+
+    def _step_state(self, scheduled: list[ScheduledRequest]) -> StepState:
+        """What the partition policy decides the coming step from."""
+        sched = self.scheduler
+        contexts = [s.start + 1 for s in scheduled]
+        waiting = sum(r.num_tokens for r in sched.waiting) + sum(r.num_tokens for r in sched.prefilling.values())
+        return StepState(len(scheduled), sum(contexts) / len(contexts) if contexts else 0.0,
+                         max(contexts, default=0), waiting, bool(sched.prefilling))
 
     def _stats(self) -> m.WorkerStats:
         sched = self.scheduler
+        part = self.partitioning
         return m.WorkerStats(
             self.blocks.num_free_blocks, self.blocks.num_blocks, len(sched.running) + len(sched.ready),
             len(sched.waiting), len(sched.prefilling), sched.num_preemptions,
+            part.decode_sms() if part is not None else 0,
+            part.stats() if part is not None and part.partitioned else None,
         )
 
     def _take(self, req: Request, token: int, events: list[m.TokenEvent]) -> None:
@@ -148,14 +233,22 @@ class PrefillWorker:
     def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, shared: m.SharedTensors) -> None:
         self.inbox, self.to_decode = inbox, to_decode
         device = resolve_device(config.device)
+        self.partitioning = PrefillPartitioning(config, device)
         self.scheduler = PrefillScheduler(config.max_num_batched_tokens, config.block_size)
         # NOTE: token-level stop rules are the decode worker's; the prefill worker only samples
-        # (with EOS banned below min_tokens). Steps run eagerly: whole prompts are long.
+        # (with EOS banned below min_tokens).
+        backend = select_backend(config.attention_backend, device)
         self.runner = ModelRunner(
             shared.model, KVCache.from_tensor(shared.kv_cache), self.scheduler.tables,
-            device, shared.eos_token_ids, select_backend(config.attention_backend, device),
-            shared.max_model_len,
+            device, shared.eos_token_ids, backend, shared.max_model_len,
         )
+        if config.use_cuda_graphs and device.type == "cuda" and backend.graph_safe and not self.partitioning.partitioned:
+            # Piecewise graphs (the layers between attention calls per padded token count): a
+            # step of short prompts is otherwise launch-bound; prompts longer than the token
+            # budget run eagerly. Not with SM partitions: a graph keeps the partition it was
+            # captured in, and a set per partition costs more than launching long prompts.
+            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, decode=False)
+        self.timeline_dir = _start_timeline(self.runner, config, "prefill")
 
     def run(self) -> None:
         log = logging.getLogger("rapidserve.prefill")
@@ -174,12 +267,18 @@ class PrefillWorker:
                     if sched.drop(msg.request_id):
                         self.runner.release(msg.request_id)
                         self.to_decode.put(m.PrefillDropped(msg.request_id))
+                elif isinstance(msg, m.SetPartition):
+                    self.partitioning.follow(msg.partition)
                 elif isinstance(msg, m.Shutdown):
                     log.info("prefill worker stopping")
+                    _dump_timeline(self.runner, self.timeline_dir)
+                    self.runner.drop_graphs()
+                    self.partitioning.close()
                     return
             batch = sched.schedule()
             if not batch:
                 continue
+            self.partitioning.before_step()
             tokens = self.runner.execute(batch)
             for s, token in zip(batch, tokens):
                 rid = s.request.request_id

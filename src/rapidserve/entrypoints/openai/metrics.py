@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from rapidserve.async_engine import RequestStream
-from rapidserve.engine import EngineStats
+from rapidserve.engine import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
+from rapidserve.resources.policy import PartitionStats
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -15,6 +19,57 @@ _ITL_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )
+
+
+class _KVTransferCollector:
+    """The disagg mode's KV transfers, exported from the engine's running totals at scrape time
+    (the engine counts them, with a fixed-bucket histogram of their durations; 0 elsewhere)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.labels = [model_name]
+        self.stats = KVTransferStats(0, 0, 0.0, (0,) * len(KV_TRANSFER_BUCKETS), 0, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        count = CounterMetricFamily("rapidserve:kv_transfer", "KV transfers from the prefill to the "
+                                    "decode instance (disagg mode).", labels=["model_name"])
+        count.add_metric(self.labels, s.num_transfers)
+        nbytes = CounterMetricFamily("rapidserve:kv_transfer_bytes", "Bytes of KV transferred "
+                                     "(disagg mode).", labels=["model_name"])
+        nbytes.add_metric(self.labels, s.num_bytes)
+        seconds = HistogramMetricFamily("rapidserve:kv_transfer_seconds", "Time of one KV transfer, "
+                                        "copy issued to arrival (disagg mode).", labels=["model_name"])
+        buckets = [(str(b), c) for b, c in zip(KV_TRANSFER_BUCKETS, s.bucket_counts)]
+        seconds.add_metric(self.labels, buckets + [("+Inf", s.num_transfers)], s.seconds)
+        yield from (count, nbytes, seconds)
+
+
+class _PartitionCollector:
+    """The rapid mode's SM partitions, from the decode worker's latest report at scrape time:
+    time spent in each, switches, and which one is in force (nothing without a policy)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: PartitionStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        if s is None:
+            return
+        seconds = CounterMetricFamily("rapidserve:sm_partition_seconds", "Time the decode worker's steps ran "
+                                      "in each SM partition (rapid mode).", labels=["model_name", "partition"])
+        current = GaugeMetricFamily("rapidserve:sm_partition_current", "1 for the SM partition in force "
+                                    "(rapid mode).", labels=["model_name", "partition"])
+        for name, secs in sorted(s.seconds.items()):
+            seconds.add_metric([self.model_name, name], secs)
+            current.add_metric([self.model_name, name], 1.0 if name == s.current else 0.0)
+        switches = CounterMetricFamily("rapidserve:sm_partition_switches", "Changes of SM partition "
+                                       "(rapid mode).", labels=["model_name"])
+        switches.add_metric([self.model_name], s.switches)
+        rate = GaugeMetricFamily("rapidserve:sm_partition_switches_per_second", "Changes of SM partition "
+                                 "per second since the first step (rapid mode).", labels=["model_name"])
+        rate.add_metric([self.model_name], s.switches_per_s)
+        yield from (seconds, current, switches, rate)
 
 
 class ServerMetrics:
@@ -46,7 +101,7 @@ class ServerMetrics:
         self._kv_total = gauge("rapidserve:kv_cache_total_blocks", "KV cache blocks in all.")
         self._sm_decode = gauge(
             "rapidserve:sm_partition_decode_sms",
-            "SMs given to decode by the rapid mode's partition (0: no partition, other modes).",
+            "SMs the rapid mode's decode worker runs on now (0: no partitioning, other modes).",
         )
         self._ttft = histogram(
             "rapidserve:time_to_first_token_seconds", "Time from arrival to the first token.",
@@ -60,17 +115,22 @@ class ServerMetrics:
         self._prompt_tokens = counter("rapidserve:prompt_tokens_total", "Prompt tokens prefilled.")
         self._generation_tokens = counter("rapidserve:generation_tokens_total", "Tokens generated.")
         self._preemptions = counter("rapidserve:num_preemptions_total", "Requests preempted.")
+        self._prefill_kv_free = gauge("rapidserve:prefill_kv_cache_free_blocks",
+                                      "KV blocks free in the prefill instance's pool (disagg mode; else 0).")
+        self._prefill_kv_total = gauge("rapidserve:prefill_kv_cache_total_blocks",
+                                       "KV blocks of the prefill instance's pool (disagg mode; else 0).")
+        self._transfers = _KVTransferCollector(model_name)
+        r.register(self._transfers)
+        self._partitions = _PartitionCollector(model_name)
+        r.register(self._partitions)
         self._labels = (model_name,)
         self._preemptions_seen = 0
         # Export every series from the start (at 0), not from its first observation.
         for metric in (self._running, self._waiting, self._kv_usage, self._kv_free, self._kv_total,
                        self._sm_decode, self._ttft, self._itl, self._e2e, self._prompt_tokens,
-                       self._generation_tokens, self._preemptions):
+                       self._generation_tokens, self._preemptions, self._prefill_kv_free,
+                       self._prefill_kv_total):
             metric.labels(*self._labels)
-
-    def set_decode_sms(self, num_sms: int) -> None:
-        """The rapid mode's current partition (set by that mode when it lands)."""
-        self._sm_decode.labels(*self._labels).set(num_sms)
 
     def update(self, stats: EngineStats) -> None:
         """Refresh the gauges from the engine's latest snapshot (at scrape time)."""
@@ -84,6 +144,12 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self._preemptions.labels(*lb).inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        self._sm_decode.labels(*lb).set(stats.decode_sms)
+        self._partitions.stats = stats.partition
+        if stats.kv_transfer is not None:
+            self._transfers.stats = stats.kv_transfer
+            self._prefill_kv_free.labels(*lb).set(stats.kv_transfer.prefill_free_blocks)
+            self._prefill_kv_total.labels(*lb).set(stats.kv_transfer.prefill_total_blocks)
 
     def observe_request(self, stream: RequestStream) -> None:
         """Record a request that has ended (finished, aborted or failed)."""

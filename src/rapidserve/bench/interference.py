@@ -1,0 +1,257 @@
+"""`rapidserve bench interference`: decode inter-token latency while long prefills stream in.
+
+The paper's motivating measurement (§3.1): a batch of requests is decoding steadily; then long
+prompts (8K tokens by default) arrive back to back. In the hybrid mode their chunks share the
+decodes' steps, so every decode step grows with the chunk size; in the rapid mode the prefill
+worker runs them beside the decode worker. The run, in one engine of any mode:
+
+1. `--num-decodes` requests with `--decode-prompt-len`-token prompts start and decode until each
+   has produced a few tokens;
+2. the decode ITL alone is measured over `--alone-steps` steps;
+3. `--num-prefills` prompts of `--prefill-len` tokens (one output token each) are submitted,
+   keeping `--prefill-concurrency` of them in flight, until all are done (the window);
+4. the decode requests are aborted.
+
+ITL is the gap between consecutive tokens of a decode request as the caller of `step()` sees
+them (what a server would stream); only gaps that end inside the window count. It prints the
+ITL percentiles alone and under prefill, the decode token rate, the prefills' TTFT and prefill
+token rate (against the matmul floor), and with `--step-timeline DIR` how much the decode and
+prefill workers' steps overlapped on the device (rapid mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from rapidserve.bench.floors import model_cost, prefill_floor_s
+from rapidserve.bench.throughput import BENCH_ENGINE_DEFAULTS, add_rates_args, rates_from_args, rates_line
+from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.sampling_params import SamplingParams
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class LatencyStats(NamedTuple):
+    count: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, gaps_s: Sequence[float]) -> LatencyStats:
+        ms = [g * 1e3 for g in gaps_s]
+        if not ms:
+            nan = float("nan")
+            return cls(0, nan, nan, nan, nan, nan)
+        return cls(len(ms), statistics.fmean(ms), percentile(ms, 50), percentile(ms, 95), percentile(ms, 99), max(ms))
+
+
+def gaps_within(token_times: dict[str, list[float]], since_s: float, until_s: float) -> list[float]:
+    """Gaps between consecutive tokens of each request whose later token falls in [since, until]."""
+    gaps = []
+    for times in token_times.values():
+        gaps.extend(b - a for a, b in zip(times, times[1:]) if since_s <= b <= until_s)
+    return gaps
+
+
+class InterferenceResult(NamedTuple):
+    mode: str
+    decode_alone: LatencyStats
+    decode_under_prefill: LatencyStats
+    decode_tokens_per_s: float  # decode tokens made during the window / window
+    prefill_ttft: LatencyStats
+    prefill_tokens_per_s: float  # prompt tokens prefilled / window
+    prefill_floor_ratio: float | None  # window / matmul floor of those prefills
+    window_s: float
+    num_preemptions: int
+    overlap: dict[str, float] | None  # from the step timeline (rapid mode)
+    kv_transfer: dict[str, float] | None  # the disagg mode: KV copies of the whole run
+
+
+def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int, num_prefills: int,
+        prefill_concurrency: int, alone_steps: int, seed: int, vocab: int,
+        timeout_s: float = 3600.0) -> tuple[dict[str, list[float]], list[float], tuple[float, float, float], int]:
+    """Drive the engine through the three phases. Returns the decode requests' token times, the
+    prefills' TTFTs, (alone-window start, window start, window end) and prefill tokens made."""
+    rng = random.Random(seed)
+    prompt = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
+    room = engine.max_model_len - decode_prompt_len
+    decode_params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
+    decodes = [engine.add_request(prompt(decode_prompt_len), decode_params) for _ in range(num_decodes)]
+    times: dict[str, list[float]] = {rid: [] for rid in decodes}
+    deadline = time.monotonic() + timeout_s
+    submitted: dict[str, float] = {}
+    ttfts: list[float] = []
+
+    def step() -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("bench interference did not finish in time")
+        outs = engine.step()
+        now = time.monotonic()
+        for out in outs:
+            if out.request_id in times:
+                times[out.request_id].extend([now] * len(out.delta_token_ids))
+                if out.finished:
+                    raise RuntimeError(f"decode request {out.request_id} ended early ({out.outputs[0].finish_reason}); "
+                                       "give a longer --max-model-len or fewer --num-prefills")
+            elif out.request_id in submitted and out.finished:
+                ttfts.append(now - submitted.pop(out.request_id))
+
+    while min(len(t) for t in times.values()) < 3:
+        step()
+    alone_start = time.monotonic()
+    for _ in range(alone_steps):
+        step()
+    window_start = time.monotonic()
+    prefill_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    sent = 0
+    while sent < num_prefills or submitted:
+        while sent < num_prefills and len(submitted) < prefill_concurrency:
+            rid = engine.add_request(prompt(prefill_len), prefill_params)
+            submitted[rid] = time.monotonic()
+            sent += 1
+        step()
+    window_end = time.monotonic()
+    for rid in decodes:
+        engine.abort_request(rid)
+    return times, ttfts, (alone_start, window_start, window_end), num_prefills * prefill_len
+
+
+def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int, num_prefills: int,
+            prefill_concurrency: int, alone_steps: int, rates: Any = None) -> InterferenceResult:
+    from rapidserve.engine import create_engine
+    from rapidserve.runner.timeline import load_spans, overlap
+
+    if min(num_decodes, decode_prompt_len, prefill_len, num_prefills, prefill_concurrency) < 1 or alone_steps < 1:
+        raise ValueError("every count and length of bench interference must be >= 1")
+    engine = create_engine(config)
+    try:
+        times, ttfts, (t_alone, t0, t1), prefill_tokens = run(
+            engine, num_decodes, decode_prompt_len, prefill_len, num_prefills, prefill_concurrency,
+            alone_steps, config.seed, engine.model_config.vocab_size)
+        stats = engine.stats()
+        preemptions = stats.num_preemptions
+    finally:
+        engine.shutdown()
+    window = t1 - t0
+    decode_tokens = sum(1 for ts in times.values() for t in ts if t0 < t <= t1)
+    floor_ratio = None
+    if rates is not None:
+        cost = model_cost(engine.model_config, getattr(engine, "dtype", None) or _dtype(config))
+        floor = num_prefills * prefill_floor_s(cost, rates, prefill_len)
+        floor_ratio = window / floor if floor > 0 else None
+    ov = None
+    if config.step_timeline:
+        spans = load_spans(config.step_timeline)
+        if {s.role for s in spans} >= {"decode", "prefill"}:
+            o = overlap(spans, "decode", "prefill", t0, t1)
+            ov = {"decode_busy_s": o.a_busy_s, "prefill_busy_s": o.b_busy_s, "both_busy_s": o.both_s,
+                  "prefill_time_with_decode_running": o.fraction_of_b}
+    kv = None
+    if stats.kv_transfer is not None and stats.kv_transfer.num_transfers:
+        t = stats.kv_transfer
+        kv = {"transfers": t.num_transfers, "mean_ms": t.seconds / t.num_transfers * 1e3,
+              "mean_mb": t.num_bytes / t.num_transfers / 1e6,
+              "gb_per_s": t.num_bytes / t.seconds / 1e9 if t.seconds > 0 else float("nan")}
+    return InterferenceResult(
+        config.mode, LatencyStats.of(gaps_within(times, t_alone, t0)), LatencyStats.of(gaps_within(times, t0, t1)),
+        decode_tokens / window if window > 0 else 0.0, LatencyStats.of(ttfts),
+        prefill_tokens / window if window > 0 else 0.0, floor_ratio, window, preemptions, ov, kv,
+    )
+
+
+def _dtype(config: Any) -> Any:
+    import torch
+
+    return getattr(torch, config.dtype) if config.dtype != "auto" else torch.bfloat16
+
+
+def format_result(r: InterferenceResult) -> str:
+    def row(name: str, s: LatencyStats) -> str:
+        return (f"{name:<28} {s.count:>7} {s.mean_ms:>9.2f} {s.p50_ms:>9.2f} {s.p95_ms:>9.2f} {s.p99_ms:>9.2f} "
+                f"{s.max_ms:>9.2f}")
+
+    lines = [
+        f"{'':<28} {'count':>7} {'mean ms':>9} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'max ms':>9}",
+        row("decode ITL, alone", r.decode_alone),
+        row("decode ITL, under prefill", r.decode_under_prefill),
+        row("prefill TTFT", r.prefill_ttft),
+        f"window {r.window_s:.2f} s: decode {r.decode_tokens_per_s:.1f} tok/s, prefill {r.prefill_tokens_per_s:.1f} "
+        f"tok/s" + (f" ({r.prefill_floor_ratio:.2f}x the matmul floor)" if r.prefill_floor_ratio else "")
+        + f", preemptions {r.num_preemptions}",
+    ]
+    if r.overlap is not None:
+        o = r.overlap
+        lines.append(f"device overlap in the window: decode busy {o['decode_busy_s']:.2f} s, prefill busy "
+                     f"{o['prefill_busy_s']:.2f} s, both {o['both_busy_s']:.2f} s "
+                     f"({o['prefill_time_with_decode_running']:.0%} of prefill time with a decode step running)")
+    if r.kv_transfer is not None:
+        k = r.kv_transfer
+        lines.append(f"KV transfers: {k['transfers']:.0f}, {k['mean_mb']:.1f} MB and {k['mean_ms']:.2f} ms each "
+                     f"({k['gb_per_s']:.1f} GB/s; mean prefill TTFT {r.prefill_ttft.mean_ms:.1f} ms)")
+    return "\n".join(lines)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("load")
+    g.add_argument("--num-decodes", type=int, default=32, help="requests decoding throughout")
+    g.add_argument("--decode-prompt-len", type=int, default=1024)
+    g.add_argument("--prefill-len", type=int, default=8192, help="prompt tokens of each long prefill")
+    g.add_argument("--num-prefills", type=int, default=16)
+    g.add_argument("--prefill-concurrency", type=int, default=1,
+                   help="long prompts in flight at once (1: back to back)")
+    g.add_argument("--alone-steps", type=int, default=30, help="steps timed before the prefills start")
+    g.add_argument("--output-json", default=None)
+    add_rates_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
+
+
+def main(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rapidserve.runner.setup import resolve_device
+
+    config = engine_config_from_args(args)
+    tmp = None
+    if config.step_timeline is None and config.mode == "rapid":
+        tmp = tempfile.TemporaryDirectory(prefix="rapidserve-timeline-")
+        config = dataclasses.replace(config, step_timeline=tmp.name)
+    rates = rates_from_args(args, resolve_device(config.device))
+    print(f"rapidserve bench interference: mode {config.mode}, budget {config.max_num_batched_tokens} tokens, "
+          f"{args.num_decodes} decodes at {args.decode_prompt_len} + {args.num_prefills} prefills of "
+          f"{args.prefill_len} tokens ({args.prefill_concurrency} at a time)")
+    print(rates_line(rates))
+    try:
+        r = measure(config, args.num_decodes, args.decode_prompt_len, args.prefill_len, args.num_prefills,
+                    args.prefill_concurrency, args.alone_steps, rates)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(format_result(r))
+    if args.output_json:
+        doc = {"command": "bench interference", "config": dataclasses.asdict(config),
+               "load": {k: getattr(args, k) for k in ("num_decodes", "decode_prompt_len", "prefill_len",
+                                                      "num_prefills", "prefill_concurrency", "alone_steps")},
+               "result": {k: (v._asdict() if hasattr(v, "_asdict") else v) for k, v in r._asdict().items()}}
+        with open(args.output_json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0

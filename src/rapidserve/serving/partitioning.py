@@ -1,0 +1,183 @@
+"""SM partitioning inside the rapid topology's workers (the mechanisms and policies live in
+rapidserve.resources).
+
+Each worker makes a partitioner for its own side (decode: the SM group; prefill: the remainder),
+for every partition the policy may pick. The split is deterministic, so the two sides of one
+partition are disjoint whether the workers are threads of one process or two processes under
+MPS. The decode worker decides the partition of each step (`DecodePartitioning.before_step`),
+moves to that partition's stream at the step boundary, and tells the prefill worker, which
+moves at its next step (`PrefillPartitioning.follow`).
+
+NOTE: a worker's steps run on the stream of the partition in force; on a switch the new stream
+first waits for the old one, so a step never overtakes the one before it (the next decode step
+reads the tokens and KV the previous one wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from rapidserve.resources.partition import Granted, Partition, Partitioner, make_partitioner
+from rapidserve.resources.policy import (
+    OffPolicy,
+    PartitionMetrics,
+    PartitionPolicy,
+    PartitionStats,
+    StepState,
+    make_policy,
+    parse_policy,
+)
+from rapidserve.resources.profile import load_profile
+
+if TYPE_CHECKING:
+    from rapidserve.config import EngineConfig
+    from rapidserve.runner.model_runner import ModelRunner
+
+log = logging.getLogger("rapidserve.engine")
+
+
+def _make_partitioner(device: torch.device, partitioned: bool, side: str) -> Partitioner:
+    # Looked up at call time, so that tests can stand a fake mechanism in for the hardware's.
+    return make_partitioner(device, partitioned, side)  # type: ignore[arg-type]
+
+
+def build_policy(config: EngineConfig, partitioner: Partitioner) -> PartitionPolicy:
+    """The configured policy for this device; `off` where the device cannot be partitioned."""
+    spec = parse_policy(config.partition_policy)
+    if spec.kind != "off" and partitioner.total_sms < 2 * partitioner.granularity:
+        log.warning("partition policy %s: this device has no SM partitioning; running without", spec)
+        return OffPolicy()
+    profile = load_profile(config.profile) if config.profile else None
+    return make_policy(spec, partitioner.total_sms, partitioner.granularity, profile, config.slo_itl_ms,
+                       config.slo_ttft_ms)
+
+
+class _Side:
+    """One worker's partitioner and the partition its steps run in now."""
+
+    def __init__(self, partitioner: Partitioner, side: str, partitions: tuple[Partition, ...]) -> None:
+        self.partitioner = partitioner
+        self.side = side
+        self.granted: list[Granted] = partitioner.prepare(partitions)
+        self.current: Partition | None = None
+
+    def stream(self, partition: Partition) -> torch.cuda.Stream | None:
+        streams = self.partitioner.streams(partition)
+        return streams.decode if self.side == "decode" else streams.prefill
+
+    def move_to(self, partition: Partition) -> bool:
+        """Run this thread's next work on the partition's stream; False if already there."""
+        if partition == self.current:
+            return False
+        new = self.stream(partition)
+        if new is not None:
+            old = torch.cuda.current_stream()
+            if new != old:
+                new.wait_stream(old)
+            torch.cuda.set_stream(new)
+        self.current = partition
+        return True
+
+    def sms(self, partition: Partition) -> int:
+        total = self.partitioner.total_sms
+        return partition.decode_share(total) if self.side == "decode" else partition.prefill_share(total)
+
+    def close(self) -> None:
+        self.partitioner.close()
+
+
+class DecodePartitioning:
+    """The decode worker's: the policy, its side's streams and graphs per partition, metrics.
+    Made before the model, so that everything the worker runs is on its partition's stream."""
+
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        spec = parse_policy(config.partition_policy)
+        partitioner = _make_partitioner(device, spec.kind != "off", "decode")
+        self.policy = build_policy(config, partitioner)
+        self.partitions = self.policy.partitions()
+        self._side = _Side(partitioner, "decode", self.partitions)
+        self.metrics = PartitionMetrics()
+        self._side.move_to(self.partitions[0])
+        for g in self._side.granted:
+            log.info("decode: partition %s gives decode %d SMs, prefill %d", g.partition, g.decode_sms, g.prefill_sms)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.policy.partitioned
+
+    @property
+    def current(self) -> Partition:
+        assert self._side.current is not None
+        return self._side.current
+
+    def capture_graphs(self, runner: ModelRunner) -> None:
+        """Decode graphs for every other partition, each captured on its decode stream (the
+        runner's first set was captured on the first partition's, where the worker starts)."""
+        for p in self.partitions[1:]:
+            stream = self._side.stream(p)
+            if stream is None:
+                continue
+            self._side.move_to(p)
+            runner.capture_partition_graphs(p, stream, self._side.sms(p))
+        self._side.move_to(self.partitions[0])
+        self.use(runner, self.partitions[0])
+
+    def use(self, runner: ModelRunner, partition: Partition) -> None:
+        key = partition if partition in runner.partition_graph_keys else None
+        runner.use_partition(key, self._side.sms(partition))
+
+    def before_step(self, state: StepState, runner: ModelRunner) -> Partition | None:
+        """Decide the coming step's partition and move to it. Returns the partition if it
+        changed (the prefill worker is to follow), else None."""
+        p = self.policy.decide(state)
+        self.metrics.record(p)
+        if not self._side.move_to(p):
+            return None
+        self.use(runner, p)
+        return p
+
+    def stats(self) -> PartitionStats:
+        return self.metrics.snapshot()
+
+    def decode_sms(self) -> int:
+        """SMs decode runs on now (0: no partitioning)."""
+        return self._side.sms(self.current) if self.partitioned else 0
+
+    def close(self) -> None:
+        self._side.close()
+
+
+class PrefillPartitioning:
+    """The prefill worker's: its side of the same partitions (the policy is built from the same
+    config, so it names the same ones); it follows the decode worker at its next step."""
+
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        spec = parse_policy(config.partition_policy)
+        partitioner = _make_partitioner(device, spec.kind != "off", "prefill")
+        policy = build_policy(config, partitioner)
+        self.partitioned = policy.partitioned
+        partitions = policy.partitions()
+        self._side = _Side(partitioner, "prefill", partitions)
+        self._side.move_to(partitions[0])
+        self.pending: Partition | None = None
+        self.switches = 0
+
+    @property
+    def current(self) -> Partition:
+        assert self._side.current is not None
+        return self._side.current
+
+    def follow(self, partition: Partition) -> None:
+        """The decode worker moved: move too, before the next prefill step."""
+        self.pending = partition
+
+    def before_step(self) -> None:
+        if self.pending is not None:
+            self.switches += self._side.move_to(self.pending)
+            self.pending = None
+
+    def close(self) -> None:
+        self._side.close()
