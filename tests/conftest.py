@@ -2,8 +2,11 @@ import os
 import torch as _torch
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import asyncio
 import importlib.util
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -99,3 +102,26 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
             out.append(tok)
             cur = torch.tensor([[tok]])
     return out
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 (an ephemeral port) in a background thread."""
+
+    def __init__(self, app) -> None:
+        import uvicorn  # the server's packages are not on every machine the GPU tests run on
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="off", timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    def start(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)

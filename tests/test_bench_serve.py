@@ -3,18 +3,16 @@ arrival process, and one run end to end against a live loopback server on a tiny
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import math
-import threading
-import time
 
 import pytest
-import uvicorn
 
 from rapidserve.bench.metrics import RequestRecord, summarize, ttft_slo_ms
 from rapidserve.bench.workloads import arrival_times, length_range, random_requests
+from conftest import LiveServer
+
 from rapidserve.entrypoints.cli import main
 
 # Two successful requests and one failure, timings in seconds.
@@ -100,27 +98,6 @@ def test_random_workload_lengths():
         length_range(10, 1.0)
 
 
-class _LiveServer:
-    """uvicorn on 127.0.0.1 (an ephemeral port) in a background thread, as tests/test_server.py."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="off", timeout_graceful_shutdown=2))
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
-
-
 def test_bench_serve_end_to_end(tiny_model_dir, tmp_path, capsys):
     from rapidserve.async_engine import AsyncEngine
     from rapidserve.config import EngineConfig
@@ -129,7 +106,7 @@ def test_bench_serve_end_to_end(tiny_model_dir, tmp_path, capsys):
 
     engine = AsyncEngine(create_engine(EngineConfig(model=tiny_model_dir("llama")[0], device="cpu",
                                                     num_kv_blocks=64)))
-    live = _LiveServer(build_app(engine))
+    live = LiveServer(build_app(engine))
     try:
         url = live.start()
         out = tmp_path / "result.json"

@@ -2,17 +2,16 @@
 pool, with a real KV copy after each prefill, give the hybrid mode's tokens; every block of both
 pools ends free; transfers are counted; an injected transfer failure fails only its request."""
 
-import asyncio
 import json
 import os
 import random
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
+
+from conftest import LiveServer
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -189,25 +188,6 @@ def test_killing_the_prefill_process_fails_pending_requests(tiny):
 # ---- the server ------------------------------------------------------------------------------
 
 
-class _LiveServer:
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    lifespan="off", timeout_graceful_shutdown=2))
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
-
-
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith((name + "{", name + " ")):
@@ -221,7 +201,7 @@ def test_server_serves_disagg_and_fails_only_the_failed_request(tiny, monkeypatc
     monkeypatch.setenv(INJECT_FAILURE_ENV, "cmpl-*-1")
     eng = AsyncEngine(create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg",
                                                  placement="thread", num_kv_blocks=64)))
-    live = _LiveServer(build_app(eng, ServerConfig()))
+    live = LiveServer(build_app(eng, ServerConfig()))
     url = live.start()
     try:
         body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "ignore_eos": True, "temperature": 0}

@@ -110,7 +110,7 @@ def measure_device_rates(device: torch.device | str | None = None) -> DeviceRate
         src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
         copy_s = _best_time(lambda: dst.copy_(src))
-        del src, dst
+        src = dst = None  # freed before the matmul's buffers are made
         n = _MATMUL_N
         while n > 1024 and 3 * n * n * 2 > free // 4:
             n //= 2
@@ -118,7 +118,7 @@ def measure_device_rates(device: torch.device | str | None = None) -> DeviceRate
         b = torch.randn(n, n, dtype=torch.bfloat16, device=dev)
         c = torch.empty(n, n, dtype=torch.bfloat16, device=dev)
         matmul_s = _best_time(lambda: torch.matmul(a, b, out=c))
-        del a, b, c
+        a = b = c = None
         torch.cuda.empty_cache()
     rates = DeviceRates(torch.cuda.get_device_name(dev), 2 * nbytes / copy_s, 2 * n**3 / matmul_s, n)
     log.info(

@@ -201,6 +201,52 @@ class NoPartitioner:
         self._granted.clear()
 
 
+class _SplittingPartitioner:
+    """What the hardware mechanisms share: a table of prepared partitions, plain full-device
+    streams for over-allocation, and `prepare` calling the mechanism's `_split_streams` once
+    for every split."""
+
+    device: torch.device
+    side: Side
+    total_sms: int
+    granularity: int
+    _table: _StreamTable  # made by the subclass's __init__
+    _full_streams: PhaseStreams | None
+
+    def _split_streams(self, partition: Partition) -> tuple[PhaseStreams, Granted]:
+        raise NotImplementedError
+
+    def _destroy(self) -> None:
+        """Destroy the mechanism's streams and contexts (the device is idle)."""
+
+    def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
+        for p in partitions:
+            if p in self._table.by_partition:
+                continue
+            if p.is_full:
+                if self._full_streams is None:
+                    self._full_streams = PhaseStreams(
+                        torch.cuda.Stream(self.device) if self.side != "prefill" else None,
+                        torch.cuda.Stream(self.device) if self.side != "decode" else None,
+                    )
+                self._table.by_partition[p] = (self._full_streams, Granted(p, self.total_sms, self.total_sms))
+                continue
+            self._table.by_partition[p] = self._split_streams(p)
+        return self.granted()
+
+    def streams(self, partition: Partition) -> PhaseStreams:
+        return self._table.get(partition)
+
+    def granted(self) -> list[Granted]:
+        return self._table.granted()
+
+    def close(self) -> None:
+        self._table.by_partition.clear()
+        self._full_streams = None
+        torch.cuda.synchronize(self.device)
+        self._destroy()
+
+
 # ---- NVIDIA: green contexts ------------------------------------------------------------------------
 
 
@@ -228,7 +274,7 @@ def _ok(drv: Any, result: tuple[Any, ...], what: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
-class GreenContextPartitioner:
+class GreenContextPartitioner(_SplittingPartitioner):
     """Green contexts through the driver API. Per prepared split: the device's SM resource is
     split once into a group of n SMs (decode) and the remainder (prefill); each side gets a green
     context and one non-blocking stream in it, wrapped as a `torch.cuda.ExternalStream`.
@@ -283,47 +329,25 @@ class GreenContextPartitioner:
             raise RuntimeError(f"could not split a group of {decode_sms} SMs from {self.total_sms}")
         return groups[0], remainder
 
-    def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
-        for p in partitions:
-            if p in self._table.by_partition:
-                continue
-            if p.is_full:
-                if self._full_streams is None:
-                    self._full_streams = PhaseStreams(
-                        torch.cuda.Stream(self.device) if self.side != "prefill" else None,
-                        torch.cuda.Stream(self.device) if self.side != "decode" else None,
-                    )
-                self._table.by_partition[p] = (self._full_streams, Granted(p, self.total_sms, self.total_sms))
-                continue
-            assert p.decode_sms is not None
-            want = round_to_granularity(p.decode_sms, self.granularity, self.total_sms)
-            if want != p.decode_sms:
-                raise ValueError(f"partition {p}: decode SMs must be a multiple of {self.granularity} "
-                                 f"below {self.total_sms} (nearest: {want})")
-            group, remainder = self._split(want)
-            got = Granted(p, int(group.sm.smCount), int(remainder.sm.smCount))
-            streams = PhaseStreams(
-                self._green_stream(group) if self.side != "prefill" else None,
-                self._green_stream(remainder) if self.side != "decode" else None,
-            )
-            self._table.by_partition[p] = (streams, got)
-            level = logging.WARNING if (got.decode_sms, got.prefill_sms) != (p.decode_sms, p.prefill_sms) else logging.INFO
-            log.log(level, "partition %s (%s side): decode group %d SMs, prefill remainder %d SMs",
-                    p, self.side, got.decode_sms, got.prefill_sms)
-        return self.granted()
+    def _split_streams(self, p: Partition) -> tuple[PhaseStreams, Granted]:
+        assert p.decode_sms is not None
+        want = round_to_granularity(p.decode_sms, self.granularity, self.total_sms)
+        if want != p.decode_sms:
+            raise ValueError(f"partition {p}: decode SMs must be a multiple of {self.granularity} "
+                             f"below {self.total_sms} (nearest: {want})")
+        group, remainder = self._split(want)
+        got = Granted(p, int(group.sm.smCount), int(remainder.sm.smCount))
+        streams = PhaseStreams(
+            self._green_stream(group) if self.side != "prefill" else None,
+            self._green_stream(remainder) if self.side != "decode" else None,
+        )
+        level = logging.WARNING if (got.decode_sms, got.prefill_sms) != (p.decode_sms, p.prefill_sms) else logging.INFO
+        log.log(level, "partition %s (%s side): decode group %d SMs, prefill remainder %d SMs",
+                p, self.side, got.decode_sms, got.prefill_sms)
+        return streams, got
 
-    def streams(self, partition: Partition) -> PhaseStreams:
-        return self._table.get(partition)
-
-    def granted(self) -> list[Granted]:
-        return self._table.granted()
-
-    def close(self) -> None:
+    def _destroy(self) -> None:
         drv = self._drv
-        self._table.by_partition.clear()
-        self._full_streams = None
-        if self._raw_streams or self._green_ctxs:
-            torch.cuda.synchronize(self.device)
         for s in self._raw_streams:
             _ok(drv, drv.cuStreamDestroy(s), "cuStreamDestroy")
         for ctx in self._green_ctxs:
@@ -350,7 +374,7 @@ def cu_masks(decode_cus: int, total_cus: int) -> tuple[list[int], list[int]]:
     return d, p
 
 
-class CuMaskPartitioner:
+class CuMaskPartitioner(_SplittingPartitioner):
     """ROCm builds of torch: one CU-masked stream per side and partition
     (`hipExtStreamCreateWithCUMask` from libamdhip64, loaded only here)."""
 
@@ -392,40 +416,20 @@ class CuMaskPartitioner:
 
     def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
         torch.zeros(1, device=self.device)  # torch's context first
-        for p in partitions:
-            if p in self._table.by_partition:
-                continue
-            if p.is_full:
-                if self._full_streams is None:
-                    self._full_streams = PhaseStreams(
-                        torch.cuda.Stream(self.device) if self.side != "prefill" else None,
-                        torch.cuda.Stream(self.device) if self.side != "decode" else None,
-                    )
-                self._table.by_partition[p] = (self._full_streams, Granted(p, self.total_sms, self.total_sms))
-                continue
-            assert p.decode_sms is not None
-            dmask, pmask = cu_masks(p.decode_sms, self.total_sms)
-            streams = PhaseStreams(
-                self._masked_stream(dmask) if self.side != "prefill" else None,
-                self._masked_stream(pmask) if self.side != "decode" else None,
-            )
-            got = Granted(p, p.decode_sms, self.total_sms - p.decode_sms)
-            self._table.by_partition[p] = (streams, got)
-            log.info("partition %s (%s side): CU masks of %d and %d CUs", p, self.side,
-                     got.decode_sms, got.prefill_sms)
-        return self.granted()
+        return super().prepare(partitions)
 
-    def streams(self, partition: Partition) -> PhaseStreams:
-        return self._table.get(partition)
+    def _split_streams(self, p: Partition) -> tuple[PhaseStreams, Granted]:
+        assert p.decode_sms is not None
+        dmask, pmask = cu_masks(p.decode_sms, self.total_sms)
+        streams = PhaseStreams(
+            self._masked_stream(dmask) if self.side != "prefill" else None,
+            self._masked_stream(pmask) if self.side != "decode" else None,
+        )
+        got = Granted(p, p.decode_sms, self.total_sms - p.decode_sms)
+        log.info("partition %s (%s side): CU masks of %d and %d CUs", p, self.side, got.decode_sms, got.prefill_sms)
+        return streams, got
 
-    def granted(self) -> list[Granted]:
-        return self._table.granted()
-
-    def close(self) -> None:
-        self._table.by_partition.clear()
-        self._full_streams = None
-        if self._raw:
-            torch.cuda.synchronize(self.device)
+    def _destroy(self) -> None:
         for h in self._raw:
             self._hip.hipStreamDestroy(h)
         self._raw.clear()
