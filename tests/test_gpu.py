@@ -116,7 +116,9 @@ def test_disagg_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
     llm = LLM(mode="disagg", placement=placement, mps="off", **kw)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == ref
-        assert llm.engine.stats().kv_transfer.num_transfers == len(prompts)
+        s = llm.engine.stats()
+        assert s.kv_transfer.num_transfers == len(prompts)
+        assert s.memory_bytes > 0 and s.kv_transfer.prefill_memory_bytes > 0  # each instance's own
     finally:
         llm.engine.shutdown()
 

@@ -162,7 +162,7 @@ def test_partition_metrics_exported():
     m = ServerMetrics("tiny")
     empty = m.render().decode()
     assert "rapidserve:sm_partition_decode_sms" in empty and "sm_partition_seconds" not in empty
-    m.update(EngineStats(1, 0, 10, 20, 0, decode_sms=40,
+    m.update(EngineStats(1, 0, 10, 20, 0, decode_sms=40, memory_bytes=5 * 2**30,
                          partition=PartitionStats("D40/P92", {"full": 1.5, "D40/P92": 2.0}, 3, 0.86, 3.5)))
     text = m.render().decode()
     assert 'rapidserve:sm_partition_decode_sms{model_name="tiny"} 40.0' in text
@@ -171,3 +171,17 @@ def test_partition_metrics_exported():
     assert 'rapidserve:sm_partition_current{model_name="tiny",partition="full"} 0.0' in text
     assert 'rapidserve:sm_partition_switches_total{model_name="tiny"} 3.0' in text
     assert 'rapidserve:sm_partition_switches_per_second{model_name="tiny"} 0.86' in text
+    assert 'rapidserve:gpu_memory_reserved_bytes{model_name="tiny",process="engine"} 5.36870912e+09' in text
+
+
+def test_interference_compares_a_static_partition_with_the_profile(tiny_model_dir, tmp_path, fake_mechanism):
+    from rapidserve.bench.interference import format_result, measure
+
+    path, _ = tiny_model_dir("llama")
+    config = EngineConfig(model=path, device="cpu", mode="rapid", placement="thread", partition_policy="static:8",
+                          profile=_profile(tmp_path / "p.json"))
+    r = measure(config, num_decodes=3, decode_prompt_len=12, prefill_len=40, num_prefills=2,
+                prefill_concurrency=1, alone_steps=3)
+    assert r.profiled is not None and r.profiled["decode_sms"] == 8 and r.profiled["partition"] == "D8/P8"
+    assert r.profiled["alone_ms"] == pytest.approx(10.0) and r.profiled["beside_prefill_ms"] == pytest.approx(10.0)
+    assert "profile, D8/P8 at batch 3" in format_result(r)

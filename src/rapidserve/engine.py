@@ -18,7 +18,7 @@ from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.policy import PartitionStats
 from rapidserve.runner.model_runner import ModelRunner, StepResult
-from rapidserve.runner.setup import prepare_model
+from rapidserve.runner.setup import device_memory_bytes, prepare_model
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import IncrementalDetokenizer, find_stop
 from rapidserve.sampling_params import SamplingParams
@@ -71,6 +71,7 @@ class KVTransferStats(NamedTuple):
     bucket_counts: tuple[int, ...]  # transfers within each KV_TRANSFER_BUCKETS bound (cumulative)
     prefill_free_blocks: int
     prefill_total_blocks: int
+    prefill_memory_bytes: int = 0  # GPU memory the prefill instance holds (its weights, pool, activations)
 
 
 class EngineStats(NamedTuple):
@@ -84,6 +85,7 @@ class EngineStats(NamedTuple):
     kv_transfer: KVTransferStats | None = None  # the disagg mode only
     decode_sms: int = 0  # the rapid mode: SMs of the decode partition in force (0: no partitioning)
     partition: PartitionStats | None = None  # the rapid mode with a partition policy
+    memory_bytes: int = 0  # GPU memory the engine (hybrid) or the decode worker's process holds
 
     @property
     def kv_cache_usage(self) -> float:
@@ -332,7 +334,7 @@ class LLMEngine(EngineFront):
     def stats(self) -> EngineStats:
         return EngineStats(
             len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_free_blocks,
-            self.blocks.num_blocks, self.scheduler.num_preemptions,
+            self.blocks.num_blocks, self.scheduler.num_preemptions, memory_bytes=device_memory_bytes(self.device),
         )
 
     def _release(self, req: Request, decided_by_worker: bool) -> None:

@@ -84,13 +84,18 @@ class InterferenceResult(NamedTuple):
     num_preemptions: int
     overlap: dict[str, float] | None  # from the step timeline (rapid mode)
     kv_transfer: dict[str, float] | None  # the disagg mode: KV copies of the whole run
+    memory: dict[str, Any]  # GPU memory of the engine / decode process and the disagg prefill one over the run
+    profiled: dict[str, float] | None  # rapid mode with --profile and one partition: the profile's step times
 
 
 def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int, num_prefills: int,
         prefill_concurrency: int, alone_steps: int, seed: int, vocab: int,
-        timeout_s: float = 3600.0) -> tuple[dict[str, list[float]], list[float], tuple[float, float, float], int]:
+        timeout_s: float = 3600.0, memory: list[tuple[float, int, int]] | None = None,
+        ) -> tuple[dict[str, list[float]], list[float], tuple[float, float, float], int]:
     """Drive the engine through the three phases. Returns the decode requests' token times, the
-    prefills' TTFTs, (alone-window start, window start, window end) and prefill tokens made."""
+    prefills' TTFTs, (alone-window start, window start, window end) and prefill tokens made;
+    appends (time, engine bytes, prefill-instance bytes) of GPU memory after every step to
+    `memory`."""
     rng = random.Random(seed)
     prompt = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
     room = engine.max_model_len - decode_prompt_len
@@ -106,6 +111,9 @@ def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int,
             raise RuntimeError("bench interference did not finish in time")
         outs = engine.step()
         now = time.monotonic()
+        if memory is not None:
+            s = engine.stats()
+            memory.append((now, s.memory_bytes, s.kv_transfer.prefill_memory_bytes if s.kv_transfer else 0))
         for out in outs:
             if out.request_id in times:
                 times[out.request_id].extend([now] * len(out.delta_token_ids))
@@ -143,10 +151,11 @@ def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: 
     if min(num_decodes, decode_prompt_len, prefill_len, num_prefills, prefill_concurrency) < 1 or alone_steps < 1:
         raise ValueError("every count and length of bench interference must be >= 1")
     engine = create_engine(config)
+    mem: list[tuple[float, int, int]] = []
     try:
         times, ttfts, (t_alone, t0, t1), prefill_tokens = run(
             engine, num_decodes, decode_prompt_len, prefill_len, num_prefills, prefill_concurrency,
-            alone_steps, config.seed, engine.model_config.vocab_size)
+            alone_steps, config.seed, engine.model_config.vocab_size, memory=mem)
         stats = engine.stats()
         preemptions = stats.num_preemptions
     finally:
@@ -175,7 +184,39 @@ def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: 
         config.mode, LatencyStats.of(gaps_within(times, t_alone, t0)), LatencyStats.of(gaps_within(times, t0, t1)),
         decode_tokens / window if window > 0 else 0.0, LatencyStats.of(ttfts),
         prefill_tokens / window if window > 0 else 0.0, floor_ratio, window, preemptions, ov, kv,
+        _memory_summary(mem, t_alone), _profiled(config, stats, times, decode_prompt_len, t0, t1),
     )
+
+
+def _profiled(config: Any, stats: Any, times: dict[str, list[float]], prompt_len: int, t0: float,
+              t1: float) -> dict[str, float] | None:
+    """What the profile predicts for the decode steps of this run, when they ran in one partition
+    the whole time (a static or full policy): the check that serving matches the profile."""
+    p = stats.partition
+    if not config.profile or p is None or p.switches or not stats.decode_sms:
+        return None
+    from rapidserve.resources.profile import load_profile
+
+    profile = load_profile(config.profile)
+    mid = (t0 + t1) / 2
+    context = prompt_len + statistics.fmean(sum(1 for t in ts if t <= mid) for ts in times.values())
+    batch = len(times)
+    return {"partition": p.current, "decode_sms": stats.decode_sms, "batch": batch, "context": context,
+            "alone_ms": profile.decode_ms(stats.decode_sms, batch, context, False),
+            "beside_prefill_ms": profile.decode_ms(stats.decode_sms, batch, context, True)}
+
+
+def _memory_summary(samples: list[tuple[float, int, int]], t_start: float, points: int = 200) -> dict[str, Any]:
+    """Peaks, and the series thinned to about `points` samples (seconds from the alone window)."""
+    if not samples:
+        return {"peak_engine_gib": 0.0, "peak_prefill_gib": 0.0, "series": []}
+    step = max(1, len(samples) // points)
+    gib = 2**30
+    return {
+        "peak_engine_gib": max(s[1] for s in samples) / gib,
+        "peak_prefill_gib": max(s[2] for s in samples) / gib,
+        "series": [(round(t - t_start, 3), e / gib, p / gib) for t, e, p in samples[::step]],
+    }
 
 
 def _dtype(config: Any) -> Any:
@@ -203,6 +244,15 @@ def format_result(r: InterferenceResult) -> str:
         lines.append(f"device overlap in the window: decode busy {o['decode_busy_s']:.2f} s, prefill busy "
                      f"{o['prefill_busy_s']:.2f} s, both {o['both_busy_s']:.2f} s "
                      f"({o['prefill_time_with_decode_running']:.0%} of prefill time with a decode step running)")
+    if r.profiled is not None:
+        q = r.profiled
+        lines.append(f"profile, {q['partition']} at batch {q['batch']:.0f} and context {q['context']:.0f}: decode step "
+                     f"{q['alone_ms']:.2f} ms alone ({r.decode_alone.p50_ms / q['alone_ms']:.2f}x measured p50), "
+                     f"{q['beside_prefill_ms']:.2f} ms beside a prefill "
+                     f"({r.decode_under_prefill.p50_ms / q['beside_prefill_ms']:.2f}x)")
+    if r.memory["peak_engine_gib"] or r.memory["peak_prefill_gib"]:
+        lines.append(f"GPU memory (torch's pools), peak: engine / decode process {r.memory['peak_engine_gib']:.2f} GiB"
+                     + (f", prefill instance {r.memory['peak_prefill_gib']:.2f} GiB" if r.memory["peak_prefill_gib"] else ""))
     if r.kv_transfer is not None:
         k = r.kv_transfer
         lines.append(f"KV transfers: {k['transfers']:.0f}, {k['mean_mb']:.1f} MB and {k['mean_ms']:.2f} ms each "

@@ -32,6 +32,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """GPU memory this process holds on the device (torch's reserved pools; 0 on CPU). No sync."""
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
 def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     ids = set(loaded.config.eos_token_ids)
     tok = loaded.tokenizer

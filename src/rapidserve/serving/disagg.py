@@ -50,7 +50,6 @@ import fnmatch
 import logging
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +64,7 @@ from rapidserve.runner.model_runner import ModelRunner
 from rapidserve.runner.setup import (
     _CPU_KV_BYTES,
     PreparedModel,
+    device_memory_bytes,
     prepare_model,
     resolve_device,
 )
@@ -77,6 +77,8 @@ from rapidserve.serving.workers import (
     _generator_state,
     _own_stream,
     _restore_generator,
+    first_message,
+    run_worker,
 )
 
 log = logging.getLogger("rapidserve.engine")
@@ -121,6 +123,7 @@ class TransferReport:
     transfers: tuple[KVTransfer, ...]
     num_free_blocks: int
     num_blocks: int
+    memory_bytes: int = 0  # GPU memory the prefill instance holds
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -290,7 +293,8 @@ class PrefillInstance:
                     continue
                 sched.finish(rid)
                 self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
-            self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks))
+            self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks,
+                                             device_memory_bytes(self.runner.device)))
 
     def _transfer(self, request_id: str) -> KVTransfer:
         """Copy the request's prompt KV into its blocks of the decode instance's pool and wait
@@ -312,28 +316,24 @@ class PrefillInstance:
 
 
 def decode_instance_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
-    try:
+    def body() -> None:
         _own_stream(config)
         split = apply_static_sm_split(config, "decode")  # noqa: F841 - kept alive while it runs
         DecodeInstance(config, inbox, to_prefill, to_front, share).run()
-    except BaseException as e:  # noqa: BLE001 - report anything, then stop
-        to_front.put(m.WorkerFailed("decode", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        to_prefill.put(m.Shutdown())
+
+    run_worker("decode", to_prefill, to_front, body)
 
 
 def prefill_instance_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any) -> None:
-    try:
-        first = inbox.get()
-        if isinstance(first, m.Shutdown):
+    def body() -> None:
+        shared = first_message(inbox, SharedKV)  # the decode instance's pool: where the copies go
+        if shared is None:
             return
-        if not isinstance(first, SharedKV):
-            raise TypeError(f"expected the decode instance's KV pool first, got {type(first).__name__}")
         _own_stream(config)
         split = apply_static_sm_split(config, "prefill")  # noqa: F841 - kept alive while it runs
-        PrefillInstance(config, inbox, to_decode, to_front, first.kv_cache).run()
-    except BaseException as e:  # noqa: BLE001
-        to_front.put(m.WorkerFailed("prefill", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        to_decode.put(m.Shutdown())
+        PrefillInstance(config, inbox, to_decode, to_front, shared.kv_cache).run()
+
+    run_worker("prefill", to_decode, to_front, body)
 
 
 # ---- the front -------------------------------------------------------------------------------
@@ -349,6 +349,7 @@ class _TransferTally:
         self.buckets = [0] * len(KV_TRANSFER_BUCKETS)
         self.prefill_free_blocks = 0
         self.prefill_total_blocks = 0
+        self.prefill_memory_bytes = 0
 
     def add(self, report: TransferReport) -> None:
         for t in report.transfers:
@@ -359,10 +360,11 @@ class _TransferTally:
                 if t.seconds <= bound:
                     self.buckets[i] += 1
         self.prefill_free_blocks, self.prefill_total_blocks = report.num_free_blocks, report.num_blocks
+        self.prefill_memory_bytes = report.memory_bytes
 
     def snapshot(self) -> KVTransferStats:
         return KVTransferStats(self.count, self.bytes, self.seconds, tuple(self.buckets),
-                               self.prefill_free_blocks, self.prefill_total_blocks)
+                               self.prefill_free_blocks, self.prefill_total_blocks, self.prefill_memory_bytes)
 
 
 class DisaggEngine(RapidEngine):
@@ -421,5 +423,5 @@ class DisaggEngine(RapidEngine):
             base = EngineStats(0, 0, n, n, 0)
         else:
             base = EngineStats(s.num_running, s.num_waiting + s.num_prefilling, s.num_free_blocks,
-                               s.num_blocks, s.num_preemptions)
+                               s.num_blocks, s.num_preemptions, memory_bytes=s.memory_bytes)
         return base._replace(kv_transfer=self.transfers.snapshot())

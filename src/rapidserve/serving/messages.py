@@ -125,6 +125,7 @@ class WorkerStats:
     num_preemptions: int
     decode_sms: int = 0  # SMs of the decode partition in force (0: no partitioning)
     partition: Any = None  # resources.policy.PartitionStats (rapid mode with a policy)
+    memory_bytes: int = 0  # GPU memory the worker's process holds (torch's pools; 0 on CPU)
 
 
 @dataclass(frozen=True)

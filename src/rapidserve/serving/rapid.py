@@ -178,7 +178,8 @@ class RapidEngine(EngineFront):
         if s is None:
             return EngineStats(0, 0, self.num_kv_blocks, self.num_kv_blocks, 0)
         return EngineStats(s.num_running, s.num_waiting + s.num_prefilling, s.num_free_blocks,
-                           s.num_blocks, s.num_preemptions, decode_sms=s.decode_sms, partition=s.partition)
+                           s.num_blocks, s.num_preemptions, decode_sms=s.decode_sms, partition=s.partition,
+                           memory_bytes=s.memory_bytes)
 
     def _release(self, req: Request, decided_by_worker: bool) -> None:
         if not decided_by_worker and self.failed is None:

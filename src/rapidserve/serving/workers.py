@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from rapidserve.kv.cache import KVCache
 from rapidserve.request import Request
 from rapidserve.resources.policy import StepState
 from rapidserve.runner.model_runner import ModelRunner, StepResult
-from rapidserve.runner.setup import PreparedModel, prepare_model, resolve_device
+from rapidserve.runner.setup import PreparedModel, device_memory_bytes, prepare_model, resolve_device
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import make_generator
 from rapidserve.scheduler.chunked import ScheduledRequest, SchedulerConfig
@@ -214,6 +215,7 @@ class DecodeWorker:
             len(sched.waiting), len(sched.prefilling), sched.num_preemptions,
             part.decode_sms() if part is not None else 0,
             part.stats() if part is not None and part.partitioned else None,
+            device_memory_bytes(self.runner.device),
         )
 
     def _take(self, req: Request, token: int, events: list[m.TokenEvent]) -> None:
@@ -299,24 +301,40 @@ def _own_stream(config: EngineConfig) -> None:
         torch.cuda.set_stream(torch.cuda.Stream())
 
 
-def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
+def run_worker(role: str, to_peer: Any, to_front: Any, body: Callable[[], None]) -> None:
+    """A worker's thread or process: any failure is reported to the front (`WorkerFailed`)
+    and stops the other worker."""
     try:
+        body()
+    except BaseException as e:  # noqa: BLE001 - report anything, then stop
+        to_front.put(m.WorkerFailed(role, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        to_peer.put(m.Shutdown())
+
+
+def first_message(inbox: Any, kind: type) -> Any:
+    """The message a worker waits for before it can start (what it runs on), or None if it is
+    told to stop first."""
+    first = inbox.get()
+    if isinstance(first, m.Shutdown):
+        return None
+    if not isinstance(first, kind):
+        raise TypeError(f"expected {kind.__name__} first, got {type(first).__name__}")
+    return first
+
+
+def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
+    def body() -> None:
         _own_stream(config)
         DecodeWorker(config, inbox, to_prefill, to_front, share).run()
-    except BaseException as e:  # noqa: BLE001 - report anything, then stop
-        to_front.put(m.WorkerFailed("decode", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        to_prefill.put(m.Shutdown())
+
+    run_worker("decode", to_prefill, to_front, body)
 
 
 def prefill_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any) -> None:
-    try:
-        first = inbox.get()
-        if isinstance(first, m.Shutdown):
-            return
-        if not isinstance(first, m.SharedTensors):
-            raise RuntimeError(f"expected the shared model and cache first, got {type(first).__name__}")
-        _own_stream(config)
-        PrefillWorker(config, inbox, to_decode, first).run()
-    except BaseException as e:  # noqa: BLE001
-        to_front.put(m.WorkerFailed("prefill", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        to_decode.put(m.Shutdown())
+    def body() -> None:
+        shared = first_message(inbox, m.SharedTensors)  # the decode worker's model and cache
+        if shared is not None:
+            _own_stream(config)
+            PrefillWorker(config, inbox, to_decode, shared).run()
+
+    run_worker("prefill", to_decode, to_front, body)

@@ -115,6 +115,10 @@ class ServerMetrics:
         self._prompt_tokens = counter("rapidserve:prompt_tokens_total", "Prompt tokens prefilled.")
         self._generation_tokens = counter("rapidserve:generation_tokens_total", "Tokens generated.")
         self._preemptions = counter("rapidserve:num_preemptions_total", "Requests preempted.")
+        self._memory = Gauge("rapidserve:gpu_memory_reserved_bytes",
+                             "GPU memory held by torch in the engine's process (hybrid) or the decode "
+                             "worker's (rapid, disagg), and in the disagg prefill instance's (0 on CPU).",
+                             ["model_name", "process"], registry=r)
         self._prefill_kv_free = gauge("rapidserve:prefill_kv_cache_free_blocks",
                                       "KV blocks free in the prefill instance's pool (disagg mode; else 0).")
         self._prefill_kv_total = gauge("rapidserve:prefill_kv_cache_total_blocks",
@@ -145,11 +149,13 @@ class ServerMetrics:
             self._preemptions.labels(*lb).inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
         self._sm_decode.labels(*lb).set(stats.decode_sms)
+        self._memory.labels(*lb, "engine").set(stats.memory_bytes)
         self._partitions.stats = stats.partition
         if stats.kv_transfer is not None:
             self._transfers.stats = stats.kv_transfer
             self._prefill_kv_free.labels(*lb).set(stats.kv_transfer.prefill_free_blocks)
             self._prefill_kv_total.labels(*lb).set(stats.kv_transfer.prefill_total_blocks)
+            self._memory.labels(*lb, "prefill").set(stats.kv_transfer.prefill_memory_bytes)
 
     def observe_request(self, stream: RequestStream) -> None:
         """Record a request that has ended (finished, aborted or failed)."""
