@@ -184,3 +184,14 @@ def test_stats_have_the_same_shape_in_both_modes(tiny):
             assert s.num_total_blocks == 50 and s.num_free_blocks < 50 and 0 < s.kv_cache_usage < 1
     finally:
         rapid.shutdown()
+
+
+def test_generate_command_stops_the_workers_on_an_error(tiny):
+    import multiprocessing
+
+    from rapidserve.entrypoints.cli import main
+
+    # A text prompt for a model without a tokenizer: refused after the workers have started.
+    assert main(["generate", "--model", tiny, "--device", "cpu", "--mode", "rapid", "--placement", "process",
+                 "--prompt", "hello"]) == 2
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("rapidserve-")]

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 from rapidserve.sampling_params import SamplingParams
@@ -44,6 +44,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     engine = create_engine(engine_config_from_args(args))
+    try:
+        _generate(engine, args, params)
+    finally:
+        engine.shutdown()  # the rapid and disagg modes' workers, on errors too
+    return 0
+
+
+def _generate(engine: Any, args: argparse.Namespace, params: SamplingParams) -> None:
+    from rapidserve.runner.setup import resolve_device
+
     prompts = args.prompt or ["What is the capital of France?"]
     t0 = time.perf_counter()
     ids = []
@@ -70,8 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif not stream:
             print(f"--- {text!r}\n{o.text}\n[{o.finish_reason}]")
     print(f"[{len(prompts)} request(s), {n_out} tokens in {elapsed:.2f} s, "
-          f"{n_out / elapsed:.1f} tok/s on {getattr(engine, 'device', args.device)}]", file=sys.stderr)
-    return 0
+          f"{n_out / elapsed:.1f} tok/s on {resolve_device(args.device)}, {engine.config.mode} mode]", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
