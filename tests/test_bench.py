@@ -198,3 +198,18 @@ def test_bench_latency_says_when_the_cache_is_too_small(tiny, tmp_path, capsys):
     assert first["skipped"] is None and first["floor_s"] is None  # CPU: no rates, no floor
     assert "KV blocks" in second["skipped"] and second["median_s"] is None
     assert "skipped: needs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_run_workload_attributes_each_step_once(tiny, ahead):
+    """With one-step-ahead scheduling a step() call reads back the step before the one it
+    launches: the records must still hold every prompt token and decode exactly once."""
+    from rapidserve.bench.throughput import run_workload
+
+    engine = LLMEngine(EngineConfig(model=tiny, device="cpu", max_num_batched_tokens=64, async_scheduling=ahead))
+    prompts = [[1 + i] * (10 + 7 * i) for i in range(6)]
+    run = run_workload(engine, prompts, output_len=5)
+    assert run.output_tokens == 6 * 5
+    assert sum(s.num_prefill_tokens for s in run.steps) == sum(map(len, prompts))
+    assert sum(s.num_decode_tokens for s in run.steps) == 6 * 4  # the first token of each comes with its prefill
+    assert all(s.seconds > 0 for s in run.steps)

@@ -171,14 +171,21 @@ def run_workload(engine: Any, prompts: Sequence[list[int]], output_len: int) -> 
     t0 = time.perf_counter()
     for p in prompts:
         engine.add_request(p, params)
+    # NOTE: step() returns once a step's tokens are on the host, so it has waited for the
+    # device: a step's time is the gap between two returns, without an extra synchronize. With
+    # one-step-ahead scheduling a call launches the next step and reads back the one before it,
+    # so the time goes to that earlier step's figures.
+    ahead = getattr(engine, "async_scheduling", False)
+    launched = None
+    t = time.perf_counter()
     while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        # NOTE: step() returns sampled token ids on the host, so it has waited for the device;
-        # per-step wall time is the step's time without an extra synchronize.
         outs = engine.step()
-        dt = time.perf_counter() - t
+        now = time.perf_counter()
+        dt, t = now - t, now
         st = engine.last_step_stats
-        steps.append(StepRecord(dt, st.num_prefill_tokens, st.num_decode_tokens, st.num_decode_kv_tokens))
+        done, launched = (launched, st) if ahead else (st, None)
+        if done is not None:
+            steps.append(StepRecord(dt, done.num_prefill_tokens, done.num_decode_tokens, done.num_decode_kv_tokens))
         output_tokens += sum(len(o.outputs[0].token_ids) for o in outs if o.finished)
     _sync(engine.device)
     elapsed = time.perf_counter() - t0

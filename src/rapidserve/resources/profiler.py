@@ -59,10 +59,9 @@ _PREFILL_ID = "profile-prefill"
 class _StreamView:
     """The engine as `measure_decode` sees it, each step run on one stream.
 
-    NOTE: measure_decode synchronizes `engine.device` around every timed step; a device-wide
-    synchronize would also wait for the prefill running beside on the other stream. This view
-    reports no CUDA device, so those calls do nothing, and synchronizes its own stream at the end
-    of each step instead: the time of a step is its host work plus its GPU work on this stream."""
+    NOTE: a device-wide synchronize would also wait for the prefill running beside on the other
+    stream. This view reports no CUDA device, so measure_decode's device syncs do nothing; its
+    steps are paced by waiting for their own tokens (an event on this stream), as when serving."""
 
     def __init__(self, engine: Any, stream: torch.cuda.Stream | None) -> None:
         self._engine = engine
@@ -74,10 +73,7 @@ class _StreamView:
 
     def step(self) -> Any:
         with use_stream(self._stream):
-            out = self._engine.step()
-            if self._stream is not None:
-                self._stream.synchronize()
-        return out
+            return self._engine.step()
 
 
 class _PrefillRunner:
@@ -147,29 +143,20 @@ class _PrefillRunner:
             raise RuntimeError(f"the prefill beside the decode steps failed: {failed[0]!r}") from failed[0]
 
 
-@contextlib.contextmanager
-def _capture_stream(stream: torch.cuda.Stream) -> Iterator[None]:
-    """CUDA graphs captured in the body are captured on `stream` (the runner captures on torch's
-    default capture stream, which is on the whole device)."""
-    old = torch.cuda.graph.default_capture_stream
-    torch.cuda.graph.default_capture_stream = stream
-    try:
-        yield
-    finally:
-        torch.cuda.graph.default_capture_stream = old
-
-
-def _recapture(engine: Any, stream: torch.cuda.Stream | None) -> None:
-    """Capture the engine's graphs again on the decode stream of the partition to be measured."""
+def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> None:
+    """Capture the engine's decode graphs again on the decode stream of the partition to be
+    measured (the runner captures on the current stream; the prompts that fill the batch then
+    run eagerly)."""
     if not engine.use_graphs or stream is None:
         return
     runner = engine.runner
-    runner.decode_graphs = runner.piecewise = None
+    runner.drop_graphs()
     gc.collect()
     torch.cuda.synchronize(engine.device)
     torch.cuda.empty_cache()
-    with _capture_stream(stream), use_stream(stream):
-        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens)
+    with use_stream(stream):
+        runner.use_partition(None, num_sms)
+        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
 
 
 def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, context: int, args: argparse.Namespace,
@@ -202,7 +189,7 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
             d_sms = granted[p].decode_sms if not p.is_full else total
             p_sms = granted[p].prefill_sms if not p.is_full else total
             sm_counts.append(d_sms)
-            _recapture(engine, streams.decode)
+            _recapture(engine, streams.decode, d_sms)
             a_rows, b_rows = [], []
             for context in args.context_lens:
                 a_row, b_row = [], []
@@ -312,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
                               log=lambda line: print(line, flush=True))
     finally:
         # NOTE: graphs captured on the partitions' streams go before the green contexts do.
-        engine.runner.decode_graphs = engine.runner.piecewise = None
+        engine.runner.drop_graphs()
         del engine
         gc.collect()
         partitioner.close()
