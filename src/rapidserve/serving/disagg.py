@@ -219,18 +219,14 @@ def _check_compatible(own: torch.Tensor, dest: torch.Tensor) -> None:
 class DecodeInstance(DecodeWorker):
     """The rapid decode worker over its own weights and pool, sharing only the pool's tensor."""
 
-    def __init__(self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
-        self._kv: SharedKV | None = None
-        super().__init__(config, inbox, to_prefill, to_front, share)
-        # NOTE: sent only now, with the weights, the pool and the CUDA graphs allocated: on one
-        # GPU the prefill instance sizes its pool from what is left.
-        to_prefill.put(self._kv)
-
     def _share(self, prepared: PreparedModel, share: bool) -> None:
+        """Only the pool's tensor, the destination of the copies (sent at the end of __init__,
+        with the weights, the pool and the CUDA graphs allocated: on one GPU the prefill
+        instance sizes its pool from what is left)."""
         tensor = prepared.cache.tensor
         if share and tensor.device.type == "cpu":
             tensor.share_memory_()  # before any view is taken: the prefill process writes these pages
-        self._kv = SharedKV(tensor)
+        self._handoff = SharedKV(tensor)
 
 
 # ---- prefill instance ------------------------------------------------------------------------

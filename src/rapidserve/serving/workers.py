@@ -104,6 +104,10 @@ class DecodeWorker:
         self._num_steps = 0
         self.scheduler = DecodeScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
                                          self.blocks)
+        # NOTE: the prefill side starts only now, after every CUDA graph of this worker is
+        # captured: a capture forbids other threads of the process unsafe CUDA calls meanwhile
+        # (and on one GPU the disagg prefill instance sizes its pool from what is left).
+        self.to_prefill.put(self._handoff)
         self.to_front.put(m.Ready(cache.num_blocks, config.block_size, self.eos))
 
     def run(self) -> None:
@@ -180,16 +184,17 @@ class DecodeWorker:
         return True
 
     def _share(self, prepared: PreparedModel, share: bool) -> None:
-        """Hand the prefill worker what it runs on: the model and the KV cache."""
+        """What the prefill worker runs on, the model and the KV cache (sent at the end of
+        __init__)."""
         model, cache = prepared.loaded.model, prepared.cache
         if share and cache.tensor.device.type == "cpu":
             # Process placement on CPU: move weights and cache into shared memory before any
             # view of them is taken, so that the prefill process writes the same pages.
             model.share_memory()
             cache.tensor.share_memory_()
-        self.to_prefill.put(m.SharedTensors(
+        self._handoff: Any = m.SharedTensors(
             model, cache.tensor, prepared.loaded.max_model_len, prepared.eos_token_ids
-        ))
+        )
 
     def _prefill_failed(self, msg: m.PrefillFailed) -> None:
         """The prefill side could not deliver a request's KV (the disagg topology: its transfer
