@@ -1,7 +1,9 @@
 """Partitioning policies on synthetic profiles, the --partition-policy strings, and the
 partition metrics (resources/policy.py)."""
 
+import dataclasses
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -51,9 +53,17 @@ def prefill_ms(s: int, n: int) -> float:
     return 1.0 + 0.02 * n * TOTAL / s
 
 
-def synthetic_profile(**meta) -> Profile:
+def prefill_beside_2x(s: int, n: int) -> float:
+    return 2 * prefill_ms(s, n)  # a decode beside halves prefill's speed, split or over-allocated
+
+
+def synthetic_profile(prefill_beside: Callable[[int, int], float] | None = None, **meta) -> Profile:
+    """The profile of the functions above; with `prefill_beside`, a schema version 2 profile that
+    measured prefill beside a decode (batch 64 at context 1024)."""
     sms = SPLITS + (TOTAL,)
     psms = tuple(sorted({TOTAL - s for s in SPLITS} | {TOTAL}))
+    if prefill_beside is not None:
+        meta = {"decode_batch_beside": 64, "decode_context_beside": 1024, **meta}
     return Profile(
         ProfileMetadata(**{"gpu_name": "Synthetic H100", "total_sms": TOTAL, "sm_granularity": 8,
                            "partitioning": "green-contexts", "model": "synthetic", "dtype": "bfloat16",
@@ -62,7 +72,9 @@ def synthetic_profile(**meta) -> Profile:
         DecodeTable(sms, CONTEXTS, BATCHES,
                     tuple(tuple(tuple(decode_alone(s, b, c) for b in BATCHES) for c in CONTEXTS) for s in sms),
                     tuple(tuple(tuple(decode_beside(s, b, c) for b in BATCHES) for c in CONTEXTS) for s in sms)),
-        PrefillTable(psms, PROMPTS, tuple(tuple(prefill_ms(s, n) for n in PROMPTS) for s in psms)),
+        PrefillTable(psms, PROMPTS, tuple(tuple(prefill_ms(s, n) for n in PROMPTS) for s in psms),
+                     None if prefill_beside is None else
+                     tuple(tuple(prefill_beside(s, n) for n in PROMPTS) for s in psms)),
     )
 
 
@@ -143,8 +155,36 @@ def test_cost_model_fits_the_profile(profile):
     assert model.decode_ms(TOTAL, 8, 1024, False) == pytest.approx(decode_alone(TOTAL, 8, 1024), rel=0.05)
     assert model.prefill_ms(92, 2048, decode_beside=False, over_allocated=False) == pytest.approx(
         prefill_ms(92, 2048), rel=0.05)
-    # contention from the other phase slows prefill
-    assert model.prefill_ms(92, 2048, True, False) > model.prefill_ms(92, 2048, False, False)
+    # contention from the other phase slows prefill: the profile did not measure it, so by the
+    # fixed factors
+    assert model.prefill_contention == "fixed"
+    assert model.prefill_ms(92, 2048, True, False) == pytest.approx(1.3 * model.prefill_ms(92, 2048, False, False))
+    assert model.prefill_ms(TOTAL, 2048, True, True) == pytest.approx(
+        1.05 * model.prefill_ms(TOTAL, 2048, False, True))
+
+
+def test_cost_model_uses_the_measured_prefill_contention():
+    model = CostModel(synthetic_profile(prefill_beside_2x))
+    assert model.prefill_contention == "measured"
+    assert model.fit_max_rel_error < 0.05
+    for s, over in ((92, False), (68, False), (TOTAL, True)):
+        for n in (512, 3000, 8192):
+            assert model.prefill_ms(s, n, False, over) == pytest.approx(prefill_ms(s, n), rel=0.05)
+            assert model.prefill_ms(s, n, True, over) == pytest.approx(2 * prefill_ms(s, n), rel=0.05)
+    # the fixed factors no longer apply
+    assert CostModel(synthetic_profile(prefill_beside_2x), prefill_contention_split=5.0).prefill_ms(
+        92, 2048, True, False) == pytest.approx(2 * prefill_ms(92, 2048), rel=0.05)
+
+
+def test_cost_model_measured_contention_with_too_few_points_to_fit():
+    # One prompt length: no fit; the profile's interpolation, still the measured grid.
+    p = synthetic_profile(prefill_beside_2x)
+    one = dataclasses.replace(p, prefill=dataclasses.replace(
+        p.prefill, prompt_tokens=(2048,), latency_ms=tuple((prefill_ms(s, 2048),) for s in p.prefill.sm_counts),
+        beside_decode_ms=tuple((2 * prefill_ms(s, 2048),) for s in p.prefill.sm_counts)))
+    model = CostModel(one)
+    assert model.prefill_ms(92, 2048, True, False) == pytest.approx(2 * prefill_ms(92, 2048))
+    assert model.prefill_ms(TOTAL, 2048, True, True) == pytest.approx(2 * prefill_ms(TOTAL, 2048))
 
 
 def test_nexus_gives_prefill_more_sms_when_prompts_wait_and_decode_has_slack(profile):
@@ -154,6 +194,25 @@ def test_nexus_gives_prefill_more_sms_when_prompts_wait_and_decode_has_slack(pro
     assert few == split(64)  # little to prefill: the lowest ITL
     assert many.prefill_share(TOTAL) > few.prefill_share(TOTAL)
     assert NexusPolicy(profile, slo_itl_ms=slo).predict(many, state(32, waiting=60000))[0] <= slo
+
+
+def test_nexus_drain_and_choice_follow_the_measured_prefill_contention(profile, caplog):
+    measured = synthetic_profile(prefill_beside_2x)
+    with caplog.at_level("INFO", logger="rapidserve.decode"):
+        fixed_policy = NexusPolicy(profile, slo_itl_ms=12.0, min_hold_steps=0)
+        measured_policy = NexusPolicy(measured, slo_itl_ms=12.0, min_hold_steps=0)
+    assert "did not measure prefill beside a decode" in caplog.text
+    assert "prefill beside a decode as profiled (decode batch 64 at context 1024)" in caplog.text
+    s = state(64, waiting=20000)  # over-allocated decode misses the 12 ms SLO; every split from D24 meets it
+    for p in fixed_policy.partitions():
+        alone = prefill_ms(p.prefill_share(TOTAL), 20000)
+        assert measured_policy.predict(p, s)[1] == pytest.approx(2 * alone, rel=0.05)  # the 2x drain
+        over = 1.05 if p.is_full else 1.3
+        assert fixed_policy.predict(p, s)[1] == pytest.approx(over * alone, rel=0.05)
+    # A slower prefill beside decode: more prefill SMs for the same queue.
+    assert fixed_policy.target(s) == split(40)
+    assert measured_policy.target(s) == split(24)
+    assert measured_policy.predict(split(24), s)[0] <= 12.0
 
 
 def test_nexus_full_device_when_one_phase_is_idle(profile):

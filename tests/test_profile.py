@@ -10,6 +10,7 @@ from test_partition_policy import (
     TOTAL,
     decode_alone,
     decode_beside,
+    prefill_beside_2x,
     prefill_ms,
     synthetic_profile,
 )
@@ -25,6 +26,12 @@ def profile():
     return synthetic_profile()
 
 
+@pytest.fixture(scope="module")
+def measured():
+    """With prefill beside a decode (schema version 2's optional grid)."""
+    return synthetic_profile(prefill_beside_2x)
+
+
 def test_round_trip(profile, tmp_path):
     path = tmp_path / "p.json"
     profile.save(path)
@@ -34,6 +41,38 @@ def test_round_trip(profile, tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     assert data["metadata"]["gpu_name"] == "Synthetic H100"
     assert Profile.from_json(data) == profile
+    assert data["prefill"]["beside_decode_ms"] is None and profile.prefill.beside_decode_ms is None
+    assert not profile.has_prefill_beside_decode
+
+
+def test_round_trip_with_prefill_beside_decode(measured, tmp_path):
+    path = tmp_path / "p.json"
+    measured.save(path)
+    again = load_profile(path)
+    assert again == measured and again.has_prefill_beside_decode
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["metadata"]["decode_batch_beside"] == 64 and data["metadata"]["decode_context_beside"] == 1024
+    assert data["prefill"]["beside_decode_ms"][0][0] == prefill_beside_2x(measured.prefill.sm_counts[0], 512)
+    assert again.prefill_ms(92, 2048, beside_decode=True) == prefill_beside_2x(92, 2048)
+    assert again.prefill_ms(92, 2048) == prefill_ms(92, 2048)
+
+
+def test_a_version_1_file_still_loads(profile, tmp_path):
+    # As version 1 wrote it: no prefill beside decode, no decode batch in the metadata.
+    data = copy.deepcopy(profile.to_json())
+    data["schema_version"] = 1
+    del data["prefill"]["beside_decode_ms"], data["metadata"]["decode_batch_beside"]
+    del data["metadata"]["decode_context_beside"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    old = load_profile(path)
+    assert old == profile
+    assert old.prefill.beside_decode_ms is None and old.metadata.decode_batch_beside == 0
+    with pytest.raises(ValueError, match="no prefill latency beside a decode"):
+        old.prefill_ms(92, 2048, beside_decode=True)
+    old.save(path)  # written again: the current version
+    assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
 
 
 def test_lookups_at_and_between_measured_points(profile):
@@ -64,7 +103,9 @@ def _broken(profile, edit):
     (lambda d: d["metadata"].update(total_sms="132"), r": metadata\.total_sms: expected an integer"),
     (lambda d: d["metadata"].update(model=7), r": metadata\.model: expected a string"),
     (lambda d: d["metadata"].update(partitioning="mig"), r"metadata\.partitioning: expected one of"),
-    (lambda d: d.update(schema_version=99), r"schema_version: this rapidserve reads version 1, the file has 99"),
+    (lambda d: d.update(schema_version=99),
+     r"schema_version: this rapidserve reads versions 1 and 2, the file has 99"),
+    (lambda d: d.update(schema_version=True), r"schema_version: .* the file has True"),
     (lambda d: d.pop("schema_version"), r": schema_version: missing"),
     (lambda d: d["decode"].update(batch_sizes=[1, 32, 8, 64, 128]),
      r"decode\.batch_sizes: must be strictly increasing, but \[2\] = 8 follows 32"),
@@ -88,6 +129,31 @@ def test_malformed_profiles_name_the_bad_field(profile, tmp_path, edit, match):
         load_profile(path)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["prefill"]["beside_decode_ms"].pop(),
+     r"prefill\.beside_decode_ms: expected a list of 8 entries, got 7"),
+    (lambda d: d["prefill"]["beside_decode_ms"][1].pop(),
+     r"prefill\.beside_decode_ms\[1\]: expected a list of 3 entries, got 2"),
+    (lambda d: d["prefill"]["beside_decode_ms"][3].__setitem__(2, 0),
+     r"prefill\.beside_decode_ms\[3\]\[2\]: latency must be a positive number of ms, got 0"),
+    (lambda d: d["prefill"]["beside_decode_ms"][0].__setitem__(1, "slow"),
+     r"prefill\.beside_decode_ms\[0\]\[1\]: expected a number"),
+    (lambda d: d["prefill"].update(beside_decode_ms={}),
+     r"prefill\.beside_decode_ms: expected a list of 8 entries, got dict"),
+    (lambda d: d["metadata"].update(decode_batch_beside=0),
+     r"metadata\.decode_batch_beside: must be at least 1 where prefill\.beside_decode_ms is measured, got 0"),
+    (lambda d: d["metadata"].pop("decode_context_beside"),
+     r"metadata\.decode_context_beside: must be at least 1 where prefill\.beside_decode_ms is measured"),
+    (lambda d: d["metadata"].update(decode_batch_beside=-1), r"metadata\.decode_batch_beside: must be at least 0"),
+    (lambda d: d["metadata"].update(decode_batch_beside="64"), r"metadata\.decode_batch_beside: expected an integer"),
+])
+def test_malformed_prefill_beside_decode(measured, tmp_path, edit, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(measured, edit)))
+    with pytest.raises(ValueError, match=r"bad\.json: " + match):
+        load_profile(path)
+
+
 def test_unreadable_profiles(tmp_path):
     with pytest.raises(ValueError, match="cannot read the profile"):
         load_profile(tmp_path / "missing.json")
@@ -103,6 +169,9 @@ def test_unreadable_profiles(tmp_path):
 def test_the_constructor_validates_too(profile):
     with pytest.raises(ValueError, match=r"profile: decode\.alone_ms: expected a list of 8 entries, got 0"):
         dataclasses.replace(profile, decode=dataclasses.replace(profile.decode, alone_ms=()))
+    with pytest.raises(ValueError, match=r"metadata\.decode_batch_beside: must be at least 1"):
+        dataclasses.replace(profile, prefill=dataclasses.replace(
+            profile.prefill, beside_decode_ms=profile.prefill.latency_ms))
 
 
 @pytest.mark.slow
@@ -111,7 +180,8 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "profile.json"
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
                "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "2,1", "--context-lens", "8,16",
-               "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--num-steps", "2",
+               "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "3",
+               "--num-steps", "2",
                "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -123,6 +193,11 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     assert profile.decode.sm_counts == (1,) and profile.decode.batch_sizes == (1, 2)
     assert profile.decode.context_lens == (8, 16) and profile.prefill.prompt_tokens == (8, 24)
     assert all(ms > 0 for ctx in profile.decode.beside_prefill_ms[0] for ms in ctx)
+    # prefill beside a decode of 3 sequences at the shortest context
+    assert (meta.decode_batch_beside, meta.decode_context_beside) == (3, 8)
+    assert profile.prefill.sm_counts == (1,) and profile.has_prefill_beside_decode
+    assert len(profile.prefill.beside_decode_ms[0]) == 2 and all(ms > 0 for ms in profile.prefill.beside_decode_ms[0])
+    assert "ms beside a decode" in text
     # the policies run on it: one partition, the whole device
     policy = make_policy("rapid", 1, 1, profile, slo_itl_ms=1.0)
     assert policy.partitions() == (Partition.FULL,)
@@ -134,5 +209,9 @@ def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
               "--kv-cache-memory-bytes", "16MiB", "--output", str(tmp_path / "p.json")]
     assert main([*common, "--num-steps", "0"]) == 2
     assert "--num-steps >= 1" in capsys.readouterr().err
+    assert main([*common, "--beside-decode-batch", "0"]) == 2
+    assert "--beside-decode-batch >= 1" in capsys.readouterr().err
+    assert main([*common, "--beside-decode-batch", "9", "--max-num-seqs", "8"]) == 2
+    assert "--beside-decode-batch 9 > --max-num-seqs 8" in capsys.readouterr().err
     assert main([*common, "--sm-counts", "8"]) == 2
     assert "decode SM counts must be multiples of 1 below 1" in capsys.readouterr().err

@@ -164,12 +164,18 @@ def _prefill_features(s: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(n), 1 / s, n / s, n * n / s], axis=1)
 
 
+def _prefill_full_features(n: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(n), n, n * n], axis=1)
+
+
 class CostModel:
     """Step latency fitted to a profile as a function of SMs, batch, context and the other
     phase's activity. Decode splits: one least-squares fit per contention mode (alone, beside a
     prefill) over every measured split; the over-allocated full device: its own fit per mode (its
-    contention is of another kind: decode competes for SMs, not only bandwidth). Prefill: one
-    fit over SMs and prompt tokens, slowed by a contention factor while decode runs beside it."""
+    contention is of another kind: decode competes for SMs, not only bandwidth). Prefill alone:
+    one fit over SMs and prompt tokens. Prefill beside a decode, where the profile measured it:
+    likewise one fit over the splits and one for the over-allocated full device; for older
+    profiles the alone fit slowed by a fixed contention factor (`prefill_contention` says which)."""
 
     def __init__(self, profile: Profile, prefill_contention_split: float = 0.3,
                  prefill_contention_full: float = 0.05) -> None:
@@ -177,6 +183,8 @@ class CostModel:
         self.total = profile.total_sms
         self.prefill_contention_split = prefill_contention_split
         self.prefill_contention_full = prefill_contention_full
+        # "measured": prefill beside a decode from the profile; "fixed": the factors above
+        self.prefill_contention = "measured" if profile.has_prefill_beside_decode else "fixed"
         d = profile.decode
         self._floor_ms = 0.5 * min(min(min(r) for r in g) for g in d.alone_ms)
         self._split: dict[bool, np.ndarray | None] = {}
@@ -197,6 +205,15 @@ class CostModel:
         pts = np.array([(n, t, p.latency_ms[i][j]) for i, n in enumerate(p.sm_counts)
                         for j, t in enumerate(p.prompt_tokens)], dtype=np.float64)
         self._prefill = self._fit(_prefill_features(pts[:, 0] / self.total, pts[:, 1]), pts[:, 2], errors)
+        self._prefill_split: np.ndarray | None = None  # beside a decode, on a split
+        self._prefill_full: np.ndarray | None = None  # beside a decode, both on the whole device
+        if p.beside_decode_ms is not None:
+            pts = np.array([(n, t, p.beside_decode_ms[i][j]) for i, n in enumerate(p.sm_counts)
+                            for j, t in enumerate(p.prompt_tokens)], dtype=np.float64)
+            split, full = pts[pts[:, 0] < self.total], pts[pts[:, 0] >= self.total]
+            self._prefill_split = self._fit(_prefill_features(split[:, 0] / self.total, split[:, 1]),
+                                            split[:, 2], errors)
+            self._prefill_full = self._fit(_prefill_full_features(full[:, 1]), full[:, 2], errors)
         self.fit_max_rel_error = max(errors) if errors else 0.0
 
     @staticmethod
@@ -220,10 +237,18 @@ class CostModel:
     def prefill_ms(self, prefill_sms: int, tokens: float, decode_beside: bool, over_allocated: bool) -> float:
         if tokens <= 0:
             return 0.0
+        n = np.array([float(tokens)])
+        if decode_beside and self.prefill_contention == "measured":
+            coef = self._prefill_full if over_allocated else self._prefill_split
+            if coef is None:  # too few points to fit
+                return self.profile.prefill_ms(prefill_sms, tokens, beside_decode=True)
+            f = _prefill_full_features(n) if over_allocated else _prefill_features(
+                np.array([prefill_sms / self.total]), n)
+            return max(1e-6, float((f @ coef)[0]))
         if self._prefill is None:
             ms = self.profile.prefill_ms(prefill_sms, tokens)
         else:
-            f = _prefill_features(np.array([prefill_sms / self.total]), np.array([float(tokens)]))
+            f = _prefill_features(np.array([prefill_sms / self.total]), n)
             ms = max(1e-6, float((f @ self._prefill)[0]))
         if decode_beside:
             ms *= 1 + (self.prefill_contention_full if over_allocated else self.prefill_contention_split)
@@ -273,6 +298,15 @@ class NexusPolicy:
         self._streak = 0  # ...for this many steps in a row
         log.info("nexus cost model: largest relative error on the profile %.1f %%",
                  100 * self.model.fit_max_rel_error)
+        meta = profile.metadata
+        if self.model.prefill_contention == "measured":
+            log.info("nexus cost model: prefill beside a decode as profiled (decode batch %d at context %d)",
+                     meta.decode_batch_beside, meta.decode_context_beside)
+        else:
+            log.info("nexus cost model: the profile did not measure prefill beside a decode; assuming it "
+                     "%.0f %% slower on a split, %.0f %% over-allocated (run `rapidserve profile` again to "
+                     "measure it)", 100 * self.model.prefill_contention_split,
+                     100 * self.model.prefill_contention_full)
 
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)

@@ -4,11 +4,13 @@ Two tables, measured on the target GPU and model:
 - decode step latency over decode SM counts × context lengths × batch sizes, alone and beside a
   running prefill (on the remainder of the split; for the full device, on a second full-device
   stream: over-allocation, where decode competes with prefill for every SM);
-- prefill latency over SM counts × prompt tokens (alone).
+- prefill latency over SM counts × prompt tokens, alone and (from schema version 2, optional)
+  beside decode steps of a fixed batch run back to back on the decode side of the same split
+  (for the full device, again on a second full-device stream).
 
 The decode table's SM counts include the whole device (`metadata.total_sms`): the over-allocated
 partition. JSON, with a schema version; `load_profile` checks every field and says which one is
-wrong.
+wrong. Version 1 files (no prefill-beside-decode grid) still load.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before prefill.beside_decode_ms
 
 Grid3 = tuple[tuple[tuple[float, ...], ...], ...]  # [sm][context][batch], ms
 Grid2 = tuple[tuple[float, ...], ...]  # [sm][prompt tokens], ms
@@ -39,6 +42,10 @@ class ProfileMetadata:
     rapidserve_version: str
     prefill_tokens_beside: int  # prompt tokens of the prefill run beside the timed decode steps
     notes: str = ""
+    # The decode steps run beside the timed prefills (prefill.beside_decode_ms): that many
+    # sequences of that many context tokens; 0 where the profile has no such grid.
+    decode_batch_beside: int = 0
+    decode_context_beside: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ class DecodeTable:
 class PrefillTable:
     sm_counts: tuple[int, ...]  # increasing
     prompt_tokens: tuple[int, ...]  # increasing
-    latency_ms: Grid2  # [sm][prompt tokens]
+    latency_ms: Grid2  # [sm][prompt tokens], alone
+    beside_decode_ms: Grid2 | None = None  # same shape, beside a running decode; None: not measured
 
 
 @dataclass(frozen=True)
@@ -91,10 +99,20 @@ class Profile:
 
         return _interp_sms(d.sm_counts, sms, at)
 
-    def prefill_ms(self, sms: int, tokens: float) -> float:
-        """Prefill latency of `tokens` prompt tokens on `sms` SMs (interpolated likewise)."""
+    @property
+    def has_prefill_beside_decode(self) -> bool:
+        return self.prefill.beside_decode_ms is not None
+
+    def prefill_ms(self, sms: int, tokens: float, beside_decode: bool = False) -> float:
+        """Prefill latency of `tokens` prompt tokens on `sms` SMs (interpolated likewise), alone
+        or beside a running decode (the full device: over-allocated). The latter needs a profile
+        that measured it (`has_prefill_beside_decode`)."""
         p = self.prefill
-        return _interp_sms(p.sm_counts, sms, lambda i: _interp(p.prompt_tokens, p.latency_ms[i], tokens))
+        grid = p.beside_decode_ms if beside_decode else p.latency_ms
+        if grid is None:
+            raise ValueError("the profile has no prefill latency beside a decode (schema version 1, or not "
+                             "measured): run `rapidserve profile` again")
+        return _interp_sms(p.sm_counts, sms, lambda i: _interp(p.prompt_tokens, grid[i], tokens))
 
     # ---- JSON ---------------------------------------------------------------------------------
 
@@ -110,7 +128,8 @@ class Profile:
             ProfileMetadata(**{k: data["metadata"][k] for k in _META_FIELDS if k in data["metadata"]}),
             DecodeTable(tuple(d["sm_counts"]), tuple(d["context_lens"]), tuple(d["batch_sizes"]),
                         _tuplify(d["alone_ms"]), _tuplify(d["beside_prefill_ms"])),
-            PrefillTable(tuple(p["sm_counts"]), tuple(p["prompt_tokens"]), _tuplify(p["latency_ms"])),
+            PrefillTable(tuple(p["sm_counts"]), tuple(p["prompt_tokens"]), _tuplify(p["latency_ms"]),
+                         None if p.get("beside_decode_ms") is None else _tuplify(p["beside_decode_ms"])),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -167,8 +186,10 @@ def _interp_sms(sm_counts: Sequence[int], sms: int, at: Any) -> float:
 _META_FIELDS: dict[str, type] = {
     "gpu_name": str, "total_sms": int, "sm_granularity": int, "partitioning": str, "model": str,
     "dtype": str, "created": str, "rapidserve_version": str, "prefill_tokens_beside": int, "notes": str,
+    "decode_batch_beside": int, "decode_context_beside": int,
 }
-_META_OPTIONAL = {"notes"}
+_META_OPTIONAL = {"notes", "decode_batch_beside", "decode_context_beside"}  # the last two: new in version 2
+_META_MAY_BE_ZERO = {"prefill_tokens_beside", "decode_batch_beside", "decode_context_beside"}
 _PARTITIONING = ("green-contexts", "cu-mask", "none")
 
 
@@ -241,9 +262,10 @@ def _validate(data: Any, source: str) -> None:
 def _check(data: Any) -> None:
     where = ""
     version = _field(data, "schema_version", where)
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"schema_version: this rapidserve reads version {SCHEMA_VERSION}, "
-                         f"the file has {version!r}: run `rapidserve profile` again")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"schema_version: this rapidserve reads versions "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))}, the file has {version!r}: run "
+                         "`rapidserve profile` again")
     meta = _field(data, "metadata", where)
     for key, kind in _META_FIELDS.items():
         w = f"metadata.{key}"
@@ -251,7 +273,7 @@ def _check(data: Any) -> None:
             continue
         value = _field(meta, key, "metadata")
         if kind is int:
-            _int(value, w, minimum=0 if key == "prefill_tokens_beside" else 1)
+            _int(value, w, minimum=0 if key in _META_MAY_BE_ZERO else 1)
         elif not isinstance(value, str):
             raise ValueError(f"{w}: expected a string, got {value!r}")
     if meta["partitioning"] not in _PARTITIONING:
@@ -277,3 +299,10 @@ def _check(data: Any) -> None:
         raise ValueError(f"{w}.sm_counts: {psms[-1]} exceeds the device's {total} SMs")
     tokens = _axis(_field(pre, "prompt_tokens", w), f"{w}.prompt_tokens")
     _grid(_field(pre, "latency_ms", w), (len(psms), len(tokens)), f"{w}.latency_ms")
+    beside = pre.get("beside_decode_ms")  # optional: absent (version 1) or null, not measured
+    if beside is not None:
+        _grid(beside, (len(psms), len(tokens)), f"{w}.beside_decode_ms")
+        for key in ("decode_batch_beside", "decode_context_beside"):
+            if meta.get(key, 0) < 1:
+                raise ValueError(f"metadata.{key}: must be at least 1 where prefill.beside_decode_ms is "
+                                 f"measured, got {meta.get(key, 0)}")

@@ -6,7 +6,9 @@ For each partition (every decode SM count asked for, and the whole device):
   the steps are timed by bench/latency.py's `measure_decode` on the decode side's stream, while
   a second thread runs whole-prompt prefill steps on the prefill side's stream (for the whole
   device: a second full-device stream, i.e. over-allocation);
-- prefill latency of each prompt length on the prefill side's SMs, alone.
+- prefill latency of each prompt length on the prefill side's SMs, alone and beside decode
+  steps of a fixed batch (--beside-decode-batch sequences at the shortest --context-lens) run back
+  to back in a second thread on the decode side's stream (the whole device: over-allocation).
 
 Decode CUDA graphs keep the partition they were captured on, so they are captured again on each
 partition's decode stream. Prefill runs eagerly, as the rapid topology's prefill worker does.
@@ -24,7 +26,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from rapidserve.bench.floors import ModelCost, model_cost
 from rapidserve.bench.latency import _int_list, measure_decode
 from rapidserve.bench.throughput import BENCH_ENGINE_DEFAULTS
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.kv.block_manager import blocks_needed
 from rapidserve.request import Request
 from rapidserve.resources.partition import (
     Partition,
@@ -54,6 +57,7 @@ from rapidserve.scheduler.chunked import ScheduledRequest
 from rapidserve.scheduler.prefill import PrefillTables
 
 _PREFILL_ID = "profile-prefill"
+_DECODE_ID = "profile-decode-{}"
 
 
 class _StreamView:
@@ -114,33 +118,83 @@ class _PrefillRunner:
                     times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    @contextlib.contextmanager
-    def beside(self, stream: torch.cuda.Stream | None, tokens: int, seed: int) -> Iterator[None]:
+    def beside(self, stream: torch.cuda.Stream | None, tokens: int,
+               seed: int) -> contextlib.AbstractContextManager[None]:
         """Prefill steps back to back in a second thread while the body runs."""
-        stop, started = threading.Event(), threading.Event()
-        failed: list[BaseException] = []
+        rng = random.Random(seed)
+        return _back_to_back(lambda: self.step(tokens, rng), stream, "prefill")
 
-        def loop() -> None:
-            rng = random.Random(seed)
-            try:
-                with use_stream(stream):
-                    while not stop.is_set():
-                        started.set()
-                        self.step(tokens, rng)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                failed.append(e)
-                started.set()
 
-        thread = threading.Thread(target=loop, name="profile-prefill", daemon=True)
-        thread.start()
-        started.wait()
+class _DecodeRunner:
+    """Decode steps of a fixed batch through the engine's runner (its decode graphs, captured on
+    the partition's decode stream by `_recapture`), on blocks reserved from the engine's block
+    manager: the decode worker's path, without its scheduler.
+
+    NOTE: every step recomputes the token at position `context` of each sequence (its KV slot is
+    overwritten), so the batch and context stay fixed however many steps run. The KV before it
+    is whatever the cache holds (zeros): a step's cost does not depend on the values."""
+
+    def __init__(self, engine: Any, batch: int, context: int) -> None:
+        self.engine = engine
+        if context + 1 > engine.max_model_len:
+            raise ValueError(f"decode at context {context} does not fit max_model_len {engine.max_model_len}")
+        ids = [_DECODE_ID.format(i) for i in range(batch)]
+        need = batch * blocks_needed(context + 1, engine.blocks.block_size)
+        if need > engine.blocks.num_free_blocks:
+            raise ValueError(f"the KV cache has no room for a decode batch of {batch} at context {context} "
+                             f"({need} blocks, {engine.blocks.num_free_blocks} free) to profile prefill beside: "
+                             "give it more memory (--kv-cache-memory-bytes, --num-kv-blocks) or lower "
+                             "--beside-decode-batch")
+        for rid in ids:
+            engine.blocks.allocate(rid, context + 1)  # fits: checked above
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        self.scheduled = [ScheduledRequest(Request(rid, [0] * (context + 1), params, 1), context, 1, True)
+                          for rid in ids]
+
+    def close(self) -> None:
+        for s in self.scheduled:
+            self.engine.blocks.free(s.request.request_id)
+            self.engine.runner.release(s.request.request_id)
+
+    def step(self) -> None:
+        """One decode step of the whole batch, on the current stream (waits for its tokens
+        only, as the decode worker does)."""
+        self.engine.runner.execute(self.scheduled)
+
+    def beside(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[None]:
+        """Decode steps back to back in a second thread while the body runs."""
+        return _back_to_back(self.step, stream, "decode")
+
+
+@contextlib.contextmanager
+def _back_to_back(step: Callable[[], None], stream: torch.cuda.Stream | None, phase: str) -> Iterator[None]:
+    """`step()` over and over on `stream` in a second thread while the body runs (it times the
+    other phase); the body starts once the thread is in its loop. An error in the thread is
+    raised here when the body ends."""
+    stop, started = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def loop() -> None:
         try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-        if failed:
-            raise RuntimeError(f"the prefill beside the decode steps failed: {failed[0]!r}") from failed[0]
+            with use_stream(stream):
+                while not stop.is_set():
+                    started.set()
+                    step()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(e)
+            started.set()
+
+    thread = threading.Thread(target=loop, name=f"profile-{phase}", daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        other = "prefill" if phase == "decode" else "decode steps"
+        raise RuntimeError(f"the {phase} beside the {other} failed: {failed[0]!r}") from failed[0]
 
 
 def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> None:
@@ -182,6 +236,8 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
     alone: list[list[list[float]]] = []
     beside: list[list[list[float]]] = []
     prefill_ms: dict[int, list[float]] = {}
+    prefill_beside_ms: dict[int, list[float]] = {}
+    decode_context = min(args.context_lens)
     sm_counts: list[int] = []
     try:
         for p in parts:
@@ -206,8 +262,19 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
             if p_sms not in prefill_ms:
                 prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
                                      for n in args.prompt_tokens]
+                # NOTE: the decode batch's blocks are held only here: the decode grid above needs
+                # the room.
+                decode = _DecodeRunner(engine, args.beside_decode_batch, decode_context)
+                try:
+                    with decode.beside(streams.decode):
+                        prefill_beside_ms[p_sms] = [
+                            1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
+                            for n in args.prompt_tokens]
+                finally:
+                    decode.close()
                 log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
-                    f"{n} tok {ms:.3f} ms" for n, ms in zip(args.prompt_tokens, prefill_ms[p_sms])))
+                    f"{n} tok {ms:.3f} ms ({b:.3f} ms beside a decode)"
+                    for n, ms, b in zip(args.prompt_tokens, prefill_ms[p_sms], prefill_beside_ms[p_sms])))
     finally:
         prefill.close()
     partitioned = bool(decode_sm_counts)
@@ -227,12 +294,14 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
         partitioning=kind, model=engine.model_name, dtype=str(engine.dtype).replace("torch.", ""),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
+        decode_batch_beside=args.beside_decode_batch, decode_context_beside=decode_context,
     )
     return Profile(
         meta,
         DecodeTable(tuple(sm_counts), tuple(args.context_lens), tuple(args.batch_sizes),
                     _tup(alone), _tup(beside)),
-        PrefillTable(tuple(psms), tuple(args.prompt_tokens), _tup([prefill_ms[n] for n in psms])),
+        PrefillTable(tuple(psms), tuple(args.prompt_tokens), _tup([prefill_ms[n] for n in psms]),
+                     _tup([prefill_beside_ms[n] for n in psms])),
     )
 
 
@@ -261,6 +330,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="prompt lengths of the prefill timings, comma-separated")
     g.add_argument("--beside-prefill-tokens", type=int, default=2048,
                    help="prompt length of the prefill run beside the timed decode steps")
+    g.add_argument("--beside-decode-batch", type=int, default=64,
+                   help="sequences in the decode steps run beside the timed prefills (at the shortest "
+                        "--context-lens; at most --max-num-seqs)")
     g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3)
@@ -271,10 +343,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rapidserve.engine import LLMEngine
 
-    if args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.beside_prefill_tokens < 1:
+    if (args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.beside_prefill_tokens < 1
+            or args.beside_decode_batch < 1):
         raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, "
-                         "--beside-prefill-tokens >= 1")
+                         "--beside-prefill-tokens >= 1, --beside-decode-batch >= 1")
     config = engine_config_from_args(args)
+    if args.beside_decode_batch > config.max_num_seqs:
+        raise ValueError(f"--beside-decode-batch {args.beside_decode_batch} > --max-num-seqs {config.max_num_seqs}: "
+                         "the engine never decodes a larger batch")
     if config.mode != "hybrid":
         raise ValueError("rapidserve profile measures steps on one engine: leave --mode at hybrid")
     engine = LLMEngine(config)
