@@ -109,12 +109,14 @@ def test_aborts_during_prefill_and_decode(process_engine):
     c = eng.add_request([3] * 10, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     assert eng.abort_request(a)
     got_b = 0
+    finished = {}  # c may finish in the same batch of events as b's third token
     deadline = time.monotonic() + 30
     while got_b < 3:
         assert time.monotonic() < deadline
-        got_b += sum(len(o.delta_token_ids) for o in eng.step() if o.request_id == b)
+        outs = eng.step()
+        got_b += sum(len(o.delta_token_ids) for o in outs if o.request_id == b)
+        finished.update({o.request_id: o for o in outs if o.finished})
     assert eng.abort_request(b) and not eng.abort_request(b)
-    finished = {}
     while eng.has_unfinished_requests():
         assert time.monotonic() < deadline
         finished.update({o.request_id: o for o in eng.step() if o.finished})
@@ -196,3 +198,25 @@ def test_generate_command_stops_the_workers_on_an_error(tiny):
     assert main(["generate", "--model", tiny, "--device", "cpu", "--mode", "rapid", "--placement", "process",
                  "--prompt", "hello"]) == 2
     assert not set(multiprocessing.active_children()) - before
+
+
+def _threads_in_a_worker(q):
+    import torch
+
+    from rapidserve.serving.workers import _worker_setup
+
+    _worker_setup(EngineConfig(device="cpu"))
+    q.put(torch.get_num_threads())
+
+
+def test_a_worker_process_takes_half_the_cores():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_threads_in_a_worker, args=(q,))
+    p.start()
+    try:
+        assert q.get(timeout=60) == max(1, (os.cpu_count() or 2) // 2)
+    finally:
+        p.join(30)

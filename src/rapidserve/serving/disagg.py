@@ -75,7 +75,7 @@ from rapidserve.serving.workers import (
     DecodeWorker,
     _drain,
     _generator_state,
-    _own_stream,
+    _worker_setup,
     _restore_generator,
     first_message,
     run_worker,
@@ -313,7 +313,7 @@ class PrefillInstance:
 
 def decode_instance_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
     def body() -> None:
-        _own_stream(config)
+        _worker_setup(config)
         split = apply_static_sm_split(config, "decode")  # noqa: F841 - kept alive while it runs
         DecodeInstance(config, inbox, to_prefill, to_front, share).run()
 
@@ -325,7 +325,7 @@ def prefill_instance_main(config: EngineConfig, inbox: Any, to_decode: Any, to_f
         shared = first_message(inbox, SharedKV)  # the decode instance's pool: where the copies go
         if shared is None:
             return
-        _own_stream(config)
+        _worker_setup(config)
         split = apply_static_sm_split(config, "prefill")  # noqa: F841 - kept alive while it runs
         PrefillInstance(config, inbox, to_decode, to_front, shared.kv_cache).run()
 

@@ -9,6 +9,8 @@ the decode batch; the prefill worker alone runs prompts; they talk only through 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import queue
 import traceback
 from collections.abc import Callable
@@ -296,9 +298,13 @@ class PrefillWorker:
 # ---- entry points (a thread's or a process's target) -------------------------------------------
 
 
-def _own_stream(config: EngineConfig) -> None:
+def _worker_setup(config: EngineConfig) -> None:
     """Give this worker its own CUDA stream, so that the two workers' kernels can overlap
-    (threads of one process would otherwise share the default stream)."""
+    (threads of one process would otherwise share the default stream); as a process of its own,
+    half the CPU cores for torch's threads (two workers each spinning a pool over every core
+    slow each other several times over on CPU)."""
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     device = resolve_device(config.device)
     if device.type == "cuda":
         if device.index is not None:
@@ -329,7 +335,7 @@ def first_message(inbox: Any, kind: type) -> Any:
 
 def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
     def body() -> None:
-        _own_stream(config)
+        _worker_setup(config)
         DecodeWorker(config, inbox, to_prefill, to_front, share).run()
 
     run_worker("decode", to_prefill, to_front, body)
@@ -339,7 +345,7 @@ def prefill_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any
     def body() -> None:
         shared = first_message(inbox, m.SharedTensors)  # the decode worker's model and cache
         if shared is not None:
-            _own_stream(config)
+            _worker_setup(config)
             PrefillWorker(config, inbox, to_decode, shared).run()
 
     run_worker("prefill", to_decode, to_front, body)
