@@ -58,7 +58,6 @@ import torch
 from rapidserve.config import EngineConfig, parse_disagg_devices
 from rapidserve.engine import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
 from rapidserve.kv.block_manager import BlockManager
-from rapidserve.request import Request
 from rapidserve.resources.partition import Partition, Partitioner, make_partitioner, round_to_granularity
 from rapidserve.runner.model_runner import ModelRunner
 from rapidserve.runner.setup import (
@@ -76,8 +75,8 @@ from rapidserve.serving.workers import (
     _drain,
     _generator_state,
     _worker_setup,
-    _restore_generator,
     first_message,
+    request_of,
     run_worker,
 )
 
@@ -256,11 +255,7 @@ class PrefillInstance:
         while True:
             for msg in _drain(self.inbox, block=not sched.waiting):
                 if isinstance(msg, m.PrefillWork):
-                    req = Request(msg.request_id, msg.token_ids[: msg.num_prompt_tokens], msg.params,
-                                  msg.max_tokens)
-                    req.all_token_ids = list(msg.token_ids)
-                    _restore_generator(self.runner, req, msg.generator_state)
-                    sched.add(req, msg.block_ids)
+                    sched.add(request_of(msg, self.runner), msg.block_ids)
                 elif isinstance(msg, m.CancelPrefill):
                     # Not run yet: drop it. Otherwise its PrefillDone (or PrefillFailed) is on
                     # the way, and the decode instance settles the abort when it arrives.

@@ -62,6 +62,15 @@ def _restore_generator(runner: ModelRunner, req: Request, state: torch.Tensor | 
         runner.generators[req.request_id] = gen
 
 
+def request_of(work: m.PrefillWork, runner: ModelRunner) -> Request:
+    """The request a prefill side runs for a PrefillWork: every token it has (its prompt, plus
+    its outputs after a preemption), and a seeded request's random stream where it was."""
+    req = Request(work.request_id, work.token_ids[: work.num_prompt_tokens], work.params, work.max_tokens)
+    req.all_token_ids = list(work.token_ids)
+    _restore_generator(runner, req, work.generator_state)
+    return req
+
+
 def _start_timeline(runner: ModelRunner, config: EngineConfig, role: str) -> str | None:
     if config.step_timeline:
         runner.timeline = StepTimeline(role, runner.device)
@@ -265,11 +274,7 @@ class PrefillWorker:
         while True:
             for msg in _drain(self.inbox, block=not sched.waiting):
                 if isinstance(msg, m.PrefillWork):
-                    req = Request(msg.request_id, msg.token_ids[: msg.num_prompt_tokens], msg.params,
-                                  msg.max_tokens)
-                    req.all_token_ids = list(msg.token_ids)
-                    _restore_generator(self.runner, req, msg.generator_state)
-                    sched.add(PrefillJob(req, msg.block_ids))
+                    sched.add(PrefillJob(request_of(msg, self.runner), msg.block_ids))
                 elif isinstance(msg, m.CancelPrefill):
                     # Not run yet: drop it. Otherwise its PrefillDone is on the way, and the
                     # decode worker settles the abort when it arrives.
