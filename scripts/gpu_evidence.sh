@@ -42,8 +42,10 @@ for stage in "$@"; do
         common="--num-decodes 32 --num-prefills 8 --prefill-len 8192"
         $RS bench interference $common --mode hybrid --max-num-batched-tokens 512 --output-json "$OUT/itl_hybrid512.json" 2>&1 | tail -8
         $RS bench interference $common --mode hybrid --max-num-batched-tokens 2048 --output-json "$OUT/itl_hybrid2048.json" 2>&1 | tail -8
-        $RS bench interference $common --mode rapid --placement thread --output-json "$OUT/itl_rapid_thread.json" 2>&1 | tail -9
-        $RS bench interference $common --mode rapid --placement process --mps auto --output-json "$OUT/itl_rapid_process.json" 2>&1 | tail -9 ;;
+        $RS bench interference $common --mode rapid --placement thread --output-json "$OUT/itl_rapid_thread.json" \
+            --timeline-plot "$OUT/timeline_thread.png" 2>&1 | tail -9
+        $RS bench interference $common --mode rapid --placement process --mps auto --output-json "$OUT/itl_rapid_process.json" \
+            --timeline-plot "$OUT/timeline_process.png" 2>&1 | tail -9 ;;
     profile)
         $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024 \
             --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 2>&1 | tail -15 ;;

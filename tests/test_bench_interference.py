@@ -44,7 +44,8 @@ def test_interference_end_to_end(tiny_model_dir, tmp_path, mode, placement):
     config = EngineConfig(model=path, device="cpu", mode=mode, placement=placement, max_num_batched_tokens=64,
                           step_timeline=str(tmp_path / "tl"))
     r = measure(config, num_decodes=3, decode_prompt_len=12, prefill_len=150, num_prefills=3,
-                prefill_concurrency=1, alone_steps=4)
+                prefill_concurrency=1, alone_steps=4, timeline_plot=str(tmp_path / "tl.png"))
+    assert (tmp_path / "tl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r.decode_alone.count >= 4 * 3 - 3 and r.decode_under_prefill.count > 0
     assert r.prefill_ttft.count == 3 and r.prefill_tokens_per_s > 0 and r.window_s > 0
     spans = load_spans(str(tmp_path / "tl"))

@@ -144,7 +144,8 @@ def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int,
 
 
 def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int, num_prefills: int,
-            prefill_concurrency: int, alone_steps: int, rates: Any = None) -> InterferenceResult:
+            prefill_concurrency: int, alone_steps: int, rates: Any = None,
+            timeline_plot: str | None = None) -> InterferenceResult:
     from rapidserve.engine import create_engine
     from rapidserve.runner.timeline import load_spans, overlap
 
@@ -170,6 +171,13 @@ def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: 
     ov = None
     if config.step_timeline:
         spans = load_spans(config.step_timeline)
+        if timeline_plot:
+            from rapidserve.bench.plots import plot_timeline
+
+            # About two prefills' worth of the window: long enough to show both phases, short
+            # enough to see single steps.
+            plot_timeline(spans, timeline_plot, t0, t0 + 2 * (t1 - t0) / num_prefills,
+                          title=f"{config.mode} mode: decode and prefill steps while {prefill_len}-token prompts arrive")
         if {s.role for s in spans} >= {"decode", "prefill"}:
             o = overlap(spans, "decode", "prefill", t0, t1)
             ov = {"decode_busy_s": o.a_busy_s, "prefill_busy_s": o.b_busy_s, "both_busy_s": o.both_s,
@@ -270,6 +278,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="long prompts in flight at once (1: back to back)")
     g.add_argument("--alone-steps", type=int, default=30, help="steps timed before the prefills start")
     g.add_argument("--output-json", default=None)
+    g.add_argument("--timeline-plot", default=None, metavar="PNG",
+                   help="draw the workers' steps over the first prefills (rapid mode: the overlap)")
     add_rates_args(parser)
     add_engine_args(parser)
     parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
@@ -282,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     tmp = None
-    if config.step_timeline is None and config.mode == "rapid":
+    if config.step_timeline is None and (config.mode == "rapid" or args.timeline_plot):
         tmp = tempfile.TemporaryDirectory(prefix="rapidserve-timeline-")
         config = dataclasses.replace(config, step_timeline=tmp.name)
     rates = rates_from_args(args, resolve_device(config.device))
@@ -292,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     print(rates_line(rates))
     try:
         r = measure(config, args.num_decodes, args.decode_prompt_len, args.prefill_len, args.num_prefills,
-                    args.prefill_concurrency, args.alone_steps, rates)
+                    args.prefill_concurrency, args.alone_steps, rates, args.timeline_plot)
     finally:
         if tmp is not None:
             tmp.cleanup()

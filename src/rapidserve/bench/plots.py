@@ -89,3 +89,30 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path, baseline: st
         fig.savefig(path, dpi=120)
         paths.append(path)
     return paths
+
+
+def plot_timeline(spans: Sequence[Any], path: str | Path, since_s: float, until_s: float,
+                  title: str = "Steps on the device") -> Path:
+    """A Gantt chart of step spans (`runner.timeline.StepSpan`: role, tokens, start, end), one
+    row per role, within [since, until] (seconds on the x axis from `since`): where decode and
+    prefill bars overlap, both phases ran at once."""
+    from matplotlib.figure import Figure
+
+    roles = sorted({s.role for s in spans}, key=lambda r: {"decode": 0, "prefill": 1}.get(r, 2))
+    fig = Figure(figsize=(10, 1.2 + 0.8 * len(roles)))
+    ax = fig.add_subplot()
+    colors = {"decode": "tab:blue", "prefill": "tab:orange", "hybrid": "tab:green"}
+    for row, role in enumerate(roles):
+        bars = [(s.start_s - since_s, s.end_s - s.start_s) for s in spans
+                if s.role == role and s.end_s > since_s and s.start_s < until_s]
+        ax.broken_barh(bars, (row - 0.35, 0.7), facecolors=colors.get(role, "tab:gray"))
+    ax.set_yticks(range(len(roles)), roles)
+    ax.set_xlim(0, until_s - since_s)
+    ax.set_xlabel("seconds")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
