@@ -247,6 +247,8 @@ def test_server_serves_disagg_and_fails_only_the_failed_request(tiny, monkeypatc
     ({"disagg_devices": "0,1,2"}, "two CUDA device indices"),
     ({"disagg_devices": "0,1", "device": "cpu"}, "cannot go with device cpu"),
     ({"disagg_devices": "0,1", "mode": "rapid"}, "applies to the disagg mode"),
+    ({"disagg_decode_sms": 0}, "disagg_decode_sms"),
+    ({"disagg_decode_sms": 40, "mode": "rapid"}, "disagg_decode_sms"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -255,9 +257,9 @@ def test_config_validation(kw, match):
 
 def test_cli_flags_and_missing_devices(tiny):
     args = build_parser().parse_args(["serve", "--mode", "disagg", "--disagg-memory-split", "0.25",
-                                      "--disagg-devices", "0,1", "--placement", "thread"])
+                                      "--disagg-devices", "0,1", "--placement", "thread", "--disagg-decode-sms", "40"])
     cfg = engine_config_from_args(args)
-    assert (cfg.mode, cfg.disagg_memory_split, cfg.disagg_devices) == ("disagg", 0.25, "0,1")
+    assert (cfg.mode, cfg.disagg_memory_split, cfg.disagg_devices, cfg.disagg_decode_sms) == ("disagg", 0.25, "0,1", 40)
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError, match="names CUDA devices"):
             create_engine(EngineConfig(model=tiny, mode="disagg", disagg_devices="0,1"))
@@ -298,3 +300,44 @@ def test_prefill_scheduler_fills_its_own_pool_then_waits():
     assert sched.drop("d") and not sched.drop("b")
     sched.finish("b")
     assert blocks.num_free_blocks == 4 and not sched.waiting
+
+
+@pytest.mark.parametrize("decode_sms, want", [(None, 64), (40, 40), (45, 48)])
+def test_static_sm_split_of_each_instance(monkeypatch, decode_sms, want):
+    """On one GPU each instance makes the same split (decode the group, prefill the remainder)
+    and moves onto its side's stream; a stand-in mechanism of 132 SMs in granules of 8."""
+    from rapidserve.resources.partition import Granted, Partition, PhaseStreams
+    from rapidserve.serving import disagg
+
+    made, current = [], []
+
+    class Stream:
+        def __init__(self, side):
+            self.side = side
+
+        def wait_stream(self, other):
+            pass
+
+    class Fake:
+        total_sms, granularity = 132, 8
+
+        def __init__(self, device, partitioned, side):
+            self.side = side
+            made.append(self)
+
+        def prepare(self, parts):
+            self.parts = list(parts)
+            return [Granted(p, p.decode_sms, p.prefill_sms) for p in self.parts]
+
+        def streams(self, p):
+            return PhaseStreams(Stream("decode"), Stream("prefill"))
+
+    monkeypatch.setattr(disagg, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(disagg, "make_partitioner", Fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "set_stream", current.append)
+    cfg = EngineConfig(mode="disagg", disagg_decode_sms=decode_sms)
+    for role in ("decode", "prefill"):
+        assert disagg.apply_static_sm_split(cfg, role) is made[-1]
+    assert [m.parts for m in made] == [[Partition.split(want, 132)]] * 2
+    assert [(m.side, s.side) for m, s in zip(made, current)] == [("decode", "decode"), ("prefill", "prefill")]

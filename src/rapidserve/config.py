@@ -57,6 +57,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     disagg_memory_split: float = 0.5  # disagg mode: the prefill instance's share of the memory
+    disagg_decode_sms: int | None = None  # disagg mode on one GPU: SMs of the decode instance (None: half)
     disagg_devices: str | None = None  # disagg mode: "P,D" CUDA devices of prefill and decode
     # Plan and launch step N+1 before reading step N's tokens back (None: on CUDA only, where
     # the GPU then never waits for the host; on CPU there is nothing to overlap).
@@ -120,6 +121,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
+        if self.disagg_decode_sms is not None and (self.mode != "disagg" or self.disagg_decode_sms < 1):
+            raise ValueError(f"disagg_decode_sms must be a positive SM count of the disagg mode, got "
+                             f"{self.disagg_decode_sms} in the {self.mode} mode")
         if not 0.0 < self.disagg_memory_split < 1.0:
             raise ValueError(f"disagg_memory_split must be in (0, 1), got {self.disagg_memory_split}")
         if self.disagg_devices is not None:

@@ -27,6 +27,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="rapid mode, process placement on NVIDIA: auto uses a running MPS daemon or "
                         "starts a private one (falling back to thread placement if it cannot); on "
                         "requires one; off runs without (the two processes are then time-sliced)")
+    g.add_argument("--disagg-decode-sms", type=int, default=None,
+                   help="disagg mode on one GPU: SMs of the decode instance's static split (default: half, "
+                        "rounded to the granularity); the prefill instance gets the rest")
     g.add_argument("--disagg-memory-split", type=float, default=0.5,
                    help="disagg mode: the prefill instance's share of the memory (KV budget on CPU or "
                         "with --kv-cache-memory-bytes; of gpu_memory_utilization x total on one GPU)")

@@ -151,8 +151,8 @@ def instance_config(config: EngineConfig, role: str) -> EngineConfig:
 
 
 def apply_static_sm_split(config: EngineConfig, role: str) -> Partitioner | None:
-    """On one GPU, give this instance its half of a static SM split (standing in for separate
-    devices: decode the group of ~half the SMs, prefill the remainder, through the resources
+    """On one GPU, give this instance its side of a static SM split (standing in for separate
+    devices: decode the group of `--disagg-decode-sms` SMs, default half; prefill the remainder; through the resources
     layer's mechanism; each instance makes the same split) and run on that side's stream. Call
     it once the instance's device is set, before it builds anything; keep what it returns alive
     as long as the instance runs. Nothing to do on CPU or with the instances on two devices."""
@@ -168,7 +168,11 @@ def apply_static_sm_split(config: EngineConfig, role: str) -> Partitioner | None
     if partitioner.total_sms < 2 * partitioner.granularity:
         log.warning("%s instance: this GPU cannot be partitioned; both instances may use every SM", role)
         return partitioner
-    n = round_to_granularity(partitioner.total_sms // 2, partitioner.granularity, partitioner.total_sms)
+    want = config.disagg_decode_sms or partitioner.total_sms // 2
+    n = round_to_granularity(want, partitioner.granularity, partitioner.total_sms)
+    if n != want and config.disagg_decode_sms:
+        log.warning("%s instance: --disagg-decode-sms %d rounded to %d (multiples of %d)", role, want, n,
+                    partitioner.granularity)
     split = Partition.split(n, partitioner.total_sms)
     (granted,) = partitioner.prepare([split])
     streams = partitioner.streams(split)
