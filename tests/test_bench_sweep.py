@@ -257,3 +257,19 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert "highest rate with >= 90% SLO attainment" in printed.out and "FAILED" in printed.out
     assert "sweep" in printed.err  # the progress bar
     assert Path(out / "server-rapid.log").exists()
+
+
+def test_policy_configs_get_the_profile_and_the_itl_slo(tmp_path):
+    from rapidserve.entrypoints.cli import build_parser
+    from rapidserve.bench.sweep import run_sweep, server_command
+
+    args = build_parser().parse_args(["bench", "sweep", "--profile", "p.json", "--slo-itl-ms", "30"])
+    cmd = server_command(parse_config("rapid-nexus"), args)
+    assert cmd[-4:] == ["--mode", "rapid", "--partition-policy", "nexus"]
+    assert cmd[cmd.index("--profile") + 1] == "p.json" and cmd[cmd.index("--slo-itl-ms") + 1] == "30.0"
+    assert "--profile" not in server_command(parse_config("rapid-static:40"), args)
+    bare = build_parser().parse_args(["bench", "sweep", "--configs", "hybrid-512,rapid-rapid",
+                                      "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="needs --profile"):
+        run_sweep(bare)
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -245,6 +245,14 @@ def server_command(config: SweepConfig, args: argparse.Namespace) -> list[str]:
             cmd += [flag, str(value)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    flags = config.server_flags
+    if "--partition-policy" in flags and flags[flags.index("--partition-policy") + 1] in ("rapid", "nexus"):
+        # These policies keep an ITL SLO from a profile: the SLO the sweep's goodput judges by.
+        if not getattr(args, "profile", None):
+            raise ValueError(f"--configs {config.name}: the policy needs --profile PATH (from `rapidserve profile`)")
+        cmd += ["--profile", args.profile]
+        if args.slo_itl_ms is not None:
+            cmd += ["--slo-itl-ms", str(args.slo_itl_ms)]
     cmd += shlex.split(args.server_args or "")
     # The configuration's own flags last: they win over --server-args.
     return cmd + list(config.server_flags)
@@ -384,6 +392,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.slo_itl_ms is None and args.slo_ttft_ms_per_1k is None:
         raise ValueError("bench sweep needs an SLO for its goodput: --slo-itl-ms and/or --slo-ttft-ms-per-1k")
+    for config in configs:
+        server_command(config, args)  # a configuration missing what it needs fails before any run
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -513,6 +523,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for flag, help_text in _FORWARDED:
         s.add_argument(flag, default=None, help=help_text)
     s.add_argument("--enforce-eager", action="store_true")
+    s.add_argument("--profile", default=None,
+                   help="the SM-partition profile for rapid-rapid and rapid-nexus (their servers also get "
+                        "--slo-itl-ms, the goodput's ITL SLO)")
     w = parser.add_argument_group("workload and SLOs (as bench serve)")
     # The paper's SLOs for Llama-3.1-70B: ITL 100 ms, TTFT 1 s per started 1000 prompt tokens.
     add_workload_args(w, slo_itl_ms=100.0, slo_ttft_ms_per_1k=1000.0, timeout_s=600.0)
