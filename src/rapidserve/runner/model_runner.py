@@ -210,8 +210,8 @@ class ModelRunner:
             src = [prev.rows[rid] for rid in inp.pending_request_ids]
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]!r} has a pending token the step in flight does not sample") from None
-        input_ids.index_copy_(0, self._tensor(inp.pending_index),
-                              prev.sampled.index_select(0, self._tensor(np.array(src, dtype=np.int64))))
+        where = self._tensor(np.stack([inp.pending_index, np.array(src, dtype=np.int64)]))  # [2, P]: one copy
+        input_ids.index_copy_(0, where[0], prev.sampled.index_select(0, where[1]))
 
     def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None) -> torch.Tensor | None:
         b = len(scheduled)

@@ -89,18 +89,26 @@ class _Side:
         self.partitioner.close()
 
 
+def _open_side(config: EngineConfig, device: torch.device, side: str) -> tuple[PartitionPolicy, _Side]:
+    """The configured policy and this worker's side of every partition it may pick, with the
+    worker moved onto the first one's stream."""
+    spec = parse_policy(config.partition_policy)
+    partitioner = _make_partitioner(device, spec.kind != "off", side)
+    policy = build_policy(config, partitioner)
+    partitions = policy.partitions()
+    opened = _Side(partitioner, side, partitions)
+    opened.move_to(partitions[0])
+    return policy, opened
+
+
 class DecodePartitioning:
     """The decode worker's: the policy, its side's streams and graphs per partition, metrics.
     Made before the model, so that everything the worker runs is on its partition's stream."""
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        spec = parse_policy(config.partition_policy)
-        partitioner = _make_partitioner(device, spec.kind != "off", "decode")
-        self.policy = build_policy(config, partitioner)
+        self.policy, self._side = _open_side(config, device, "decode")
         self.partitions = self.policy.partitions()
-        self._side = _Side(partitioner, "decode", self.partitions)
         self.metrics = PartitionMetrics()
-        self._side.move_to(self.partitions[0])
         for g in self._side.granted:
             log.info("decode: partition %s gives decode %d SMs, prefill %d", g.partition, g.decode_sms, g.prefill_sms)
 
@@ -155,20 +163,9 @@ class PrefillPartitioning:
     config, so it names the same ones); it follows the decode worker at its next step."""
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        spec = parse_policy(config.partition_policy)
-        partitioner = _make_partitioner(device, spec.kind != "off", "prefill")
-        policy = build_policy(config, partitioner)
+        policy, self._side = _open_side(config, device, "prefill")
         self.partitioned = policy.partitioned
-        partitions = policy.partitions()
-        self._side = _Side(partitioner, "prefill", partitions)
-        self._side.move_to(partitions[0])
         self.pending: Partition | None = None
-        self.switches = 0
-
-    @property
-    def current(self) -> Partition:
-        assert self._side.current is not None
-        return self._side.current
 
     def follow(self, partition: Partition) -> None:
         """The decode worker moved: move too, before the next prefill step."""
@@ -176,7 +173,7 @@ class PrefillPartitioning:
 
     def before_step(self) -> None:
         if self.pending is not None:
-            self.switches += self._side.move_to(self.pending)
+            self._side.move_to(self.pending)
             self.pending = None
 
     def close(self) -> None:

@@ -167,7 +167,7 @@ class DecodeWorker:
         tokens were taken, or the partition changed)."""
         out = self.scheduler.schedule()
         moved = None
-        if self.partitioning is not None:
+        if self.partitioning is not None and self.partitioning.partitioned:  # `off`: nothing to decide
             moved = self.partitioning.before_step(self._step_state(out.scheduled), self.runner)
             if moved is not None:
                 self.to_prefill.put(m.SetPartition(moved))
