@@ -1,6 +1,9 @@
 """SM partitioning mechanisms (resources/partition.py): the Partition value, the CPU path, CU
 masks, and (marked gpu, skipped without CUDA) green contexts on an NVIDIA GPU."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -169,3 +172,33 @@ def test_one_side_per_process():
     finally:
         decode.close()
         prefill.close()
+
+
+@pytest.mark.gpu
+def test_pinned_buffer_outlives_a_closed_partition():
+    """A pinned buffer used on a partition's stream may be freed after the worker closed its
+    partitions (its last step results): the worker is back on its own stream and nothing aborts
+    (torch records an event on the buffer's streams at the free: on the H100 this aborted the
+    process with "context is destroyed" when the green contexts were destroyed at close)."""
+    code = """
+import torch
+from rapidserve.resources.partition import Partition, make_partitioner
+from rapidserve.serving.partitioning import _Side
+dev = torch.device("cuda")
+total = torch.cuda.get_device_properties(dev).multi_processor_count
+home = torch.cuda.Stream()
+torch.cuda.set_stream(home)
+p = Partition.split(40 if total >= 80 else 8, total)
+side = _Side(make_partitioner(dev, side="decode"), "decode", (p,))
+side.move_to(p)
+assert torch.cuda.current_stream() != home
+buf = torch.empty(4096, pin_memory=True)
+buf.copy_(torch.randn(4096, device=dev), non_blocking=True)
+side.close()
+assert torch.cuda.current_stream() == home
+del buf
+torch.cuda.synchronize()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

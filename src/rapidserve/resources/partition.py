@@ -217,7 +217,7 @@ class _SplittingPartitioner:
         raise NotImplementedError
 
     def _destroy(self) -> None:
-        """Destroy the mechanism's streams and contexts (the device is idle)."""
+        """Let the mechanism's streams and contexts go (the device is idle)."""
 
     def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
         for p in partitions:
@@ -272,6 +272,9 @@ def _ok(drv: Any, result: tuple[Any, ...], what: str) -> Any:
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else rest
+
+
+_RETIRED: list[Any] = []  # green contexts and their streams of closed partitioners (see _destroy)
 
 
 class GreenContextPartitioner(_SplittingPartitioner):
@@ -347,11 +350,13 @@ class GreenContextPartitioner(_SplittingPartitioner):
         return streams, got
 
     def _destroy(self) -> None:
-        drv = self._drv
-        for s in self._raw_streams:
-            _ok(drv, drv.cuStreamDestroy(s), "cuStreamDestroy")
-        for ctx in self._green_ctxs:
-            _ok(drv, drv.cuGreenCtxDestroy(ctx), "cuGreenCtxDestroy")
+        # NOTE: the streams and contexts are kept until the process exits, not destroyed: torch's
+        # pinned-memory allocator records an event on every stream a pinned buffer was used on
+        # when the buffer is freed, which may be after this (a worker's last step results), and
+        # an event on a destroyed stream aborts the process ("context is destroyed", seen on the
+        # H100). A few contexts per engine; the driver releases them at exit.
+        _RETIRED.extend(self._raw_streams)
+        _RETIRED.extend(self._green_ctxs)
         self._raw_streams.clear()
         self._green_ctxs.clear()
 

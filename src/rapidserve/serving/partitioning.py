@@ -63,6 +63,9 @@ class _Side:
         self.side = side
         self.granted: list[Granted] = partitioner.prepare(partitions)
         self.current: Partition | None = None
+        # The worker's own stream, restored on close: a thread left on a partition's stream would
+        # use it after the partitioner let it go (freeing a pinned buffer queries the current stream).
+        self.home = torch.cuda.current_stream() if self.stream(partitions[0]) is not None else None
 
     def stream(self, partition: Partition) -> torch.cuda.Stream | None:
         streams = self.partitioner.streams(partition)
@@ -86,6 +89,10 @@ class _Side:
         return partition.decode_share(total) if self.side == "decode" else partition.prefill_share(total)
 
     def close(self) -> None:
+        if self.home is not None:
+            torch.cuda.current_stream().synchronize()
+            torch.cuda.set_stream(self.home)
+        self.current = None
         self.partitioner.close()
 
 
