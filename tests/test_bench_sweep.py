@@ -26,6 +26,7 @@ from rapidserve.bench.sweep import (
     parse_config,
     parse_configs,
     parse_rates,
+    require_healthy,
     summarize_configs,
     write_results,
 )
@@ -220,6 +221,29 @@ def test_server_process_start_failures(tmp_path):
     assert ok.alive()
     assert ok.stop() == -15  # SIGTERM
     assert "rapidserve: serving m" in (tmp_path / "ok.log").read_text()
+
+
+def test_a_listening_but_unhealthy_server_is_refused(tmp_path):
+    """A server whose engine died at start-up still listens; the sweep must not send it load."""
+    script = (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(503 if self.path == '/health' else 200); self.end_headers()\n"
+        "        self.wfile.write(b'the engine failed: ValueError: boom')\n"
+        "s = http.server.HTTPServer(('127.0.0.1', 0), H)\n"
+        "print(f'rapidserve: serving m at http://127.0.0.1:{s.server_port}/v1', flush=True)\n"
+        "s.serve_forever()\n"
+    )
+    server = ServerProcess([sys.executable, "-c", script], tmp_path / "sick.log")
+    url = server.start(30)
+    try:
+        with pytest.raises(ServerStartError, match=r"unhealthy \(503\).*boom"):
+            require_healthy(url)
+    finally:
+        server.stop()
+    with pytest.raises(ServerStartError, match="/health failed"):
+        require_healthy(url, timeout_s=5)  # nothing listens any more
 
 
 @pytest.mark.slow

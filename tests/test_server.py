@@ -22,6 +22,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from rapidserve import SamplingParams
@@ -531,6 +532,27 @@ def test_async_engine_validation_abort_and_shutdown(tiny_model_dir):
             await eng.generate([1, 2], GREEDY)
 
     asyncio.run(after())
+
+
+def test_engine_thread_failing_to_start_fails_requests(tiny_model_dir):
+    """The engine thread's own set-up (binding it to the engine's CUDA device) failing is an
+    engine failure like a step's: requests get an error, never a hang (on the H100 a plain
+    "cuda" device once killed the thread before its loop, and every request waited forever)."""
+    llm = _tiny_engine(tiny_model_dir)
+    llm.device = torch.device("cuda", 7)  # no such device here: binding the thread fails
+    eng = AsyncEngine(llm)
+    try:
+        eng._thread.join(timeout=30)
+        assert not eng._thread.is_alive() and not eng.healthy
+        assert eng.error is not None
+
+        async def main():
+            with pytest.raises(EngineDeadError, match="the engine failed"):
+                await eng.generate([1, 2, 3], GREEDY)
+
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
 
 
 def test_engine_failure_answers_500_and_health_503(tiny_model_dir):

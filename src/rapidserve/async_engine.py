@@ -187,6 +187,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
         self._stats = engine.stats()
+        self._cuda_index = _cuda_index(getattr(engine, "device", None))
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
         self._thread.start()
 
@@ -327,14 +328,13 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self._engine
-        device = getattr(engine, "device", None)
-        if device is not None and device.type == "cuda":
-            import torch
-
-            # The current device is per thread; kernels launch on it.
-            torch.cuda.set_device(device)
-        log.info("engine thread started (model %s, mode %s)", self.model_name, self.mode)
         try:
+            if self._cuda_index is not None:
+                import torch
+
+                # The current device is per thread; kernels launch on it.
+                torch.cuda.set_device(self._cuda_index)
+            log.info("engine thread started (model %s, mode %s)", self.model_name, self.mode)
             while True:
                 had_requests = engine.has_unfinished_requests()
                 commands = self._next_commands()
@@ -387,6 +387,18 @@ class AsyncEngine:
             if isinstance(item, _Command) and item.future is not None:
                 self._post(_set_exception, item.future, EngineDeadError(message))
         self._post(self._fail_all, message)
+
+
+def _cuda_index(device: Any) -> int | None:
+    """The index of the engine's CUDA device (a plain "cuda" names the creating thread's current
+    device; the engine thread's own starts at 0), or None off CUDA."""
+    if device is None or device.type != "cuda":
+        return None
+    if device.index is not None:
+        return device.index
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

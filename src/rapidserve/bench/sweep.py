@@ -296,6 +296,17 @@ class _Progress:
         self.runs.close()
 
 
+def require_healthy(url: str, timeout_s: float = 30.0) -> None:
+    """ServerStartError unless the server's /health answers 200: a server whose engine died at
+    start-up still listens, and a run against it would wait for answers that never come."""
+    try:
+        r = httpx.get(url.rstrip("/") + "/health", timeout=timeout_s, trust_env=False)
+    except httpx.HTTPError as e:
+        raise ServerStartError(f"the server listens at {url} but /health failed: {e}") from e
+    if r.status_code != 200:
+        raise ServerStartError(f"the server listens at {url} but is unhealthy ({r.status_code}): {r.text[:600]}")
+
+
 def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: float, args: argparse.Namespace,
               monitor: GpuMonitor, progress: _Progress, desc: str) -> tuple[dict[str, Any], GpuUtil, str | None]:
     """One load-generator run at `rate`: (summary, GPU utilization, first error or None)."""
@@ -325,7 +336,9 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
     t0 = time.perf_counter()
     try:
         url = server.start(args.server_start_timeout)
+        require_healthy(url)
     except ServerStartError as e:
+        server.stop()
         entry["error"] = str(e)
         result["rows"].append(failed_row(config.name, None, str(e)))
         progress.write(f"[{config.name}] failed to start; see {server.log_path}\n{server.log_tail(600)}")
