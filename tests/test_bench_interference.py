@@ -82,3 +82,9 @@ def test_interference_reports_kv_transfers_in_disagg_mode(tiny_model_dir):
                 prefill_concurrency=1, alone_steps=3)
     assert r.kv_transfer is not None and r.kv_transfer["transfers"] == 4  # 2 decodes + 2 prefills
     assert r.kv_transfer["mean_mb"] > 0 and "KV transfers: 4" in format_result(r)
+    # the long prompts' own: 2 transfers of 40 tokens' KV
+    k = r.kv_transfer
+    assert k["prefill_transfers"] == 2 and k["prefill_mean_ms"] > 0
+    decode_mb = (4 * k["mean_mb"] - 2 * k["prefill_mean_mb"]) / 2
+    assert k["prefill_mean_mb"] == pytest.approx(3 * decode_mb)  # blocks of 16: 3 for 40 tokens, 1 for 8
+    assert "KV transfer of each long prompt" in format_result(r)

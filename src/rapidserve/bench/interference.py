@@ -91,14 +91,20 @@ class InterferenceResult(NamedTuple):
 def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int, num_prefills: int,
         prefill_concurrency: int, alone_steps: int, seed: int, vocab: int,
         timeout_s: float = 3600.0, memory: list[tuple[float, int, int]] | None = None,
+        at_window_start: list[Any] | None = None,
         ) -> tuple[dict[str, list[float]], list[float], tuple[float, float, float], int]:
     """Drive the engine through the three phases. Returns the decode requests' token times, the
     prefills' TTFTs, (alone-window start, window start, window end) and prefill tokens made;
     appends (time, engine bytes, prefill-instance bytes) of GPU memory after every step to
-    `memory`."""
+    `memory`, and the engine's stats when the prefills start to `at_window_start`."""
     rng = random.Random(seed)
     prompt = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
-    room = engine.max_model_len - decode_prompt_len
+    # As many tokens as one request may have: within the context length and the whole cache (the
+    # disagg mode's cache is a share of the GPU, smaller than a long-context model's length).
+    room = min(engine.max_model_len, engine.num_kv_blocks * engine.block_size) - decode_prompt_len
+    if room < 1:
+        raise ValueError(f"decode prompts of {decode_prompt_len} tokens leave no room in a context of "
+                         f"{engine.max_model_len} tokens and a cache of {engine.num_kv_blocks * engine.block_size}")
     decode_params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
     decodes = [engine.add_request(prompt(decode_prompt_len), decode_params) for _ in range(num_decodes)]
     times: dict[str, list[float]] = {rid: [] for rid in decodes}
@@ -128,6 +134,8 @@ def run(engine: Any, num_decodes: int, decode_prompt_len: int, prefill_len: int,
     alone_start = time.monotonic()
     for _ in range(alone_steps):
         step()
+    if at_window_start is not None:
+        at_window_start.append(engine.stats())
     window_start = time.monotonic()
     prefill_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     sent = 0
@@ -153,10 +161,11 @@ def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: 
         raise ValueError("every count and length of bench interference must be >= 1")
     engine = create_engine(config)
     mem: list[tuple[float, int, int]] = []
+    before: list[Any] = []
     try:
         times, ttfts, (t_alone, t0, t1), prefill_tokens = run(
             engine, num_decodes, decode_prompt_len, prefill_len, num_prefills, prefill_concurrency,
-            alone_steps, config.seed, engine.model_config.vocab_size, memory=mem)
+            alone_steps, config.seed, engine.model_config.vocab_size, memory=mem, at_window_start=before)
         stats = engine.stats()
         preemptions = stats.num_preemptions
     finally:
@@ -188,6 +197,14 @@ def measure(config: Any, num_decodes: int, decode_prompt_len: int, prefill_len: 
         kv = {"transfers": t.num_transfers, "mean_ms": t.seconds / t.num_transfers * 1e3,
               "mean_mb": t.num_bytes / t.num_transfers / 1e6,
               "gb_per_s": t.num_bytes / t.seconds / 1e9 if t.seconds > 0 else float("nan")}
+        # The long prompts' own transfers: those after the window opened (every decode request's
+        # prompt was transferred before it made its first tokens, before the window).
+        b = before[0].kv_transfer if before and before[0].kv_transfer is not None else None
+        n = t.num_transfers - (b.num_transfers if b else 0)
+        if n > 0:
+            ms = (t.seconds - (b.seconds if b else 0.0)) / n * 1e3
+            kv.update(prefill_transfers=n, prefill_mean_ms=ms,
+                      prefill_mean_mb=(t.num_bytes - (b.num_bytes if b else 0)) / n / 1e6)
     return InterferenceResult(
         config.mode, LatencyStats.of(gaps_within(times, t_alone, t0)), LatencyStats.of(gaps_within(times, t0, t1)),
         decode_tokens / window if window > 0 else 0.0, LatencyStats.of(ttfts),
@@ -264,7 +281,12 @@ def format_result(r: InterferenceResult) -> str:
     if r.kv_transfer is not None:
         k = r.kv_transfer
         lines.append(f"KV transfers: {k['transfers']:.0f}, {k['mean_mb']:.1f} MB and {k['mean_ms']:.2f} ms each "
-                     f"({k['gb_per_s']:.1f} GB/s; mean prefill TTFT {r.prefill_ttft.mean_ms:.1f} ms)")
+                     f"({k['gb_per_s']:.1f} GB/s)")
+        if "prefill_transfers" in k:
+            lines.append(f"KV transfer of each long prompt: {k['prefill_mean_mb']:.1f} MB in "
+                         f"{k['prefill_mean_ms']:.2f} ms ({k['prefill_transfers']:.0f} transfers), "
+                         f"{k['prefill_mean_ms'] / r.prefill_ttft.mean_ms:.1%} of its mean TTFT "
+                         f"({r.prefill_ttft.mean_ms:.1f} ms)")
     return "\n".join(lines)
 
 
