@@ -3,7 +3,7 @@
 # (10 minutes at most). Run from the repository root on the GPU machine, where the image has
 # torch, triton, transformers, cuda-bindings, matplotlib, httpx and nvidia-ml-py, but not the
 # server's packages nor gguf; carry them as wheels in .whl/ (see below). Results go to $OUT
-# (default ./gpu-evidence), one JSON / text file per measurement.
+# (default ./gpu-evidence), one JSON / text file per measurement, and the whole output in log.txt.
 #
 #   bash scripts/gpu_evidence.sh tests latency           # ~6 min
 #   bash scripts/gpu_evidence.sh throughput              # ~7 min (the transformers peer alone ~4 min)
@@ -14,12 +14,13 @@
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
-#   pydantic_core annotated-types typing-inspection uvicorn annotated-doc gguf
+#   pydantic_core annotated-types typing-inspection uvicorn annotated-doc gguf opentelemetry-api
 # and name .whl in the device call's carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-evidence}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1  # everything, errors included, also comes back as a file
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -32,45 +33,45 @@ for stage in "$@"; do
     case "$stage" in
     tests)
         # Only the modules with GPU tests: the others import the server's client packages.
-        python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+        timeout 330 python3 -m pytest -q -m gpu --durations=12 -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40 ;;
     latency)
-        $RS bench latency --output-json "$OUT/latency.json" 2>&1 | tail -20 ;;
+        $RS bench latency --output-json "$OUT/latency.json" 2>&1 ;;
     throughput)
-        $RS bench throughput --peer transformers --output-json "$OUT/throughput.json" 2>&1 | tail -25 ;;
+        $RS bench throughput --peer transformers --output-json "$OUT/throughput.json" 2>&1 ;;
     interference)
         # Decode ITL while 8K-token prompts stream in: the paper's §3.1, rapid against chunked prefill.
         common="--num-decodes 32 --num-prefills 8 --prefill-len 8192"
-        $RS bench interference $common --mode hybrid --max-num-batched-tokens 512 --output-json "$OUT/itl_hybrid512.json" 2>&1 | tail -8
-        $RS bench interference $common --mode hybrid --max-num-batched-tokens 2048 --output-json "$OUT/itl_hybrid2048.json" 2>&1 | tail -8
+        $RS bench interference $common --mode hybrid --max-num-batched-tokens 512 --output-json "$OUT/itl_hybrid512.json" 2>&1
+        $RS bench interference $common --mode hybrid --max-num-batched-tokens 2048 --output-json "$OUT/itl_hybrid2048.json" 2>&1
         $RS bench interference $common --mode rapid --placement thread --output-json "$OUT/itl_rapid_thread.json" \
-            --timeline-plot "$OUT/timeline_thread.png" 2>&1 | tail -9
+            --timeline-plot "$OUT/timeline_thread.png" 2>&1
         $RS bench interference $common --mode rapid --placement process --mps auto --output-json "$OUT/itl_rapid_process.json" \
-            --timeline-plot "$OUT/timeline_process.png" 2>&1 | tail -9 ;;
+            --timeline-plot "$OUT/timeline_process.png" 2>&1 ;;
     profile)
         $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024 \
-            --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 2>&1 | tail -15 ;;
+            --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 2>&1 ;;
     partition)
         # The rapid policy keeps the decode p95 ITL under the SLO while 8K prompts run back to back.
         common="--num-decodes 64 --num-prefills 8 --prefill-len 8192 --mode rapid --placement thread"
         prof=""; [ -f "$OUT/profile.json" ] && prof="--profile $OUT/profile.json"  # the profile's figure beside
         for policy in full static:40; do
-            $RS bench interference $common --partition-policy $policy $prof --output-json "$OUT/part_${policy/:/_}.json" 2>&1 | tail -10
+            $RS bench interference $common --partition-policy $policy $prof --output-json "$OUT/part_${policy/:/_}.json" 2>&1
         done
         if [ -f "$OUT/profile.json" ]; then
             for policy in rapid nexus; do
                 $RS bench interference $common --partition-policy $policy --profile "$OUT/profile.json" --slo-itl-ms 30 \
-                    --output-json "$OUT/part_$policy.json" 2>&1 | tail -9
+                    --output-json "$OUT/part_$policy.json" 2>&1
             done
         fi ;;
     disagg)
         for n in 2048 8192; do
             $RS bench interference --mode disagg --num-decodes 16 --num-prefills 8 --prefill-len $n \
-                --output-json "$OUT/disagg_$n.json" 2>&1 | tail -9
+                --output-json "$OUT/disagg_$n.json" 2>&1
         done ;;
     sweep)
         $RS bench sweep --model preset:llama-3.1-8b --load-format dummy --dtype bfloat16 \
             --dataset-name lmsys-like --num-prompts 100 --request-rates 2,4,8 \
-            --configs hybrid-512,hybrid-2048,rapid,disagg --slo-itl-ms 50 --output-dir "$OUT/sweep" 2>&1 | tail -30
+            --configs hybrid-512,hybrid-2048,rapid,disagg --slo-itl-ms 50 --output-dir "$OUT/sweep" 2>&1
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$OUT/sweep" ;;  # at most 8 files come back
     *)
         echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;
