@@ -10,7 +10,7 @@
 #   bash scripts/gpu_evidence.sh interference            # ~7 min: hybrid 512/2048, rapid thread/process
 #   bash scripts/gpu_evidence.sh profile partition       # ~9 min: profile, then rapid/full/static policies
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
-#   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep of every mode
+#   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
@@ -69,10 +69,17 @@ for stage in "$@"; do
                 --output-json "$OUT/disagg_$n.json" 2>&1
         done ;;
     sweep)
+        # Figures 8-11 in parts that each fit a device call. SWEEP_CONFIGS (default below),
+        # SWEEP_DATASET (lmsys-like), SWEEP_PROMPTS (100), SWEEP_RATES (2,4,8); SWEEP_FROM: an
+        # earlier part's sweep.tgz, carried back in, to add to (bench sweep --resume: its runs are
+        # kept and skipped). rapid-rapid / rapid-nexus use the H100 profile in docs/results.
+        dir="$OUT/sweep"; resume=""
+        if [ -n "${SWEEP_FROM:-}" ]; then tar xzf "$SWEEP_FROM" -C "$OUT" && resume="--resume"; fi
         $RS bench sweep --model preset:llama-3.1-8b --load-format dummy --dtype bfloat16 \
-            --dataset-name lmsys-like --num-prompts 100 --request-rates 2,4,8 \
-            --configs hybrid-512,hybrid-2048,rapid,disagg --slo-itl-ms 50 --output-dir "$OUT/sweep" 2>&1
-        tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$OUT/sweep" ;;  # at most 8 files come back
+            --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
+            --request-rates "${SWEEP_RATES:-2,4,8}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-2048,rapid,disagg}" \
+            --profile docs/results/2026-11-22-h100/profile.json --slo-itl-ms 50 --output-dir "$dir" $resume 2>&1
+        tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
     *)
         echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;
     esac

@@ -297,3 +297,52 @@ def test_policy_configs_get_the_profile_and_the_itl_slo(tmp_path):
     with pytest.raises(ValueError, match="needs --profile"):
         run_sweep(bare)
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_resume_adds_configurations_to_a_sweep(tmp_path, monkeypatch):
+    """--resume: configurations that ran are kept and skipped, a failed one runs again, the first
+    part's probed rates are reused, results are written after every configuration, and a sweep
+    of another workload is refused."""
+    from rapidserve.bench import sweep as sw
+    from rapidserve.entrypoints.cli import build_parser
+
+    ran: list[tuple[str, list[float] | None]] = []
+
+    def fake_config(config, args, rates, out_dir, monitor, progress, result):
+        ran.append((config.name, rates))
+        if config.name == "disagg" and len(ran) == 2:  # fails the first time
+            result["configs"].append({"name": config.name, "status": "failed", "error": "boom"})
+            result["rows"].append(failed_row(config.name, None, "boom"))
+            return rates
+        rates = rates or [1.0, 2.0]  # as if probed
+        result["rates"] = rates
+        result["configs"].append({"name": config.name, "status": "ok", "error": None})
+        for rate in rates:
+            result["rows"].append({**failed_row(config.name, rate, None), "status": "ok",
+                                   "attainment_p95_itl": 1.0, "attainment_max_itl": 1.0, "attainment_itl_only": 1.0})
+        return rates
+
+    monkeypatch.setattr(sw, "_sweep_config", fake_config)
+    out = tmp_path / "out"
+    argv = ["bench", "sweep", "--slo-itl-ms", "50", "--output-dir", str(out), "--device", "cpu"]
+    parse = build_parser().parse_args
+    first = sw.run_sweep(parse([*argv, "--configs", "hybrid-512,disagg"]))
+    assert [c["status"] for c in first["configs"]] == ["ok", "failed"]
+    on_disk = json.loads((out / "sweep.json").read_text())  # written as it went
+    assert [c["name"] for c in on_disk["configs"]] == ["hybrid-512", "disagg"]
+
+    ran.clear()
+    second = sw.run_sweep(parse([*argv, "--configs", "hybrid-512,disagg,rapid", "--resume"]))
+    assert ran == [("disagg", [1.0, 2.0]), ("rapid", [1.0, 2.0])]  # hybrid-512 skipped; same rates
+    assert [c["name"] for c in second["configs"]] == ["hybrid-512", "disagg", "rapid"]
+    assert all(c["status"] == "ok" for c in second["configs"])
+    assert sorted({r["config"] for r in second["rows"]}) == ["disagg", "hybrid-512", "rapid"]
+    assert all(r["status"] == "ok" for r in second["rows"])  # the first disagg failure is gone
+
+    ran.clear()
+    with pytest.raises(ValueError, match=r"another workload or SLO \(slo_itl_ms: 50.0 there, 30.0 here\)"):
+        sw.run_sweep(parse(["bench", "sweep", "--slo-itl-ms", "30", "--output-dir", str(out), "--device", "cpu",
+                            "--configs", "hybrid-1024", "--resume"]))
+    assert ran == []
+    fresh = sw.run_sweep(parse([*argv, "--configs", "hybrid-1024"]))  # without --resume: a new sweep
+    assert [c["name"] for c in fresh["configs"]] == ["hybrid-1024"]

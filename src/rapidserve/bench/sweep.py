@@ -396,6 +396,38 @@ def summarize_configs(result: dict[str, Any], target: float = ATTAINMENT_TARGET)
             entry["max_rate_at_attainment"][variant] = {"rate": ar.rate, "note": ar.note}
 
 
+# What makes two sweeps' runs comparable: the workload, the SLOs and every server's common flags.
+_SAME_WORKLOAD = (
+    "dataset_name", "dataset_path", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio",
+    "random_vocab_size", "sharegpt_output_len", "custom_output_len", "burstiness", "max_concurrency", "seed",
+    "ignore_eos", "slo_itl_ms", "slo_ttft_ms_per_1k", "server_args", "enforce_eager",
+    *(flag[2:].replace("-", "_") for flag, _ in _FORWARDED),
+)
+
+
+def load_previous(args: argparse.Namespace, out_dir: Path) -> dict[str, Any] | None:
+    """`--resume`: the sweep already in `out_dir` (None if there is none), with only its
+    configurations that ran (a failed one runs again). ValueError if its workload, SLOs or common
+    server flags differ from this one's: their figures could not share a table."""
+    path = out_dir / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+        prev_args, configs, rows = prev["args"], prev["configs"], prev["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: cannot read the sweep in {path}: {e}") from e
+    differ = [k for k in _SAME_WORKLOAD if prev_args.get(k) != getattr(args, k, None)]
+    if differ:
+        details = ", ".join(f"{k}: {prev_args.get(k)!r} there, {getattr(args, k, None)!r} here" for k in differ)
+        raise ValueError(f"--resume: the sweep in {out_dir} ran another workload or SLO ({details}); "
+                         "use another --output-dir")
+    done = {c["name"] for c in configs if c.get("status") == "ok"}
+    prev["configs"] = [c for c in configs if c["name"] in done]
+    prev["rows"] = [r for r in rows if r["config"] in done]
+    return prev
+
+
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     configs = parse_configs(args.configs)
     rates = parse_rates(args.request_rates)
@@ -414,6 +446,16 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "rates": rates, "rates_source": "auto" if rates is None else "given", "probe": None,
         "attainment_target": ATTAINMENT_TARGET, "configs": [], "rows": [],
     }
+    prev = load_previous(args, out_dir) if args.resume else None
+    if prev is not None:
+        done = {c["name"] for c in prev["configs"]}
+        if done:
+            print(f"resuming the sweep in {out_dir}: {', '.join(sorted(done))} already ran", file=sys.stderr)
+        result["configs"], result["rows"], result["probe"] = prev["configs"], prev["rows"], prev.get("probe")
+        if rates is None and prev.get("rates"):
+            rates = result["rates"] = prev["rates"]  # the same offered rates for every configuration
+            result["rates_source"] = prev.get("rates_source", "auto")
+        configs = [c for c in configs if c.name not in done]
     monitor = GpuMonitor(_nvml_index(args.device))
     has_gpu = monitor.open()
     result["gpu_monitor"] = "nvml" if has_gpu else None
@@ -426,6 +468,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             # A configuration that ran fewer rates (failed) still advances the sweep's bar fully.
             planned = len(rates) if rates is not None else args.num_auto_rates
             progress.runs.update(max(0, planned - runs_done))
+            summarize_configs(result)
+            write_results(result, out_dir)  # what ran so far survives a sweep cut short
     finally:
         progress.close()
         monitor.close()
@@ -532,6 +576,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-requests", type=int, default=1,
                    help="untimed requests (4 output tokens) sent to each server first")
     g.add_argument("--no-plots", action="store_true", help="write no PNG")
+    g.add_argument("--resume", action="store_true",
+                   help="add to the sweep already in --output-dir: its configurations that ran are kept "
+                        "(and skipped here), its rates reused when --request-rates is auto; the "
+                        "workload, SLOs and common server flags must be the same")
     s = parser.add_argument_group("server (forwarded to every configuration when given)")
     for flag, help_text in _FORWARDED:
         s.add_argument(flag, default=None, help=help_text)
