@@ -117,6 +117,69 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
     assert ("decode", "close", None) in fake_mechanism and ("prefill", "close", None) in fake_mechanism
 
 
+class _PrefillAwarePolicy:
+    """The whole device while no prompt waits or runs, a split while one does (as nexus does)."""
+
+    name, partitioned = "prefill-aware", True
+
+    def partitions(self):
+        return (Partition.FULL, Partition.split(8, TOTAL))
+
+    def decide(self, state):
+        return Partition.split(8, TOTAL) if state.prefill_active else Partition.FULL
+
+
+def test_a_prompt_is_handed_over_after_the_partition_decided_with_it(tiny_model_dir, fake_mechanism, monkeypatch):
+    """A prompt arriving while decode is over-allocated must be prefilled on the split decided
+    with it in view: the decode worker tells the prefill worker the new partition *before*
+    handing it the prompt (its inbox is read in order), not after, when the prefill may already
+    run on the whole device beside decode."""
+    from rapidserve.serving import messages as m
+    from rapidserve.serving.workers import DecodeWorker
+
+    sent: list = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def put(self, msg):
+            sent.append(msg)
+            self.inner.put(msg)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    run = DecodeWorker.run
+
+    def recording_run(self):
+        self.to_prefill = Recording(self.to_prefill)
+        run(self)
+
+    monkeypatch.setattr(DecodeWorker, "run", recording_run)
+    monkeypatch.setattr("rapidserve.serving.partitioning.make_policy", lambda *a, **k: _PrefillAwarePolicy())
+    path, _ = tiny_model_dir("llama")
+    engine = create_engine(EngineConfig(model=path, device="cpu", mode="rapid", placement="thread",
+                                        partition_policy="static:8"))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    try:
+        for prompt in _prompts(4):  # one at a time: each arrives while decode has the whole device
+            engine.add_request(prompt, params)
+            while engine.has_unfinished_requests():
+                engine.step()
+            _wait_idle(engine, decode_sms=TOTAL)
+    finally:
+        engine.shutdown()
+    told, handed = Partition.FULL, 0
+    for msg in sent:
+        if isinstance(msg, m.SetPartition):
+            told = msg.partition
+        elif isinstance(msg, m.PrefillWork):
+            assert told == Partition.split(8, TOTAL), f"prompt {msg.request_id} handed over under {told}"
+            handed += 1
+    assert handed == 4
+
+
 def test_static_policy_keeps_one_split(tiny_model_dir, fake_mechanism):
     path, _ = tiny_model_dir("llama")
     engine = create_engine(EngineConfig(model=path, device="cpu", mode="rapid", placement="thread",

@@ -151,26 +151,30 @@ class DecodeWorker:
                         self.runner.drop_graphs()
                         self.partitioning.close()
                     return
-            for job in sched.hand_over():
-                req = job.request
-                self.to_prefill.put(m.PrefillWork(
-                    req.request_id, list(req.all_token_ids), req.num_prompt_tokens, req.params,
-                    req.max_tokens, job.block_ids, _generator_state(self.runner, req.request_id),
-                ))
-            collected = self._decode_step(events)
+            collected = self._decode_step(events, sched.hand_over())
             if events or msgs or collected:
                 self.to_front.put(m.StepEvents(events, self._stats()))
 
-    def _decode_step(self, events: list[m.TokenEvent]) -> bool:
-        """Launch the next decode step, then take the tokens of the one before it (async
-        scheduling) or of this one. Returns whether there is news for the front (a step's
-        tokens were taken, or the partition changed)."""
+    def _decode_step(self, events: list[m.TokenEvent], jobs: list[PrefillJob]) -> bool:
+        """Hand the prompts of `jobs` (their blocks allocated) to the prefill worker, launch the
+        next decode step, then take the tokens of the one before it (async scheduling) or of this
+        one. Returns whether there is news for the front (a step's tokens were taken, or the
+        partition changed)."""
         out = self.scheduler.schedule()
         moved = None
         if self.partitioning is not None and self.partitioning.partitioned:  # `off`: nothing to decide
             moved = self.partitioning.before_step(self._step_state(out.scheduled), self.runner)
             if moved is not None:
                 self.to_prefill.put(m.SetPartition(moved))
+        # NOTE: after the partition message: a prompt handed over now is prefilled in the partition
+        # decided with it in view (the prefill worker reads its inbox in order), never in the one
+        # before, when no prompt was there (e.g. over-allocated, beside this decode step).
+        for job in jobs:
+            req = job.request
+            self.to_prefill.put(m.PrefillWork(
+                req.request_id, list(req.all_token_ids), req.num_prompt_tokens, req.params,
+                req.max_tokens, job.block_ids, _generator_state(self.runner, req.request_id),
+            ))
         prev, self._in_flight = self._in_flight, None
         if out.scheduled:
             self._num_steps += 1
