@@ -19,7 +19,7 @@ processes get the same group and remainder, and each creates only the green cont
 NOTE: partitions are created once, at start-up, for every partition a policy may pick
 (`prepare`); `streams()` is then a dictionary lookup, cheap enough to call every step. A CUDA
 graph keeps the partition of the stream it was captured on, so graphs are captured per partition
-on the streams handed out here, and those streams must outlive the graphs: `close()` last.
+on the streams handed out here; those streams live until the process exits (`_KEPT`).
 """
 
 from __future__ import annotations
@@ -216,9 +216,6 @@ class _SplittingPartitioner:
     def _split_streams(self, partition: Partition) -> tuple[PhaseStreams, Granted]:
         raise NotImplementedError
 
-    def _destroy(self) -> None:
-        """Let the mechanism's streams and contexts go (the device is idle)."""
-
     def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
         for p in partitions:
             if p in self._table.by_partition:
@@ -241,10 +238,18 @@ class _SplittingPartitioner:
         return self._table.granted()
 
     def close(self) -> None:
+        """Forget the partitions; their streams (and green contexts) stay in `_KEPT`."""
         self._table.by_partition.clear()
         self._full_streams = None
         torch.cuda.synchronize(self.device)
-        self._destroy()
+
+
+# NOTE: the mechanisms' streams (and green contexts) are never destroyed, only kept here until the
+# process exits: torch's pinned-memory allocator records an event on every stream a pinned buffer
+# was used on when the buffer is freed, which may come after a worker closed its partitions (its
+# last step results), and an event on a destroyed stream aborts the process ("context is
+# destroyed", seen on the H100). A few handles per engine; the driver releases them at exit.
+_KEPT: list[Any] = []
 
 
 # ---- NVIDIA: green contexts ------------------------------------------------------------------------
@@ -272,9 +277,6 @@ def _ok(drv: Any, result: tuple[Any, ...], what: str) -> Any:
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else rest
-
-
-_RETIRED: list[Any] = []  # green contexts and their streams of closed partitioners (see _destroy)
 
 
 class GreenContextPartitioner(_SplittingPartitioner):
@@ -307,8 +309,6 @@ class GreenContextPartitioner(_SplittingPartitioner):
         queried = [int(getattr(sm, f, 0) or 0) for f in ("minSmPartitionSize", "smCoscheduledAlignment")]
         self.granularity = max(HOPPER_SM_GRANULARITY if major >= 9 else 2, *queried)
         self._table = _StreamTable(self.total_sms)
-        self._green_ctxs: list[Any] = []  # NOTE: kept alive as long as their streams
-        self._raw_streams: list[Any] = []
         self._full_streams: PhaseStreams | None = None
         log.info("green contexts on %s: %d SMs, granularity %d", torch.cuda.get_device_name(device),
                  self.total_sms, self.granularity)
@@ -318,10 +318,9 @@ class GreenContextPartitioner(_SplittingPartitioner):
         desc = _ok(drv, drv.cuDevResourceGenerateDesc([resource], 1), "cuDevResourceGenerateDesc")
         ctx = _ok(drv, drv.cuGreenCtxCreate(
             desc, self._dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate")
-        self._green_ctxs.append(ctx)
         raw = _ok(drv, drv.cuGreenCtxStreamCreate(
             ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
-        self._raw_streams.append(raw)
+        _KEPT.extend((ctx, raw))
         return torch.cuda.ExternalStream(int(raw), device=self.device)
 
     def _split(self, decode_sms: int) -> tuple[Any, Any]:
@@ -348,17 +347,6 @@ class GreenContextPartitioner(_SplittingPartitioner):
         log.log(level, "partition %s (%s side): decode group %d SMs, prefill remainder %d SMs",
                 p, self.side, got.decode_sms, got.prefill_sms)
         return streams, got
-
-    def _destroy(self) -> None:
-        # NOTE: the streams and contexts are kept until the process exits, not destroyed: torch's
-        # pinned-memory allocator records an event on every stream a pinned buffer was used on
-        # when the buffer is freed, which may be after this (a worker's last step results), and
-        # an event on a destroyed stream aborts the process ("context is destroyed", seen on the
-        # H100). A few contexts per engine; the driver releases them at exit.
-        _RETIRED.extend(self._raw_streams)
-        _RETIRED.extend(self._green_ctxs)
-        self._raw_streams.clear()
-        self._green_ctxs.clear()
 
 
 # ---- AMD: CU masks -------------------------------------------------------------------------------
@@ -393,7 +381,6 @@ class CuMaskPartitioner(_SplittingPartitioner):
         self.granularity = 1
         self._hip = self._load()
         self._table = _StreamTable(self.total_sms)
-        self._raw: list[ctypes.c_void_p] = []
         self._full_streams: PhaseStreams | None = None
 
     @staticmethod
@@ -405,8 +392,6 @@ class CuMaskPartitioner(_SplittingPartitioner):
         hip.hipExtStreamCreateWithCUMask.argtypes = [
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
         hip.hipExtStreamCreateWithCUMask.restype = ctypes.c_int
-        hip.hipStreamDestroy.argtypes = [ctypes.c_void_p]
-        hip.hipStreamDestroy.restype = ctypes.c_int
         return hip
 
     def _masked_stream(self, mask: list[int]) -> torch.cuda.Stream:
@@ -416,7 +401,7 @@ class CuMaskPartitioner(_SplittingPartitioner):
             err = self._hip.hipExtStreamCreateWithCUMask(ctypes.byref(handle), len(mask), words)
         if err != 0:
             raise RuntimeError(f"hipExtStreamCreateWithCUMask failed with error {err}")
-        self._raw.append(handle)
+        _KEPT.append(handle)
         return torch.cuda.ExternalStream(int(handle.value or 0), device=self.device)
 
     def prepare(self, partitions: Iterable[Partition]) -> list[Granted]:
@@ -433,11 +418,6 @@ class CuMaskPartitioner(_SplittingPartitioner):
         got = Granted(p, p.decode_sms, self.total_sms - p.decode_sms)
         log.info("partition %s (%s side): CU masks of %d and %d CUs", p, self.side, got.decode_sms, got.prefill_sms)
         return streams, got
-
-    def _destroy(self) -> None:
-        for h in self._raw:
-            self._hip.hipStreamDestroy(h)
-        self._raw.clear()
 
 
 # ---- choosing one ------------------------------------------------------------------------------
