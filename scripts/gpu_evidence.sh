@@ -70,15 +70,18 @@ for stage in "$@"; do
         done ;;
     sweep)
         # Figures 8-11 in parts that each fit a device call. SWEEP_CONFIGS (default below),
-        # SWEEP_DATASET (lmsys-like), SWEEP_PROMPTS (100), SWEEP_RATES (2,4,8); SWEEP_FROM: an
+        # SWEEP_DATASET (lmsys-like), SWEEP_PROMPTS (100), SWEEP_RATES (2,4,8,16); SWEEP_FROM: an
         # earlier part's sweep.tgz, carried back in, to add to (bench sweep --resume: its runs are
-        # kept and skipped). rapid-rapid / rapid-nexus use the H100 profile in docs/results.
+        # kept and skipped). SWEEP_TIMEOUT (540 s) stops the sweep with SIGINT (its servers are
+        # stopped, what ran is written) so the results still come back within the call's limit.
+        # rapid-rapid / rapid-nexus use the H100 profile in docs/results.
         dir="$OUT/sweep"; resume=""
         if [ -n "${SWEEP_FROM:-}" ]; then tar xzf "$SWEEP_FROM" -C "$OUT" && resume="--resume"; fi
-        $RS bench sweep --model preset:llama-3.1-8b --load-format dummy --dtype bfloat16 \
-            --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
-            --request-rates "${SWEEP_RATES:-2,4,8}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-2048,rapid,disagg}" \
+        timeout -s INT -k 30 "${SWEEP_TIMEOUT:-540}" $RS bench sweep --model preset:llama-3.1-8b --load-format dummy \
+            --dtype bfloat16 --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
+            --request-rates "${SWEEP_RATES:-2,4,8,16}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-2048,rapid,disagg}" \
             --profile docs/results/2026-11-22-h100/profile.json --slo-itl-ms 50 --output-dir "$dir" $resume 2>&1
+        pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null  # none should be left; none may hold the GPU
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
     *)
         echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;

@@ -223,6 +223,40 @@ def test_server_process_start_failures(tmp_path):
     assert "rapidserve: serving m" in (tmp_path / "ok.log").read_text()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stopping_a_server_leaves_none_of_its_children(tmp_path):
+    """A server that exits on SIGTERM but leaves a child behind (a worker it failed to stop, which
+    would hold the GPU the next configuration needs): stop() kills the child too, and does not
+    hang on the pipe the child still holds."""
+    child_pid = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(child_pid)!r}, 'w').write(str(c.pid))\n"
+        "print('rapidserve: serving m at http://127.0.0.1:1234/v1', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    server = ServerProcess([sys.executable, "-c", script], tmp_path / "s.log")
+    server.start(30)
+    pid = int(child_pid.read_text())
+    assert _alive(pid)
+    t0 = time.monotonic()
+    assert server.stop() == -15
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
 def test_a_listening_but_unhealthy_server_is_refused(tmp_path):
     """A server whose engine died at start-up still listens; the sweep must not send it load."""
     script = (
@@ -281,6 +315,15 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert "highest rate with >= 90% SLO attainment" in printed.out and "FAILED" in printed.out
     assert "sweep" in printed.err  # the progress bar
     assert Path(out / "server-rapid.log").exists()
+    # Every run's requests are kept: scored again, they give the row's figures.
+    from rapidserve.bench.metrics import RequestRecord, summarize
+
+    for r in ok:
+        saved = json.loads((out / "requests" / f"{r['config']}@{r['request_rate']:g}.json").read_text())
+        records = [RequestRecord(**{**q, "itls": tuple(q["itls"])}) for q in saved["requests"]]
+        again = summarize(records, saved["duration"], 10000, 20000)
+        assert len(records) == 4 and again["p95_ttft_ms"] == r["p95_ttft_ms"]
+        assert again["attainment_p95_itl"] == r["attainment_p95_itl"]
 
 
 def test_policy_configs_get_the_profile_and_the_itl_slo(tmp_path):

@@ -156,6 +156,29 @@ def test_killing_the_prefill_process_fails_pending_requests(tiny):
         assert not w.is_alive()
 
 
+def test_interrupted_start_stops_the_workers(tiny, monkeypatch):
+    """SIGTERM (the server turns it into SystemExit) or Ctrl-C while the workers start: they are
+    stopped, not orphaned holding their share of the GPU."""
+    started = []
+    real = RapidEngine._next_message
+
+    def interrupted(self, timeout):
+        msg = real(self, timeout)
+        if msg is None:
+            return None
+        started.extend(self.workers.values())  # up and running (Ready): interrupted now
+        raise SystemExit(143)
+
+    monkeypatch.setattr(RapidEngine, "_next_message", interrupted)
+    with pytest.raises(SystemExit):
+        create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process"))
+    monkeypatch.setattr(RapidEngine, "_next_message", real)
+    assert len(started) == 2
+    for w in started:
+        w.join(timeout=15)
+        assert not w.is_alive()
+
+
 def test_rapid_mode_stop_strings_and_chat_match_hybrid():
     hybrid = LLM(device="cpu")
     q = [{"role": "user", "content": "What is the capital of France?"}]

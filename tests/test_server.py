@@ -659,3 +659,51 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _group_workers(pgid: int) -> list[int]:
+    """The multiprocessing workers alive in process group `pgid`."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid and b"multiprocessing.spawn" in cmd:
+            pids.append(int(d))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_while_the_rapid_workers_start_leaves_no_worker(tiny_model_dir):
+    """SIGTERM before the server listens (its workers still loading): the workers are stopped,
+    not orphaned (an orphan would keep its share of the GPU)."""
+    model = tiny_model_dir("llama")[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapidserve.entrypoints.cli", "serve", model, "--device", "cpu", "--port", "0",
+         "--num-kv-blocks", "32", "--mode", "rapid", "--placement", "process"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _group_workers(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert "serving" not in proc.stdout.read()  # it was stopped while starting
+        deadline = time.monotonic() + 10
+        while _group_workers(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _group_workers(proc.pid)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -157,6 +157,7 @@ class ServerProcess:
         self._url: str | None = None
         self._found = threading.Event()
         self._log: Any = None
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout_s: float) -> str:
         """The server's base URL (without /v1) once it listens; ServerStartError if it exits or
@@ -169,7 +170,8 @@ class ServerProcess:
         # the server (and, as a last resort, its whole process group) itself.
         self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                       env=env, start_new_session=True)
-        threading.Thread(target=self._read_stdout, name="server-stdout", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stdout, name="server-stdout", daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout_s
         # The reader sets _found on the line, or at the end of stdout (the server exited).
         while not self._found.wait(0.1) and self._proc.poll() is None:
@@ -188,9 +190,11 @@ class ServerProcess:
             if self._url is None and (m := SERVE_LINE.search(line)):
                 self._url = m.group("url")
                 self._found.set()
-            if self._log is not None and not self._log.closed:
+            try:
                 self._log.write(line)
                 self._log.flush()
+            except (AttributeError, ValueError):  # no log yet, or stop() closed it
+                pass
         self._found.set()
 
     def alive(self) -> bool:
@@ -204,8 +208,9 @@ class ServerProcess:
         return text[-chars:]
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (the server shuts down gracefully), SIGKILL to its process group after
-        `timeout_s`; the exit code."""
+        """SIGTERM (the server shuts down gracefully), SIGKILL to it after `timeout_s`; then
+        SIGKILL to whatever is left in its process group (a worker it did not stop must not hold
+        the GPU the next configuration needs). The server's exit code."""
         proc = self._proc
         if proc is None:
             return None
@@ -214,13 +219,16 @@ class ServerProcess:
             try:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                proc.kill()
                 proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        # NOTE: stdout is not closed here: the reader thread may be blocked reading it, and a
+        # close would wait for it. It ends at EOF, once every holder of the pipe is gone.
+        if self._reader is not None:
+            self._reader.join(5.0)
         if self._log is not None:
             self._log.close()
         return proc.returncode
@@ -308,8 +316,11 @@ def require_healthy(url: str, timeout_s: float = 30.0) -> None:
 
 
 def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: float, args: argparse.Namespace,
-              monitor: GpuMonitor, progress: _Progress, desc: str) -> tuple[dict[str, Any], GpuUtil, str | None]:
-    """One load-generator run at `rate`: (summary, GPU utilization, first error or None)."""
+              monitor: GpuMonitor, progress: _Progress, desc: str,
+              records_path: Path | None = None) -> tuple[dict[str, Any], GpuUtil, str | None]:
+    """One load-generator run at `rate`: (summary, GPU utilization, first error or None). Every
+    request's record goes to `records_path` (JSON) when given, so the run can be scored again
+    under other SLOs."""
     arrivals = arrival_times(len(requests), rate, args.burstiness, args.seed)
     bar = progress.requests(desc, len(requests))
     monitor.start()
@@ -321,7 +332,17 @@ def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: floa
         bar.close()
     summary = summarize(records, duration, args.slo_itl_ms, args.slo_ttft_ms_per_1k)
     first_error = next((r.error for r in records if not r.success), None)
+    if records_path is not None:
+        records_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(records_path, "w", encoding="utf-8") as f:
+            json.dump({"request_rate": _json_safe(rate), "duration": duration,
+                       "requests": [r.to_dict() for r in records]}, f)
     return summary, gpu, first_error
+
+
+def records_path(out_dir: Path, config: str, rate: float) -> Path:
+    """Where a run's per-request records go: requests/CONFIG@RATE.json in the sweep's directory."""
+    return out_dir / "requests" / f"{config}@{rate:g}.json"
 
 
 def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[float] | None, out_dir: Path,
@@ -343,6 +364,9 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
         result["rows"].append(failed_row(config.name, None, str(e)))
         progress.write(f"[{config.name}] failed to start; see {server.log_path}\n{server.log_tail(600)}")
         return rates
+    except BaseException:  # interrupted while it starts: no server outlives the sweep
+        server.stop()
+        raise
     progress.write(f"[{config.name}] serving at {url} (started in {time.perf_counter() - t0:.1f} s)")
     try:
         model, max_model_len = fetch_model(url)
@@ -369,7 +393,7 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
                 progress.runs.update(1)
                 continue
             summary, gpu, err = _run_once(target, requests, rate, args, monitor, progress,
-                                          f"{config.name} @ {rate:g} req/s")
+                                          f"{config.name} @ {rate:g} req/s", records_path(out_dir, config.name, rate))
             row = make_row(config.name, rate, summary, gpu)
             row["error"] = err
             result["rows"].append(row)
@@ -470,6 +494,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             progress.runs.update(max(0, planned - runs_done))
             summarize_configs(result)
             write_results(result, out_dir)  # what ran so far survives a sweep cut short
+    except KeyboardInterrupt:
+        # Interrupted (Ctrl-C, `timeout -s INT`): the configuration cut short keeps its runs but
+        # counts as failed, so --resume runs it again.
+        summarize_configs(result)
+        write_results(result, out_dir)
+        raise
     finally:
         progress.close()
         monitor.close()

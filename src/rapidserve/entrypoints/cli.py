@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                  max_queue_len=args.max_queue_len,
                                  graceful_shutdown_s=args.graceful_shutdown_timeout)
+    # SIGTERM while the engine starts (before uvicorn's own handlers): exit through the Python
+    # stack, so the rapid/disagg workers already spawned are stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     engine = AsyncEngine(create_engine(engine_config_from_args(args)))
     try:
         _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level)
@@ -106,8 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(sig: int, _frame: object) -> None:
+    raise SystemExit(128 + sig)
+
+
 def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
-    import signal
 
     import uvicorn
 

@@ -67,7 +67,11 @@ class RapidEngine(EngineFront):
                 self.placement = "thread"
         self.failed: str | None = None
         self.worker_stats: m.WorkerStats | None = None  # the decode worker's latest report
-        self._start_workers()
+        try:
+            self._start_workers()
+        except BaseException:  # a failure, or SIGTERM/Ctrl-C while starting: no worker outlives us
+            self.shutdown()
+            raise
 
     # ---- workers -----------------------------------------------------------------------------
 
