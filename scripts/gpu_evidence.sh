@@ -48,7 +48,10 @@ for stage in "$@"; do
         $RS bench interference $common --mode rapid --placement process --mps auto --output-json "$OUT/itl_rapid_process.json" \
             --timeline-plot "$OUT/timeline_process.png" 2>&1 ;;
     profile)
-        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024 \
+        # Two context lengths at least: with one, the policies predict every context as that one
+        # (the 2026-11-22 profile measured 1024 only, and rapid broke its ITL SLO at lmsys-like
+        # contexts). Three contexts did not finish in 230 s on the H100: run this stage alone.
+        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,4096 \
             --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 2>&1 ;;
     partition)
         # The rapid policy keeps the decode p95 ITL under the SLO while 8K prompts run back to back.
@@ -70,17 +73,19 @@ for stage in "$@"; do
         done ;;
     sweep)
         # Figures 8-11 in parts that each fit a device call. SWEEP_CONFIGS (default below),
-        # SWEEP_DATASET (lmsys-like), SWEEP_PROMPTS (100), SWEEP_RATES (2,4,8,16); SWEEP_FROM: an
+        # SWEEP_DATASET (lmsys-like), SWEEP_PROMPTS (100), SWEEP_RATES (2,4,8,16), SWEEP_SERVER_ARGS
+        # (more flags for every server, e.g. "--placement thread"); SWEEP_FROM: an
         # earlier part's sweep.tgz, carried back in, to add to (bench sweep --resume: its runs are
         # kept and skipped). SWEEP_TIMEOUT (540 s) stops the sweep with SIGINT (its servers are
         # stopped, what ran is written) so the results still come back within the call's limit.
-        # rapid-rapid / rapid-nexus use the H100 profile in docs/results.
+        # SWEEP_PROFILE: the profile for rapid-rapid / rapid-nexus (default: the H100 one in docs/results).
+        # Keeps every request's record (requests/), so `bench rescore` can judge it by other SLOs.
         dir="$OUT/sweep"; resume=""
         if [ -n "${SWEEP_FROM:-}" ]; then tar xzf "$SWEEP_FROM" -C "$OUT" && resume="--resume"; fi
         timeout -s INT -k 30 "${SWEEP_TIMEOUT:-540}" $RS bench sweep --model preset:llama-3.1-8b --load-format dummy \
             --dtype bfloat16 --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
-            --request-rates "${SWEEP_RATES:-2,4,8,16}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-2048,rapid,disagg}" \
-            --profile docs/results/2026-11-22-h100/profile.json --slo-itl-ms 50 --output-dir "$dir" $resume 2>&1
+            --request-rates "${SWEEP_RATES:-2,4,8,16}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-1024,hybrid-2048,rapid-rapid,rapid-nexus,disagg}" \
+            --profile "${SWEEP_PROFILE:-docs/results/2026-11-22-h100/profile.json}" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1
         pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null  # none should be left; none may hold the GPU
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
     *)

@@ -5,6 +5,7 @@ without NVML, server start failures, and one tiny sweep against live CPU servers
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import sys
 import time
@@ -322,8 +323,80 @@ def test_sweep_end_to_end(tmp_path, capsys):
         saved = json.loads((out / "requests" / f"{r['config']}@{r['request_rate']:g}.json").read_text())
         records = [RequestRecord(**{**q, "itls": tuple(q["itls"])}) for q in saved["requests"]]
         again = summarize(records, saved["duration"], 10000, 20000)
-        assert len(records) == 4 and again["p95_ttft_ms"] == r["p95_ttft_ms"]
+        assert len(records) == 4 and again["p95_ttft_ms"] == pytest.approx(r["p95_ttft_ms"], abs=0.01)  # µs kept
         assert again["attainment_p95_itl"] == r["attainment_p95_itl"]
+        assert 0 <= r["drain_pct"] <= 100
+    # Scored again under an ITL SLO no token meets: every run's attainment drops to 0; the
+    # throughput is the run's own.
+    assert main(["bench", "rescore", str(out), "--slo-itl-ms", "0.001", "--no-plots"]) == 0
+    rescored = json.loads((out / "slo-itl-0.001-ttft-20000" / "sweep.json").read_text())
+    for before, after in zip(result["rows"], rescored["rows"]):
+        assert after["request_throughput"] == before["request_throughput"]
+        if before["status"] == "ok":
+            assert after["attainment_p95_itl"] == 0.0 and after["attainment_ttft_only"] == 1.0
+    assert "SLOs: ITL 0.001 ms" in capsys.readouterr().out
+
+
+def _hand_built_sweep(tmp_path: Path) -> Path:
+    """A sweep of one configuration at rates 1 and 2 with known per-request records: at rate 1 two
+    requests, ITLs 10 and 30 ms, TTFTs 100 and 900 ms (prompts of 500 tokens); at rate 2 the same
+    but every ITL 60 ms."""
+    from rapidserve.bench.metrics import RequestRecord, summarize
+    from rapidserve.bench.sweep import make_row, records_path
+
+    out = tmp_path / "sweep"
+    result = {"args": {"slo_itl_ms": 100.0, "slo_ttft_ms_per_1k": 1000.0, "burstiness": 1.0, "seed": 0},
+              "attainment_target": 0.9, "configs": [{"name": "hybrid-512", "status": "ok"}], "rows": []}
+    for rate, itl in ((1.0, None), (2.0, 0.06)):
+        recs = [RequestRecord(500, 4, 0.1, (itl or 0.01,) * 3, 0.2, True),
+                RequestRecord(500, 4, 0.9, (itl or 0.03,) * 3, 1.0, True)]
+        path = records_path(out, "hybrid-512", rate)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"request_rate": rate, "duration": 2.0, "requests": [r.to_dict() for r in recs]}))
+        summary = summarize(recs, 2.0, 100.0, 1000.0)
+        result["rows"].append(make_row("hybrid-512", rate, summary, NO_GPU))
+    summarize_configs(result)
+    write_results(result, out)
+    return out
+
+
+def test_rescore_scores_the_kept_records_under_other_slos(tmp_path):
+    from rapidserve.bench.sweep import rescore
+    from rapidserve.bench.workloads import arrival_times
+
+    out = _hand_built_sweep(tmp_path)
+    same = rescore(out, None, None)  # the sweep's own SLOs: its own figures
+    assert [r["goodput_p95_itl"] for r in same["rows"]] == [1.0, 1.0]
+    # ITL 20 ms: only the 10 ms request at rate 1; TTFT 200 ms per 1K (500 tokens: 200 ms): only
+    # the 100 ms TTFT.
+    r = rescore(out, 20.0, None)["rows"]
+    assert [x["attainment_p95_itl"] for x in r] == [0.5, 0.0] and [x["attainment_itl_only"] for x in r] == [0.5, 0.0]
+    r = rescore(out, None, 200.0)
+    assert [x["attainment_p95_itl"] for x in r["rows"]] == [0.5, 0.5]
+    assert r["args"]["slo_ttft_ms_per_1k"] == 200.0 and r["args"]["slo_itl_ms"] == 100.0
+    assert r["configs"][0]["max_rate_at_attainment"]["p95_itl"]["rate"] is None
+    last_sent = arrival_times(2, 1.0, 1.0, 0)[-1]  # the run lasted 2 s
+    assert r["rows"][0]["drain_pct"] == pytest.approx(100 * (2.0 - last_sent) / 2.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        rescore(out, 0.0, None)
+    # Archived records (gzip) score the same.
+    plain = out / "requests" / "hybrid-512@1.json"
+    with gzip.open(str(plain) + ".gz", "wt", encoding="utf-8") as f:
+        f.write(plain.read_text())
+    plain.unlink()
+    assert rescore(out, None, 200.0)["rows"] == r["rows"]
+    (out / "requests" / "hybrid-512@2.json").unlink()
+    with pytest.raises(ValueError, match="kept no per-request records"):
+        rescore(out, 20.0, None)
+    with pytest.raises(ValueError, match="cannot read the sweep"):
+        rescore(tmp_path / "nowhere", 20.0, None)
+
+def test_rescore_refuses_to_overwrite_the_sweep(tmp_path, capsys):
+    out = _hand_built_sweep(tmp_path)
+    before = (out / "sweep.json").read_text()
+    assert main(["bench", "rescore", str(out), "--slo-itl-ms", "20", "--output-dir", str(out)]) == 2
+    assert "overwritten" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == before
 
 
 def test_policy_configs_get_the_profile_and_the_itl_slo(tmp_path):

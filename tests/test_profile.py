@@ -4,6 +4,7 @@
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from test_partition_policy import (
@@ -215,3 +216,18 @@ def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
     assert "--beside-decode-batch 9 > --max-num-seqs 8" in capsys.readouterr().err
     assert main([*common, "--sm-counts", "8"]) == 2
     assert "decode SM counts must be multiples of 1 below 1" in capsys.readouterr().err
+
+
+def test_a_profile_of_one_context_length_says_it_cannot_tell_contexts_apart(profile):
+    assert profile.limitations() == []
+    d = profile.decode
+    one = dataclasses.replace(profile, decode=dataclasses.replace(
+        d, context_lens=d.context_lens[:1], alone_ms=tuple(row[:1] for row in d.alone_ms),
+        beside_prefill_ms=tuple(row[:1] for row in d.beside_prefill_ms)))
+    assert one.decode_ms(d.sm_counts[0], 64, 8 * d.context_lens[0], False) == one.decode_ms(
+        d.sm_counts[0], 64, d.context_lens[0], False)  # what the note warns of
+    (note,) = one.limitations()
+    assert f"one context length ({d.context_lens[0]})" in note and "--context-lens" in note
+    # And the H100 profile the benchmarks shipped with is such a profile.
+    shipped = load_profile(Path(__file__).parents[1] / "docs/results/2026-11-22-h100/profile.json")
+    assert len(shipped.limitations()) == 1

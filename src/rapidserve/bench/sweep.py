@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import gzip
 import itertools
 import json
 import math
@@ -34,7 +35,7 @@ import httpx
 import numpy as np
 
 from rapidserve.bench.gpu_monitor import GpuMonitor, GpuUtil
-from rapidserve.bench.metrics import summarize
+from rapidserve.bench.metrics import RequestRecord, summarize
 from rapidserve.bench.serve import (
     ServeTarget,
     add_workload_args,
@@ -56,8 +57,11 @@ ROW_KEYS = (
     "goodput_p95_itl", "goodput_max_itl", "goodput_itl_only",
     "attainment_p95_itl", "attainment_max_itl", "attainment_itl_only", "attainment_ttft_only",
     "mean_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p95_itl_ms", "p99_itl_ms",
-    "mean_tpot_ms", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "error",
+    "mean_tpot_ms", "drain_pct", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "error",
 )
+# A run whose last requests' decode takes more than this share of its duration (after the last
+# arrival) measures how long its longest outputs take, not the configuration's capacity.
+DRAIN_WARN_PCT = 50.0
 
 
 @dataclass(frozen=True)
@@ -331,13 +335,30 @@ def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: floa
         gpu = monitor.stop()
         bar.close()
     summary = summarize(records, duration, args.slo_itl_ms, args.slo_ttft_ms_per_1k)
+    summary["drain_pct"] = drain_pct(duration, arrivals)
     first_error = next((r.error for r in records if not r.success), None)
     if records_path is not None:
         records_path.parent.mkdir(parents=True, exist_ok=True)
         with open(records_path, "w", encoding="utf-8") as f:
             json.dump({"request_rate": _json_safe(rate), "duration": duration,
-                       "requests": [r.to_dict() for r in records]}, f)
+                       "requests": [_rounded(r.to_dict()) for r in records]}, f)
     return summary, gpu, first_error
+
+
+def drain_pct(duration_s: float, arrivals: Sequence[float]) -> float | None:
+    """The share (%) of a run's duration after its last request was sent."""
+    if duration_s <= 0 or not arrivals:
+        return None
+    return 100.0 * max(0.0, duration_s - max(arrivals)) / duration_s
+
+
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    """A request's record with its times to the microsecond (a third of the file's size)."""
+    out = dict(record)
+    for k in ("ttft", "e2el"):
+        out[k] = round(out[k], 6)
+    out["itls"] = [round(x, 6) for x in out["itls"]]
+    return out
 
 
 def records_path(out_dir: Path, config: str, rate: float) -> Path:
@@ -507,6 +528,54 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def rescore(sweep_dir: Path, slo_itl_ms: float | None, slo_ttft_ms_per_1k: float | None) -> dict[str, Any]:
+    """The sweep in `sweep_dir` scored again under other SLOs (None: the sweep's own), from the
+    per-request records it kept (requests/CONFIG@RATE.json, or .json.gz): goodput, attainment and the highest rates at the target change;
+    throughput, latencies and GPU figures are the run's own. ValueError if a run's records are
+    missing (sweeps before records were kept) or unreadable."""
+    path = sweep_dir / "sweep.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        args, rows = result["args"], result["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the sweep {path}: {e}") from e
+    itl = args.get("slo_itl_ms") if slo_itl_ms is None else slo_itl_ms
+    ttft = args.get("slo_ttft_ms_per_1k") if slo_ttft_ms_per_1k is None else slo_ttft_ms_per_1k
+    for name, v in (("--slo-itl-ms", itl), ("--slo-ttft-ms-per-1k", ttft)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    if itl is None and ttft is None:
+        raise ValueError("no SLO to score by: give --slo-itl-ms and/or --slo-ttft-ms-per-1k")
+    scored = []
+    for row in rows:
+        if row.get("status") != "ok":
+            scored.append(row)
+            continue
+        rec_path = records_path(sweep_dir, row["config"], float(row["request_rate"]))
+        if not rec_path.exists() and rec_path.with_suffix(".json.gz").exists():
+            rec_path = rec_path.with_suffix(".json.gz")  # as archived (docs/results)
+        try:
+            with (gzip.open if rec_path.suffix == ".gz" else open)(rec_path, "rt", encoding="utf-8") as f:
+                saved = json.load(f)
+            records = [RequestRecord(**{**q, "itls": tuple(q["itls"])}) for q in saved["requests"]]
+            duration = float(saved["duration"])
+        except FileNotFoundError:
+            raise ValueError(f"{rec_path} is missing: this sweep kept no per-request records, so it cannot "
+                             "be scored again") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the run's records {rec_path}: {e}") from e
+        summary = summarize(records, duration, itl, ttft)
+        rate = float(row["request_rate"])
+        summary["drain_pct"] = drain_pct(duration, arrival_times(len(records), rate, args.get("burstiness", 1.0),
+                                                                 args.get("seed", 0)))
+        scored.append({**row, **{k: summary[k] for k in ROW_KEYS if k in summary}})
+    result["rows"] = scored
+    result["args"] = {**args, "slo_itl_ms": itl, "slo_ttft_ms_per_1k": ttft}
+    result["rescored_from"] = str(sweep_dir)
+    summarize_configs(result, result.get("attainment_target", ATTAINMENT_TARGET))
+    return result
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 
@@ -524,7 +593,7 @@ def format_table(result: dict[str, Any]) -> str:
             ("goodput_p95_itl", "good/s", ".2f", 7), ("goodput_max_itl", "good/s max", ".2f", 10),
             ("goodput_itl_only", "good/s ITL", ".2f", 10), ("attainment_p95_itl", "attain %", ".0%", 8),
             ("p95_ttft_ms", "p95 TTFT ms", ".1f", 11), ("p95_itl_ms", "p95 ITL ms", ".1f", 10),
-            ("gpu_util_pct", "GPU %", ".0f", 6))
+            ("drain_pct", "drain %", ".0f", 7), ("gpu_util_pct", "GPU %", ".0f", 6))
     header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (_, title, _, w) in enumerate(cols))
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
@@ -537,10 +606,16 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         cells = []
         for i, (key, _, spec, w) in enumerate(cols):
-            v = row[key]
+            v = row.get(key)
             s = _fmt(v, spec) if key != "config" else str(v)
             cells.append(f"{s:<{w}}" if i == 0 else f"{s:>{w}}")
         lines.append(" ".join(cells))
+    drained = [r for r in result["rows"] if r["status"] == "ok" and (r.get("drain_pct") or 0) > DRAIN_WARN_PCT]
+    if drained:
+        lines.append("")
+        lines.append(f"note: {len(drained)} run(s) spent over {DRAIN_WARN_PCT:.0f}% of their time after the last "
+                     "request was sent (drain %): their throughput is how long the longest outputs take, not "
+                     "the configuration's capacity; more --num-prompts measure capacity")
     pct = f"{result['attainment_target']:.0%}"
     lines.append("")
     lines.append(f"highest rate with >= {pct} SLO attainment (req/s; p95-ITL / max-ITL / ITL-only goodput):")
@@ -621,6 +696,41 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     # The paper's SLOs for Llama-3.1-70B: ITL 100 ms, TTFT 1 s per started 1000 prompt tokens.
     add_workload_args(w, slo_itl_ms=100.0, slo_ttft_ms_per_1k=1000.0, timeout_s=600.0)
     parser.set_defaults(func=main, num_prompts=200)
+
+
+def add_rescore_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", help="a `bench sweep` --output-dir (its sweep.json and requests/)")
+    parser.add_argument("--slo-itl-ms", type=float, default=None, help="goodput: ITL ceiling (ms); default: the sweep's")
+    parser.add_argument("--slo-ttft-ms-per-1k", type=float, default=None,
+                        help="goodput: TTFT ceiling (ms) per started 1000 prompt tokens; default: the sweep's")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the rescored sweep.csv, sweep.json and plots go (default: "
+                             "SWEEP_DIR/slo-itl-ITL-ttft-TTFT); never SWEEP_DIR itself")
+    parser.add_argument("--baseline", default="hybrid-512",
+                        help="plots are normalized to this configuration at the lowest rate (raw without it)")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG")
+    parser.set_defaults(func=rescore_main)
+
+
+def rescore_main(args: argparse.Namespace) -> int:
+    from rapidserve.bench.plots import plot_sweep
+
+    src = Path(args.sweep_dir)
+    result = rescore(src, args.slo_itl_ms, args.slo_ttft_ms_per_1k)
+    a = result["args"]
+    tag = "-".join(f"{k}-{'none' if v is None else format(v, 'g')}"
+                   for k, v in (("itl", a["slo_itl_ms"]), ("ttft", a["slo_ttft_ms_per_1k"])))
+    out_dir = Path(args.output_dir) if args.output_dir else src / f"slo-{tag}"
+    if out_dir.resolve() == src.resolve():
+        raise ValueError("--output-dir is the sweep's own directory: its results would be overwritten")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = write_results(result, out_dir)
+    if not args.no_plots:
+        paths += plot_sweep(result["rows"], out_dir, baseline=args.baseline)
+    print(f"SLOs: ITL {a['slo_itl_ms']} ms, TTFT {a['slo_ttft_ms_per_1k']} ms per 1K prompt tokens")
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:

@@ -200,6 +200,8 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         "interference", help="decode inter-token latency while long prefills stream in (any mode)"))
     sweep.add_cli_args(kinds.add_parser(
         "sweep", help="start a server per configuration and compare them across offered rates (CSV, JSON, plots)"))
+    sweep.add_rescore_cli_args(kinds.add_parser(
+        "rescore", help="score a finished sweep again under other SLOs, from its per-request records"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,17 @@ class Profile:
 
         return _interp_sms(d.sm_counts, sms, at)
 
+    def limitations(self) -> list[str]:
+        """What the policies cannot predict well from this profile (logged when one is loaded)."""
+        notes = []
+        if len(self.decode.context_lens) < 2:
+            notes.append(
+                f"the profile measured decode at one context length ({self.decode.context_lens[0]}): every "
+                "step is predicted as if at that context, so longer contexts take longer than predicted "
+                "and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, 28.6 ms at 1024 vs "
+                "40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens 1024,4096`)")
+        return notes
+
     @property
     def has_prefill_beside_decode(self) -> bool:
         return self.prefill.beside_decode_ms is not None

@@ -51,6 +51,8 @@ def build_policy(config: EngineConfig, partitioner: Partitioner) -> PartitionPol
         log.warning("partition policy %s: this device has no SM partitioning; running without", spec)
         return OffPolicy()
     profile = load_profile(config.profile) if config.profile else None
+    for note in profile.limitations() if profile is not None else ():
+        log.warning("%s: %s", config.profile, note)
     return make_policy(spec, partitioner.total_sms, partitioner.granularity, profile, config.slo_itl_ms,
                        config.slo_ttft_ms)
 
