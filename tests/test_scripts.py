@@ -27,7 +27,7 @@ def _commands() -> list[str]:
         m = re.search(r"\$RS (.*?)(?: 2>&1|$)", line)
         if m:
             cmd = m.group(1)
-            cmd = re.sub(r'"\$\{\w+:-([^}]*)\}"', r"\1", cmd)  # "${VAR:-default}": its default
+            cmd = re.sub(r'"\$\{\w+:-([^}]*)\}"', lambda v: shlex.quote(v.group(1)), cmd)  # "${VAR:-default}": its default
             for var, value in (("$common", common), ('"$dir"', "/tmp/out/sweep"), ("$resume", "--resume"), ("${policy/:/_}", "static_40"), ("$policy", "static:40"),
                                ("$prof", "--profile /tmp/p.json"), ('"$OUT', '"/tmp/out'), ("$OUT", "/tmp/out"),
                                ("$n", "2048")):
