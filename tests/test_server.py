@@ -707,3 +707,27 @@ def test_sigterm_while_the_rapid_workers_start_leaves_no_worker(tiny_model_dir):
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_serve_turns_sigterm_into_an_exit_while_the_engine_starts(monkeypatch):
+    """Before uvicorn installs its handlers, SIGTERM's default action would kill the process at
+    once and orphan the workers already spawned; `serve` makes it a SystemExit first."""
+    import rapidserve.engine
+    from rapidserve.entrypoints import cli
+
+    seen = []
+
+    def create_engine(config):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        if seen[-1] is cli._exit_on_sigterm:  # (the default action would kill the test run)
+            with pytest.raises(SystemExit):
+                signal.raise_signal(signal.SIGTERM)  # while "starting": unwinds through Python
+        raise ValueError("stop here")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(rapidserve.engine, "create_engine", create_engine)
+    try:
+        assert cli.main(["serve", "--device", "cpu"]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [cli._exit_on_sigterm]
