@@ -530,9 +530,10 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def rescore(sweep_dir: Path, slo_itl_ms: float | None, slo_ttft_ms_per_1k: float | None) -> dict[str, Any]:
     """The sweep in `sweep_dir` scored again under other SLOs (None: the sweep's own), from the
-    per-request records it kept (requests/CONFIG@RATE.json, or .json.gz): goodput, attainment and the highest rates at the target change;
-    throughput, latencies and GPU figures are the run's own. ValueError if a run's records are
-    missing (sweeps before records were kept) or unreadable."""
+    per-request records it kept (requests/CONFIG@RATE.json, or .json.gz): goodput, attainment
+    and the highest rates at the target change; throughput, latencies and GPU figures are the
+    runs' own. ValueError if a run's records are missing (sweeps before records were kept) or
+    unreadable."""
     path = sweep_dir / "sweep.json"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
@@ -700,7 +701,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def add_rescore_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_dir", help="a `bench sweep` --output-dir (its sweep.json and requests/)")
-    parser.add_argument("--slo-itl-ms", type=float, default=None, help="goodput: ITL ceiling (ms); default: the sweep's")
+    parser.add_argument("--slo-itl-ms", type=float, default=None,
+                        help="goodput: ITL ceiling (ms); default: the sweep's")
     parser.add_argument("--slo-ttft-ms-per-1k", type=float, default=None,
                         help="goodput: TTFT ceiling (ms) per started 1000 prompt tokens; default: the sweep's")
     parser.add_argument("--output-dir", default=None,

@@ -115,7 +115,6 @@ def _exit_on_sigterm(sig: int, _frame: object) -> None:
 
 
 def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
-
     import uvicorn
 
     log = logging.getLogger("rapidserve.server")
