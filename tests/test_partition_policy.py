@@ -102,6 +102,15 @@ def test_rapid_overallocates_below_the_batch_threshold(profile):
     assert policy.decide(state(0)) == Partition.FULL  # nothing to decode
 
 
+def test_rapid_gives_decode_the_whole_gpu_while_no_prompt_runs(profile):
+    """A split while nothing prefills only leaves SMs idle (measured on the H100: ITL alone 16.5 ms
+    on rapid's split against 10.0 on the whole device)."""
+    policy = RapidPolicy(profile, slo_itl_ms=1.0, overalloc_max_batch=0)  # splits whenever it can
+    assert policy.decide(state(128, 4096)) != Partition.FULL
+    assert policy.decide(state(128, 4096, running=False)) == Partition.FULL
+    assert policy.decide(state(128, 4096, waiting=1, running=False)) != Partition.FULL  # a prompt is coming
+
+
 def test_rapid_threshold_from_the_profile(profile):
     # Without the flag: over-allocate while the profile says over-allocated decode beside a
     # prefill meets the SLO (at batch 1, context 1024), not beyond.

@@ -93,12 +93,17 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
     split = Partition.split(8, TOTAL)
     try:
         ids = [engine.add_request(p, params) for p in prompts[:6]]
-        done = {}
+        done, started = {}, set()
         deadline = time.monotonic() + 60
-        while engine.stats().decode_sms != 8:  # a batch of 6 decodes: the policy splits
+        while len(started) < 6:  # all six decoding, no prompt left: the whole device
             assert time.monotonic() < deadline
-            done.update({o.request_id: o for o in engine.step() if o.finished})
-        ids += [engine.add_request(p, params) for p in prompts[6:]]  # prefilled beside the split decode
+            for o in engine.step():
+                started.add(o.request_id)
+                if o.finished:
+                    done[o.request_id] = o
+        # A batch of 6 decodes with prompts to prefill: the policy splits, and the prompts are
+        # prefilled beside the split decode.
+        ids += [engine.add_request(p, params) for p in prompts[6:]]
         while engine.has_unfinished_requests():
             assert time.monotonic() < deadline
             done.update({o.request_id: o for o in engine.step() if o.finished})
@@ -109,7 +114,7 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
     both = {side: parts for side, what, parts in fake_mechanism if what == "prepare"}
     assert both["decode"] == both["prefill"] == (Partition.FULL, split)  # the same partitions on both sides
     p: PartitionStats = stats.partition
-    # full (batch 1 while the first requests arrive) -> split (6 decoding) -> full (the last ones)
+    # full (batch 1 while the first requests arrive) -> split (6 decoding, 4 prompts) -> full
     assert p.switches >= 2 and set(p.seconds) == {"full", "D8/P8"} and p.current == "full"
     assert stats.decode_sms == TOTAL
     prefill_moves = [part for side, what, part in fake_mechanism if side == "prefill" and what == "streams"]

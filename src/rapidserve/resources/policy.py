@@ -119,9 +119,12 @@ class RapidPolicy:
         return (Partition.FULL, *self.splits)
 
     def overallocate(self, state: StepState) -> bool:
-        """Both phases on the whole device: decode is light (threshold flag), or the profile says
-        over-allocated decode beside a prefill still meets the SLO at this batch and context."""
-        if state.decode_batch == 0 or not self.splits:
+        """Both phases on the whole device: no prompt is waiting or prefilling (decode alone
+        would leave the prefill side idle: the paper over-allocates so that "when either decode or
+        prefill is not running, the GPU is not underutilized", §6), decode is light (threshold
+        flag), or the profile says over-allocated decode beside a prefill still meets the SLO at
+        this batch and context."""
+        if state.decode_batch == 0 or not self.splits or not state.prefill_active:
             return True
         if self.overalloc_max_batch is not None:
             return state.decode_batch <= self.overalloc_max_batch
