@@ -78,14 +78,17 @@ for stage in "$@"; do
         # earlier part's sweep.tgz, carried back in, to add to (bench sweep --resume: its runs are
         # kept and skipped). SWEEP_TIMEOUT (540 s) stops the sweep with SIGINT (its servers are
         # stopped, what ran is written) so the results still come back within the call's limit.
-        # SWEEP_PROFILE: the profile for rapid-rapid / rapid-nexus (default: the H100 one in docs/results).
+        # SWEEP_PROFILE: the profile for rapid-rapid / rapid-nexus (default: the profile stage's, when
+        # it ran earlier in this call, else the H100 one in docs/results).
         # Keeps every request's record (requests/), so `bench rescore` can judge it by other SLOs.
-        dir="$OUT/sweep"; resume=""
+        dir="$OUT/sweep"; resume=""; sweep_profile="${SWEEP_PROFILE:-docs/results/2026-11-22-h100/profile.json}"
+        if [ -z "${SWEEP_PROFILE:-}" ] && [ -f "$OUT/profile.json" ]; then sweep_profile="$OUT/profile.json"; fi
+        echo "sweep profile: $sweep_profile"
         if [ -n "${SWEEP_FROM:-}" ]; then tar xzf "$SWEEP_FROM" -C "$OUT" && resume="--resume"; fi
         timeout -s INT -k 30 "${SWEEP_TIMEOUT:-540}" $RS bench sweep --model preset:llama-3.1-8b --load-format dummy \
             --dtype bfloat16 --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
             --request-rates "${SWEEP_RATES:-2,4,8,16}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-1024,hybrid-2048,rapid-rapid,rapid-nexus,disagg}" \
-            --profile "${SWEEP_PROFILE:-docs/results/2026-11-22-h100/profile.json}" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1
+            --profile "$sweep_profile" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1
         pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null  # none should be left; none may hold the GPU
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
     *)
