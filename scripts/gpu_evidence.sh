@@ -25,6 +25,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+# Triton's compiled kernels in the checkout (ignored by git): a warm device keeps it between calls,
+# and `TRITON_CACHE_OUT=1` brings it back as $OUT/triton-cache.tgz, to unpack here and carry
+# (`.triton-cache`) so a fresh device skips the compiles (minutes for the profile's partitions).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 RS="python3 -m rapidserve.entrypoints.cli"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 
@@ -51,8 +55,9 @@ for stage in "$@"; do
         # Two context lengths at least: with one, the policies predict every context as that one
         # (the 2026-11-22 profile measured 1024 only, and rapid broke its ITL SLO at lmsys-like
         # contexts). Three contexts did not finish in 230 s on the H100: run this stage alone.
+        # --max-num-seqs 128: graphs for the batches measured, not 256 (captured again per partition).
         $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,4096 \
-            --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 2>&1 ;;
+            --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 --max-num-seqs 128 2>&1 ;;
     partition)
         # The rapid policy keeps the decode p95 ITL under the SLO while 8K prompts run back to back.
         common="--num-decodes 64 --num-prefills 8 --prefill-len 8192 --mode rapid --placement thread"
@@ -95,3 +100,6 @@ for stage in "$@"; do
         echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;
     esac
 done
+if [ "${TRITON_CACHE_OUT:-0}" = 1 ] && [ -d "$TRITON_CACHE_DIR" ]; then
+    tar czf "$OUT/triton-cache.tgz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+fi
