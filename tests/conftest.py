@@ -5,6 +5,7 @@ if not _torch.cuda.is_available():
 import asyncio
 import importlib.util
 import os
+import random
 import threading
 import time
 
@@ -73,6 +74,13 @@ def tiny_hf_model(kind: str, seed: int = 0):
     return model.eval()
 
 
+def random_prompts(n: int, seed: int = 3, max_len: int = 100, min_len: int = 1) -> list[list[int]]:
+    """`n` prompts of random token ids (< 256, the tiny models' vocabulary), each of a random
+    length in [min_len, max_len)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(min_len, max_len))] for _ in range(n)]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Writes tiny HF checkpoints on demand: tiny_model_dir(kind) -> (dir, hf_model)."""
@@ -87,6 +95,12 @@ def tiny_model_dir(tmp_path_factory):
         return made[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir) -> str:
+    """The tiny llama checkpoint's directory."""
+    return tiny_model_dir("llama")[0]
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

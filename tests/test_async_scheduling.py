@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import random_prompts
+
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
 from rapidserve.engine import LLMEngine, create_engine
@@ -19,16 +21,6 @@ from rapidserve.scheduler.chunked import ChunkedScheduler, SchedulerConfig
 from rapidserve.scheduler.decode import DecodeScheduler
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-def _prompts(n: int, seed: int = 3, max_len: int = 100) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return tiny_model_dir("llama")[0]
 
 
 def _outs(llm: LLM, prompts, params) -> list[tuple[list[int], str]]:
@@ -120,7 +112,7 @@ def test_step_inputs_mark_the_pending_token():
     dict(max_num_seqs=2),
 ])
 def test_hybrid_async_equals_sync(tiny, kw):
-    prompts = _prompts(8)
+    prompts = random_prompts(8)
     ref = _outs(LLM(model=tiny, device="cpu", async_scheduling=False, **kw), prompts, GREEDY)
     llm = LLM(model=tiny, device="cpu", async_scheduling=True, **kw)
     assert _outs(llm, prompts, GREEDY) == ref
@@ -131,7 +123,7 @@ def test_hybrid_async_equals_sync(tiny, kw):
 
 
 def test_hybrid_async_stops_discard_the_extra_token(tiny):
-    prompts = _prompts(8, seed=5)
+    prompts = random_prompts(8, seed=5)
     sync = LLM(model=tiny, device="cpu", async_scheduling=False)
     free_run = _outs(sync, prompts, GREEDY)
     # Stop on tokens the requests really produce, at different steps: requests end mid-batch
@@ -152,7 +144,7 @@ def test_hybrid_async_stops_discard_the_extra_token(tiny):
 
 
 def test_hybrid_async_arrivals_and_aborts(tiny):
-    prompts = _prompts(6)
+    prompts = random_prompts(6)
     ref = _outs(LLM(model=tiny, device="cpu"), prompts, GREEDY)
     eng = LLMEngine(EngineConfig(model=tiny, device="cpu", max_num_batched_tokens=32, async_scheduling=True,
                                  num_kv_blocks=64))
@@ -208,7 +200,7 @@ def _wait_all_free(engine, timeout_s: float = 10.0) -> None:
     ("process", {}),
 ])
 def test_rapid_async_equals_hybrid(tiny, placement, kw):
-    prompts = _prompts(10)
+    prompts = random_prompts(10)
     rng = random.Random(2)
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 17), ignore_eos=True) for _ in prompts]
     ref = _outs(LLM(model=tiny, device="cpu", **kw), prompts, params)

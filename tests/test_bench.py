@@ -27,11 +27,6 @@ H100 = DeviceRates.given(2.99, 797)  # GPU_FACTS.md's measured ceilings
 TINY_ENGINE = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory-bytes", "16MiB"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return tiny_model_dir("llama")[0]
-
-
 def _llama_8b_cost():
     return model_cost(ModelConfig.from_hf(load_preset("llama-3.1-8b")), torch.bfloat16)
 

@@ -4,14 +4,13 @@ pools ends free; transfers are counted; an injected transfer failure fails only 
 
 import json
 import os
-import random
 import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import LiveServer
+from conftest import LiveServer, random_prompts
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -28,11 +27,6 @@ from rapidserve.serving.rapid import WorkerError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers, k/v, block_size, kv heads, head dim, fp32
-
-
-def _prompts(n: int, seed: int = 3, max_len: int = 100) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(n)]
 
 
 def _run(engine, prompts, params, arrivals_every: int = 0, ids=None, timeout_s: float = 60.0) -> dict:
@@ -71,13 +65,8 @@ def _wait_both_pools_free(engine: DisaggEngine, num_transfers: int | None = None
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return tiny_model_dir("llama")[0]
-
-
-@pytest.fixture(scope="module")
 def reference(tiny):
-    prompts = _prompts(10)
+    prompts = random_prompts(10)
     return prompts, [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, GREEDY)]
 
 
@@ -169,7 +158,7 @@ def test_killing_the_prefill_process_fails_pending_requests(tiny):
     eng = create_engine(EngineConfig(model=tiny, device="cpu", mode="disagg", placement="process"))
     workers = dict(eng.workers)
     try:
-        for p in _prompts(3):
+        for p in random_prompts(3):
             eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
         eng.step()
         workers["prefill"].kill()

@@ -1,9 +1,10 @@
 """The engine end to end on CPU: chunking, preemption, stops, sampling, errors."""
 
 import json
-import random
 
 import pytest
+
+from conftest import random_prompts
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.engine import LLMEngine
@@ -12,22 +13,12 @@ from rapidserve.config import EngineConfig
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
-def _prompts(n: int, seed: int = 3) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, 100))] for _ in range(n)]
-
-
 def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return tiny_model_dir("llama")[0]
-
-
 def test_output_does_not_depend_on_chunk_size(tiny):
-    prompts = _prompts(8)
+    prompts = random_prompts(8)
     results = [
         _tokens(LLM(model=tiny, device="cpu", max_num_batched_tokens=budget), prompts)
         for budget in (16, 64, 100_000)
@@ -36,7 +27,7 @@ def test_output_does_not_depend_on_chunk_size(tiny):
 
 
 def test_preemption_under_a_tiny_cache_gives_identical_tokens(tiny):
-    prompts = _prompts(8)
+    prompts = random_prompts(8)
     ref = _tokens(LLM(model=tiny, device="cpu"), prompts)
     small = LLM(model=tiny, device="cpu", num_kv_blocks=12, block_size=16, max_num_batched_tokens=64)
     assert _tokens(small, prompts) == ref
@@ -45,13 +36,13 @@ def test_preemption_under_a_tiny_cache_gives_identical_tokens(tiny):
 
 
 def test_max_num_seqs_gives_identical_tokens(tiny):
-    prompts = _prompts(6)
+    prompts = random_prompts(6)
     ref = _tokens(LLM(model=tiny, device="cpu"), prompts)
     assert _tokens(LLM(model=tiny, device="cpu", max_num_seqs=2), prompts) == ref
 
 
 def test_requests_arriving_mid_run(tiny):
-    prompts = _prompts(5)
+    prompts = random_prompts(5)
     ref = _tokens(LLM(model=tiny, device="cpu"), prompts)
     eng = LLMEngine(EngineConfig(model=tiny, device="cpu", max_num_batched_tokens=32))
     done, ids = {}, []

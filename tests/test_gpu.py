@@ -1,27 +1,20 @@
 """GPU checks of the engine core (skipped without CUDA; run on the device machine)."""
 
-import random
-
 import pytest
 import torch
 
 from rapidserve import LLM, SamplingParams
-from conftest import hf_greedy
+from conftest import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.gpu
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def _prompts(n: int, seed: int = 5) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, 90))] for _ in range(n)]
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_tiny_models_on_cuda_match_hf(kind, tiny_model_dir):
     path, hf = tiny_model_dir(kind)
-    prompts = _prompts(6)
+    prompts = random_prompts(6, seed=5, max_len=90)
     llm = LLM(model=path, device="cuda", dtype="float32", max_num_batched_tokens=64,
               kv_cache_memory_bytes="64MiB")
     for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
@@ -30,7 +23,7 @@ def test_tiny_models_on_cuda_match_hf(kind, tiny_model_dir):
 
 def test_cuda_chunking_and_preemption_match(tiny_model_dir):
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(8)
+    prompts = random_prompts(8, seed=5, max_len=90)
     ref = [o.outputs[0].token_ids for o in LLM(model=path, device="cuda", dtype="float32").generate(prompts, GREEDY)]
     small = LLM(model=path, device="cuda", dtype="float32", num_kv_blocks=12, max_num_batched_tokens=16)
     assert [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY)] == ref
@@ -52,7 +45,7 @@ def test_triton_and_graphs_match_torch_path(dtype, tiny_model_dir):
     torch reference path's on the same weights: exactly in fp32; in bf16 the first 4 tokens of
     every request and >= 90 % of all tokens (rounding differs between the kernels)."""
     path, _ = tiny_model_dir("qwen3")
-    prompts = _prompts(24, seed=11)
+    prompts = random_prompts(24, seed=11, max_len=90)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     common = dict(model=path, device="cuda", dtype=dtype, max_num_batched_tokens=256, max_num_seqs=16,
                   kv_cache_memory_bytes="256MiB")
@@ -76,7 +69,7 @@ def test_triton_and_graphs_match_torch_path(dtype, tiny_model_dir):
 def test_rapid_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
     """Process placement shares the decode worker's CUDA model and cache through CUDA IPC."""
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(12, seed=3)
+    prompts = random_prompts(12, seed=3, max_len=90)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
     ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
@@ -92,7 +85,7 @@ def test_async_scheduling_on_cuda_matches_sync(mode, tiny_model_dir):
     """One step ahead with CUDA graphs (the default on CUDA) gives the synchronous engine's
     tokens, with requests stopping mid-batch (stop ids) and preemption under a small cache."""
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(16, seed=7)
+    prompts = random_prompts(16, seed=7, max_len=90)
     kw = dict(model=path, device="cuda", dtype="float32", num_kv_blocks=24, max_num_batched_tokens=64)
     free = [o.outputs[0].token_ids for o in LLM(async_scheduling=False, **kw).generate(prompts, GREEDY)]
     stop_ids = sorted({t[3 + i % 6] for i, t in enumerate(free)})
@@ -110,7 +103,7 @@ def test_disagg_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
     """The KV of each prompt travels from the prefill instance's pool to the decode instance's
     (CUDA IPC under process placement), with the static half-and-half SM split."""
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(12, seed=4)
+    prompts = random_prompts(12, seed=4, max_len=90)
     kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
     ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, GREEDY)]
     llm = LLM(mode="disagg", placement=placement, mps="off", **kw)
@@ -127,7 +120,7 @@ def test_disagg_mode_on_cuda_matches_hybrid(placement, tiny_model_dir):
 def test_partitioned_rapid_mode_on_cuda_matches_hybrid(policy, tiny_model_dir):
     """Green-context streams and per-partition decode graphs do not change tokens."""
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(12, seed=6)
+    prompts = random_prompts(12, seed=6, max_len=90)
     kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
     ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, GREEDY)]
     llm = LLM(mode="rapid", placement="thread", partition_policy=policy, **kw)

@@ -8,17 +8,14 @@ import time
 
 import pytest
 
+from conftest import random_prompts
+
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
 from rapidserve.engine import create_engine
 from rapidserve.serving.rapid import RapidEngine, WorkerError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-def _prompts(n: int, seed: int = 3, max_len: int = 100) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(n)]
 
 
 def _run(engine, prompts, params, arrivals_every: int = 0, timeout_s: float = 120.0) -> dict[str, list[int]]:
@@ -51,13 +48,8 @@ def _wait_all_free(engine: RapidEngine, timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return tiny_model_dir("llama")[0]
-
-
-@pytest.fixture(scope="module")
 def reference(tiny):
-    prompts = _prompts(10)
+    prompts = random_prompts(10)
     return prompts, [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, GREEDY)]
 
 
@@ -125,7 +117,7 @@ def test_aborts_during_prefill_and_decode(process_engine):
 
 
 def test_many_concurrent_short_requests(process_engine, tiny):
-    prompts = _prompts(200, seed=9, max_len=30)
+    prompts = random_prompts(200, seed=9, max_len=30)
     rng = random.Random(1)
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 9), ignore_eos=True) for _ in prompts]
     ref = [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, params)]
@@ -138,7 +130,7 @@ def test_killing_the_prefill_process_fails_pending_requests(tiny):
     eng = create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process"))
     workers = dict(eng.workers)
     try:
-        for p in _prompts(4):
+        for p in random_prompts(4):
             eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
         eng.step()
         os.kill(workers["prefill"].pid, signal.SIGKILL)

@@ -2,10 +2,11 @@
 granules of 8) replaces the hardware's, so the decode worker's per-step decisions, the prefill
 worker following them, the stats and the metrics are checked without a GPU."""
 
-import random
 import time
 
 import pytest
+
+from conftest import random_prompts
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -66,11 +67,6 @@ def _profile(path) -> str:
     return str(path)
 
 
-def _prompts(n: int, seed: int = 3) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(rng.randrange(4, 60))] for _ in range(n)]
-
-
 def _wait_idle(engine, timeout_s: float = 10.0, decode_sms: int | None = None):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -84,7 +80,7 @@ def _wait_idle(engine, timeout_s: float = 10.0, decode_sms: int | None = None):
 
 def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_model_dir, tmp_path, fake_mechanism):
     path, _ = tiny_model_dir("llama")
-    prompts = _prompts(10)
+    prompts = random_prompts(10, min_len=4, max_len=60)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in LLM(model=path, device="cpu").generate(prompts, params)]
     engine = create_engine(EngineConfig(model=path, device="cpu", mode="rapid", placement="thread",
@@ -168,7 +164,7 @@ def test_a_prompt_is_handed_over_after_the_partition_decided_with_it(tiny_model_
                                         partition_policy="static:8"))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     try:
-        for prompt in _prompts(4):  # one at a time: each arrives while decode has the whole device
+        for prompt in random_prompts(4, min_len=4, max_len=60):  # one at a time: each arrives while decode has the whole device
             engine.add_request(prompt, params)
             while engine.has_unfinished_requests():
                 engine.step()

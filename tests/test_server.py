@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import re
 import signal
 import subprocess
@@ -24,6 +23,8 @@ import openai
 import pytest
 import torch
 import uvicorn
+
+from conftest import random_prompts
 
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine, EngineDeadError
@@ -446,13 +447,8 @@ def _tiny_engine(tiny_model_dir, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=tiny_model_dir("llama")[0], device="cpu", num_kv_blocks=64, **kw))
 
 
-def _prompts(n: int) -> list[list[int]]:
-    rng = random.Random(5)
-    return [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
-
-
 def test_async_engine_matches_llm_engine(tiny_model_dir):
-    prompts = _prompts(6)
+    prompts = random_prompts(6, seed=5, max_len=40)
     sync = _tiny_engine(tiny_model_dir)
     ids = [sync.add_request(p, GREEDY) for p in prompts]
     done = {}

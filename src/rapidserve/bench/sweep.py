@@ -197,7 +197,7 @@ class ServerProcess:
             try:
                 self._log.write(line)
                 self._log.flush()
-            except (AttributeError, ValueError):  # no log yet, or stop() closed it
+            except ValueError:  # stop() closed it
                 pass
         self._found.set()
 
@@ -715,8 +715,6 @@ def add_rescore_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def rescore_main(args: argparse.Namespace) -> int:
-    from rapidserve.bench.plots import plot_sweep
-
     src = Path(args.sweep_dir)
     result = rescore(src, args.slo_itl_ms, args.slo_ttft_ms_per_1k)
     a = result["args"]
@@ -726,23 +724,23 @@ def rescore_main(args: argparse.Namespace) -> int:
     if out_dir.resolve() == src.resolve():
         raise ValueError("--output-dir is the sweep's own directory: its results would be overwritten")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = write_results(result, out_dir)
-    if not args.no_plots:
-        paths += plot_sweep(result["rows"], out_dir, baseline=args.baseline)
     print(f"SLOs: ITL {a['slo_itl_ms']} ms, TTFT {a['slo_ttft_ms_per_1k']} ms per 1K prompt tokens")
-    print(format_table(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    _report(result, out_dir, args)
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
+def _report(result: dict[str, Any], out_dir: Path, args: argparse.Namespace) -> None:
+    """Write the results (and the plots unless --no-plots) to `out_dir`; print the table."""
     from rapidserve.bench.plots import plot_sweep
 
-    result = run_sweep(args)
-    out_dir = Path(args.output_dir)
     paths = write_results(result, out_dir)
     if not args.no_plots:
         paths += plot_sweep(result["rows"], out_dir, baseline=args.baseline)
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_sweep(args)
+    _report(result, Path(args.output_dir), args)
     return 0 if any(r["status"] == "ok" for r in result["rows"]) else 1
