@@ -8,7 +8,7 @@
 #   bash scripts/gpu_evidence.sh tests latency           # ~6 min
 #   bash scripts/gpu_evidence.sh throughput              # ~7 min (the transformers peer alone ~4 min)
 #   bash scripts/gpu_evidence.sh interference            # ~7 min: hybrid 512/2048, rapid thread/process
-#   bash scripts/gpu_evidence.sh profile partition       # ~9 min: profile, then rapid/full/static policies
+#   bash scripts/gpu_evidence.sh profile partition       # profile (~1 min), then rapid/full/static policies
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
 #
@@ -54,9 +54,11 @@ for stage in "$@"; do
     profile)
         # Two context lengths at least: with one, the policies predict every context as that one
         # (the 2026-11-22 profile measured 1024 only, and rapid broke its ITL SLO at lmsys-like
-        # contexts). Three contexts did not finish in 230 s on the H100: run this stage alone.
-        # --max-num-seqs 128: graphs for the batches measured, not 256 (captured again per partition).
-        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,4096 \
+        # contexts); past the longest, decode time is extended linearly in context. The grid's
+        # largest point (128 x 2560 tokens, 20.5K blocks) must fit the KV cache (~25K blocks of 16
+        # for the 8B model on 80 GB). --max-num-seqs 128: graphs for the batches measured, not 256
+        # (captured again per partition).
+        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,2560 \
             --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 --max-num-seqs 128 2>&1 ;;
     partition)
         # The rapid policy keeps the decode p95 ITL under the SLO while 8K prompts run back to back.
@@ -85,12 +87,17 @@ for stage in "$@"; do
         # stopped, what ran is written) so the results still come back within the call's limit.
         # SWEEP_PROFILE: the profile for rapid-rapid / rapid-nexus (default: the profile stage's, when
         # it ran earlier in this call, else the H100 one in docs/results).
+        # CALL_BUDGET (seconds, optional): the device call's limit; the sweep then stops in time
+        # whatever the stages before it took.
         # Keeps every request's record (requests/), so `bench rescore` can judge it by other SLOs.
-        dir="$OUT/sweep"; resume=""; sweep_profile="${SWEEP_PROFILE:-docs/results/2026-11-22-h100/profile.json}"
+        limit=${SWEEP_TIMEOUT:-540}
+        if [ -n "${CALL_BUDGET:-}" ] && [ $((CALL_BUDGET - SECONDS - 40)) -lt "$limit" ]; then limit=$((CALL_BUDGET - SECONDS - 40)); fi
+        echo "sweep time limit: $limit s"
+        dir="$OUT/sweep"; resume=""; sweep_profile="${SWEEP_PROFILE:-docs/results/2026-11-23-h100/profile.json}"
         if [ -z "${SWEEP_PROFILE:-}" ] && [ -f "$OUT/profile.json" ]; then sweep_profile="$OUT/profile.json"; fi
         echo "sweep profile: $sweep_profile"
         if [ -n "${SWEEP_FROM:-}" ]; then tar xzf "$SWEEP_FROM" -C "$OUT" && resume="--resume"; fi
-        timeout -s INT -k 30 "${SWEEP_TIMEOUT:-540}" $RS bench sweep --model preset:llama-3.1-8b --load-format dummy \
+        timeout -s INT -k 20 "$limit" $RS bench sweep --model preset:llama-3.1-8b --load-format dummy \
             --dtype bfloat16 --dataset-name "${SWEEP_DATASET:-lmsys-like}" --num-prompts "${SWEEP_PROMPTS:-100}" \
             --request-rates "${SWEEP_RATES:-2,4,8,16}" --configs "${SWEEP_CONFIGS:-hybrid-512,hybrid-1024,hybrid-2048,rapid-rapid,rapid-nexus,disagg}" \
             --profile "$sweep_profile" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1

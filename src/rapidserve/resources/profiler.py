@@ -3,9 +3,10 @@ decide from (resources/profile.py), and writes it as JSON.
 
 For each partition (every decode SM count asked for, and the whole device):
 - decode step latency at each context length × batch size, alone and beside a running prefill:
-  the steps are timed by bench/latency.py's `measure_decode` on the decode side's stream, while
-  a second thread runs whole-prompt prefill steps on the prefill side's stream (for the whole
-  device: a second full-device stream, i.e. over-allocation);
+  the batch's steps (`_DecodeRunner`: the decode worker's runner call, on KV blocks that were
+  never prefilled) are timed on the decode side's stream, while a second thread runs
+  whole-prompt prefill steps on the prefill side's stream (for the whole device: a second
+  full-device stream, i.e. over-allocation);
 - prefill latency of each prompt length on the prefill side's SMs, alone and beside decode
   steps of a fixed batch (--beside-decode-batch sequences at the shortest --context-lens) run back
   to back in a second thread on the decode side's stream (the whole device: over-allocation).
@@ -31,8 +32,7 @@ from typing import Any
 
 import torch
 
-from rapidserve.bench.floors import ModelCost, model_cost
-from rapidserve.bench.latency import _int_list, measure_decode
+from rapidserve.bench.latency import _int_list
 from rapidserve.bench.throughput import BENCH_ENGINE_DEFAULTS
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 from rapidserve.kv.block_manager import blocks_needed
@@ -58,26 +58,6 @@ from rapidserve.scheduler.prefill import PrefillTables
 
 _PREFILL_ID = "profile-prefill"
 _DECODE_ID = "profile-decode-{}"
-
-
-class _StreamView:
-    """The engine as `measure_decode` sees it, each step run on one stream.
-
-    NOTE: a device-wide synchronize would also wait for the prefill running beside on the other
-    stream. This view reports no CUDA device, so measure_decode's device syncs do nothing; its
-    steps are paced by waiting for their own tokens (an event on this stream), as when serving."""
-
-    def __init__(self, engine: Any, stream: torch.cuda.Stream | None) -> None:
-        self._engine = engine
-        self._stream = stream
-        self.device = torch.device("cpu")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def step(self) -> Any:
-        with use_stream(self._stream):
-            return self._engine.step()
 
 
 class _PrefillRunner:
@@ -142,9 +122,9 @@ class _DecodeRunner:
         need = batch * blocks_needed(context + 1, engine.blocks.block_size)
         if need > engine.blocks.num_free_blocks:
             raise ValueError(f"the KV cache has no room for a decode batch of {batch} at context {context} "
-                             f"({need} blocks, {engine.blocks.num_free_blocks} free) to profile prefill beside: "
-                             "give it more memory (--kv-cache-memory-bytes, --num-kv-blocks) or lower "
-                             "--beside-decode-batch")
+                             f"({need} blocks, {engine.blocks.num_free_blocks} free): give it more memory "
+                             "(--kv-cache-memory-bytes, --num-kv-blocks) or lower --batch-sizes, "
+                             "--context-lens or --beside-decode-batch")
         for rid in ids:
             engine.blocks.allocate(rid, context + 1)  # fits: checked above
         params = SamplingParams(temperature=0.0, max_tokens=1)
@@ -213,13 +193,30 @@ def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> N
         runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
 
 
-def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, context: int, args: argparse.Namespace,
-               cost: ModelCost, rng: random.Random) -> float:
-    p = measure_decode(_StreamView(engine, stream), batch, context, args.num_steps, args.warmup_steps,
-                       cost, None, rng)
-    if p.skipped is not None or p.median_s is None:
-        raise ValueError(f"decode at batch {batch}, context {context}: {p.skipped}")
-    return p.median_s * 1e3
+def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, context: int,
+               args: argparse.Namespace) -> float:
+    """Median milliseconds of a decode step of `batch` sequences at `context` tokens on `stream`,
+    after --warmup-steps untimed ones.
+
+    NOTE: the sequences' prompts are not prefilled (a step's cost does not depend on the KV's
+    values; see _DecodeRunner): filling a batch of 128 at 4K context through a 16-SM partition
+    took minutes per point. A step is timed from the call to its tokens on the host, input
+    preparation included (the decode worker overlaps that with the device's previous step)."""
+    runner = _DecodeRunner(engine, batch, context)
+    try:
+        with use_stream(stream):
+            for _ in range(args.warmup_steps):
+                runner.step()
+            times = []
+            t = time.perf_counter()
+            for _ in range(args.num_steps):
+                runner.step()
+                now = time.perf_counter()
+                times.append(now - t)
+                t = now
+    finally:
+        runner.close()
+    return statistics.median(times) * 1e3
 
 
 def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[int],
@@ -230,7 +227,6 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
     for g in partitioner.prepare(parts):
         log(f"partition {g.partition}: decode {g.decode_sms} SMs, prefill {g.prefill_sms} SMs")
     granted = {g.partition: g for g in partitioner.granted()}
-    cost = model_cost(engine.model_config, engine.dtype)
     rng = random.Random(engine.config.seed)
     prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens))
     alone: list[list[list[float]]] = []
@@ -250,9 +246,9 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
             for context in args.context_lens:
                 a_row, b_row = [], []
                 for batch in args.batch_sizes:
-                    a_row.append(_decode_ms(engine, streams.decode, batch, context, args, cost, rng))
+                    a_row.append(_decode_ms(engine, streams.decode, batch, context, args))
                     with prefill.beside(streams.prefill, args.beside_prefill_tokens, rng.randrange(1 << 30)):
-                        b_row.append(_decode_ms(engine, streams.decode, batch, context, args, cost, rng))
+                        b_row.append(_decode_ms(engine, streams.decode, batch, context, args))
                     log(f"{p}: decode batch {batch:>4} context {context:>6}: {a_row[-1]:8.3f} ms alone, "
                         f"{b_row[-1]:8.3f} ms beside a prefill")
                 a_rows.append(a_row)
