@@ -120,6 +120,17 @@ def test_rapid_threshold_from_the_profile(profile):
     assert policy.decide(state(64)) != Partition.FULL
 
 
+def test_rapid_splits_beside_prompts_longer_than_the_profile_measured(profile):
+    """Over-allocated decode beside a prefill was measured beside prefill steps of
+    `prefill_tokens_beside` (2048) tokens: beside more prompt tokens than that it splits."""
+    slo = decode_beside(TOTAL, 1, 1024) + 0.01
+    policy = RapidPolicy(profile, slo_itl_ms=slo)
+    assert profile.metadata.prefill_tokens_beside == 2048
+    assert policy.decide(state(1, waiting=2048)) == Partition.FULL
+    assert policy.decide(state(1, waiting=2049)) != Partition.FULL
+    assert policy.decide(state(1, waiting=8192, running=False)) != Partition.FULL
+
+
 def test_rapid_picks_the_fewest_decode_sms_meeting_the_slo(profile):
     b, ctx = 64, 4096
     slo = decode_beside(32, b, ctx)  # D32 meets it exactly, D24 does not
@@ -254,10 +265,38 @@ def test_nexus_hysteresis_does_not_flap(profile):
 
 def test_nexus_switches_at_once_to_stop_an_itl_miss(profile):
     policy = NexusPolicy(profile, slo_itl_ms=decode_beside(64, 128, 4096) * 1.01, min_hold_steps=100)
-    assert policy.decide(state(1, waiting=100000)) == Partition.FULL  # light decode: over-allocate
+    assert policy.decide(state(1, waiting=2000)) == Partition.FULL  # light decode: over-allocate
     # the batch grows: over-allocated decode would miss the SLO, so it switches without waiting
     # out the hold, to the only split that meets it
     assert policy.decide(state(128, 4096, waiting=100000)) == split(64)
+
+
+def test_nexus_over_allocates_beside_prefill_only_as_long_as_the_profile_measured(profile):
+    """The profile timed decode beside 2048-token prefill steps: beside longer prompts the whole
+    device is no candidate, and a policy on it leaves at once (hold or not)."""
+    policy = NexusPolicy(profile, slo_itl_ms=1000.0, min_hold_steps=100)
+    assert profile.metadata.prefill_tokens_beside == 2048
+    assert policy.target(state(1, waiting=2048)) == Partition.FULL
+    assert policy.target(state(1, waiting=2049)) != Partition.FULL
+    assert policy.decide(state(1, waiting=2000)) == Partition.FULL
+    assert policy.decide(state(1, waiting=8192)) != Partition.FULL  # urgent: no hold
+    assert policy.target(state(1, waiting=0, running=False)) == Partition.FULL  # decode alone: whole device
+
+
+def test_the_itl_headroom_lowers_the_step_target(profile):
+    b, ctx = 64, 4096
+    slo = decode_beside(32, b, ctx)  # D32 meets it exactly
+    assert RapidPolicy(profile, slo_itl_ms=slo).decide(state(b, ctx, waiting=5000)) == split(32)
+    with_room = RapidPolicy(profile, slo_itl_ms=slo, itl_headroom=0.15)
+    assert with_room.itl_target_ms == pytest.approx(0.85 * slo)
+    assert with_room.decide(state(b, ctx, waiting=5000)).decode_sms > 32
+    nexus = NexusPolicy(profile, slo_itl_ms=slo, itl_headroom=0.15, min_hold_steps=0)
+    assert nexus.score(split(32), state(b, ctx, waiting=5000))[0] is False
+    assert NexusPolicy(profile, slo_itl_ms=slo, min_hold_steps=0).score(split(32), state(b, ctx, waiting=5000))[0]
+    policy = make_policy("rapid", TOTAL, 8, profile, slo_itl_ms=slo, itl_headroom=0.15)
+    assert policy.itl_target_ms == pytest.approx(0.85 * slo)
+    with pytest.raises(ValueError, match=r"headroom must be in \[0, 1\)"):
+        RapidPolicy(profile, slo_itl_ms=slo, itl_headroom=1.0)
 
 
 # ---- parsing and construction ----------------------------------------------------------------------
@@ -341,3 +380,22 @@ def test_partition_metrics():
     assert s.switches == 2
     assert s.elapsed_s == 10.0
     assert s.switches_per_s == pytest.approx(0.2)
+
+
+def test_the_engine_config_gives_the_policy_its_itl_headroom(profile, tmp_path):
+    from rapidserve.config import EngineConfig
+    from rapidserve.serving.partitioning import build_policy
+
+    path = tmp_path / "profile.json"
+    profile.save(path)
+
+    class Partitioner:
+        total_sms, granularity = TOTAL, 8
+
+    def config(**kw):
+        return EngineConfig(model="m", mode="rapid", partition_policy="nexus", profile=str(path), slo_itl_ms=50.0, **kw)
+
+    assert build_policy(config(), Partitioner()).itl_target_ms == pytest.approx(42.5)  # 0.15 by default
+    assert build_policy(config(slo_itl_headroom=0.0), Partitioner()).itl_target_ms == 50.0
+    with pytest.raises(ValueError, match=r"slo_itl_headroom must be in \[0, 1\), got 1.0"):
+        config(slo_itl_headroom=1.0)

@@ -57,6 +57,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", default=None, metavar="PATH",
                    help="the SM-partitioning profile written by `rapidserve profile`")
     g.add_argument("--slo-itl-ms", type=float, default=None, help="the ITL SLO the rapid/nexus policies keep")
+    g.add_argument("--slo-itl-headroom", type=float, default=0.15,
+                   help="rapid/nexus policies: aim each decode step at (1 - this) x --slo-itl-ms, since "
+                        "the profile gives a step's median and the SLO is judged on each request's p95")
     g.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="nexus policy: the time to drain the waiting prompts it aims at (default 1000)")
     g.add_argument("--step-timeline", default=None, metavar="DIR",

@@ -54,7 +54,7 @@ def build_policy(config: EngineConfig, partitioner: Partitioner) -> PartitionPol
     for note in profile.limitations() if profile is not None else ():
         log.warning("%s: %s", config.profile, note)
     return make_policy(spec, partitioner.total_sms, partitioner.granularity, profile, config.slo_itl_ms,
-                       config.slo_ttft_ms)
+                       config.slo_ttft_ms, itl_headroom=config.slo_itl_headroom)
 
 
 class _Side:
