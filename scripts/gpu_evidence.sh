@@ -54,11 +54,12 @@ for stage in "$@"; do
     profile)
         # Two context lengths at least: with one, the policies predict every context as that one
         # (the 2026-11-22 profile measured 1024 only, and rapid broke its ITL SLO at lmsys-like
-        # contexts); past the longest, decode time is extended linearly in context. The grid's
-        # largest point (128 x 2560 tokens, 20.5K blocks) must fit the KV cache (~25K blocks of 16
-        # for the 8B model on 80 GB). --max-num-seqs 128: graphs for the batches measured, not 256
-        # (captured again per partition).
-        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,2560 \
+        # contexts); past the longest, decode time is extended linearly in context, and on the
+        # arxiv-like sweep (2026-11-23, contexts 1024 and 2560) the splits stepped slower at ~8.5K
+        # than that predicted: measure to 8192 (points past the KV cache run on shared blocks).
+        # PROFILE_ARGS: more flags (e.g. --beside-prefill-tokens 8192 for 8K-prompt workloads).
+        # --max-num-seqs 128: graphs for the batches measured, not 256 (captured again per partition).
+        $RS profile --output "$OUT/profile.json" --batch-sizes 1,16,64,128 --context-lens 1024,4096,8192 ${PROFILE_ARGS:-} \
             --sm-counts 16,32,48,64 --prompt-tokens 2048,8192 --num-steps 8 --max-num-seqs 128 2>&1 ;;
     partition)
         # The rapid policy keeps the decode p95 ITL under the SLO while 8K prompts run back to back.

@@ -232,3 +232,29 @@ def test_a_profile_of_one_context_length_says_it_cannot_tell_contexts_apart(prof
     results = Path(__file__).parents[1] / "docs/results"
     assert len(load_profile(results / "2026-11-22-h100/profile.json").limitations()) == 1
     assert load_profile(results / "2026-11-23-h100/profile.json").limitations() == []  # 1024 and 2560
+
+
+@pytest.mark.slow
+def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_dir, tmp_path, capsys):
+    """A decode step's cost does not depend on the KV's values: a batch that needs more blocks
+    than are free runs on every free block, its sequences' tables cycling through them."""
+    path, _ = tiny_model_dir("llama")
+    out = tmp_path / "profile.json"
+    # 12 blocks of 16 tokens; the prefill runner holds 2 (24 tokens), 10 are left: a batch of 4
+    # at context 64 needs 4 x 5 = 20.
+    rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
+               "--max-model-len", "128", "--batch-sizes", "1,4", "--context-lens", "8,64",
+               "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "2",
+               "--num-steps", "2", "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
+    assert rc == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "decode batch" in ln]
+    shared = [ln for ln in lines if "KV blocks shared" in ln]
+    assert len(lines) == 4 and len(shared) == 1 and "batch    4 context     64" in shared[0]
+    profile = load_profile(out)
+    assert all(ms > 0 for ctx in profile.decode.alone_ms[0] for ms in ctx)
+    # one sequence longer than the whole cache cannot be profiled: said, not hung
+    assert main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
+                 "--max-model-len", "256", "--batch-sizes", "1", "--context-lens", "200",
+                 "--prompt-tokens", "8", "--beside-prefill-tokens", "8", "--beside-decode-batch", "1",
+                 "--output", str(out)]) == 2
+    assert "no room for one sequence at context 200 (13 blocks, 11 free)" in capsys.readouterr().err

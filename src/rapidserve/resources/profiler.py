@@ -57,7 +57,7 @@ from rapidserve.scheduler.chunked import ScheduledRequest
 from rapidserve.scheduler.prefill import PrefillTables
 
 _PREFILL_ID = "profile-prefill"
-_DECODE_ID = "profile-decode-{}"
+_DECODE_ID = "profile-decode-{}"  # one per _DecodeRunner
 
 
 class _PrefillRunner:
@@ -105,6 +105,32 @@ class _PrefillRunner:
         return _back_to_back(lambda: self.step(tokens, rng), stream, "prefill")
 
 
+class _DecodeTables:
+    """The engine runner's block tables while the profile runs: the profile's decode sequences
+    from here (`_DecodeRunner` sets them), any other request's from the engine's block manager."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.tables: dict[str, list[int]] = {}
+
+    def block_table(self, request_id: str) -> list[int]:
+        table = self.tables.get(request_id)
+        return table if table is not None else self.blocks.block_table(request_id)
+
+
+@contextlib.contextmanager
+def _decode_tables(engine: Any) -> Iterator[_DecodeTables]:
+    """Install a `_DecodeTables` as the engine runner's block tables for the body."""
+    runner = engine.runner
+    saved = runner.blocks
+    runner.blocks = tables = _DecodeTables(saved)
+    try:
+        yield tables
+    finally:
+        runner.blocks = saved
+
+
 class _DecodeRunner:
     """Decode steps of a fixed batch through the engine's runner (its decode graphs, captured on
     the partition's decode stream by `_recapture`), on blocks reserved from the engine's block
@@ -112,29 +138,44 @@ class _DecodeRunner:
 
     NOTE: every step recomputes the token at position `context` of each sequence (its KV slot is
     overwritten), so the batch and context stay fixed however many steps run. The KV before it
-    is whatever the cache holds (zeros): a step's cost does not depend on the values."""
+    is whatever the cache holds (zeros): a step's cost does not depend on the values. So a batch
+    that needs more blocks than are free takes every free block and its sequences' tables run
+    through them cyclically (several sequences read the same blocks, far apart: each layer's
+    share of the pool is many times the L2 cache), and the grid reaches any batch and context."""
 
-    def __init__(self, engine: Any, batch: int, context: int) -> None:
+    _instances = 0
+
+    def __init__(self, engine: Any, tables: _DecodeTables, batch: int, context: int) -> None:
         self.engine = engine
+        self.tables = tables
         if context + 1 > engine.max_model_len:
             raise ValueError(f"decode at context {context} does not fit max_model_len {engine.max_model_len}")
-        ids = [_DECODE_ID.format(i) for i in range(batch)]
-        need = batch * blocks_needed(context + 1, engine.blocks.block_size)
-        if need > engine.blocks.num_free_blocks:
-            raise ValueError(f"the KV cache has no room for a decode batch of {batch} at context {context} "
-                             f"({need} blocks, {engine.blocks.num_free_blocks} free): give it more memory "
-                             "(--kv-cache-memory-bytes, --num-kv-blocks) or lower --batch-sizes, "
-                             "--context-lens or --beside-decode-batch")
-        for rid in ids:
-            engine.blocks.allocate(rid, context + 1)  # fits: checked above
+        _DecodeRunner._instances += 1
+        prefix = f"{_DECODE_ID.format(_DecodeRunner._instances)}-"
+        self.pool_id = prefix + "pool"
+        bs = engine.blocks.block_size
+        per_seq = blocks_needed(context + 1, bs)
+        free = engine.blocks.num_free_blocks
+        if per_seq > free:
+            raise ValueError(f"the KV cache has no room for one sequence at context {context} ({per_seq} blocks, "
+                             f"{free} free): give it more memory (--kv-cache-memory-bytes, --num-kv-blocks) or "
+                             "lower --context-lens")
+        pool_n = min(batch * per_seq, free)
+        engine.blocks.allocate(self.pool_id, pool_n * bs)  # fits: pool_n <= free
+        pool = engine.blocks.block_table(self.pool_id)
+        self.shared = pool_n < batch * per_seq  # some sequences read the same blocks
         params = SamplingParams(temperature=0.0, max_tokens=1)
-        self.scheduled = [ScheduledRequest(Request(rid, [0] * (context + 1), params, 1), context, 1, True)
-                          for rid in ids]
+        self.scheduled = []
+        for i in range(batch):
+            rid = f"{prefix}{i}"
+            tables.tables[rid] = [pool[(i * per_seq + j) % pool_n] for j in range(per_seq)]
+            self.scheduled.append(ScheduledRequest(Request(rid, [0] * (context + 1), params, 1), context, 1, True))
 
     def close(self) -> None:
         for s in self.scheduled:
-            self.engine.blocks.free(s.request.request_id)
+            self.tables.tables.pop(s.request.request_id, None)
             self.engine.runner.release(s.request.request_id)
+        self.engine.blocks.free(self.pool_id)
 
     def step(self) -> None:
         """One decode step of the whole batch, on the current stream (waits for its tokens
@@ -193,16 +234,16 @@ def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> N
         runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
 
 
-def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, context: int,
-               args: argparse.Namespace) -> float:
-    """Median milliseconds of a decode step of `batch` sequences at `context` tokens on `stream`,
-    after --warmup-steps untimed ones.
+def _decode_ms(engine: Any, tables: _DecodeTables, stream: torch.cuda.Stream | None, batch: int, context: int,
+               args: argparse.Namespace) -> tuple[float, bool]:
+    """(median milliseconds of a decode step of `batch` sequences at `context` tokens on `stream`,
+    after --warmup-steps untimed ones; whether its sequences shared KV blocks).
 
     NOTE: the sequences' prompts are not prefilled (a step's cost does not depend on the KV's
     values; see _DecodeRunner): filling a batch of 128 at 4K context through a 16-SM partition
     took minutes per point. A step is timed from the call to its tokens on the host, input
     preparation included (the decode worker overlaps that with the device's previous step)."""
-    runner = _DecodeRunner(engine, batch, context)
+    runner = _DecodeRunner(engine, tables, batch, context)
     try:
         with use_stream(stream):
             for _ in range(args.warmup_steps):
@@ -216,7 +257,7 @@ def _decode_ms(engine: Any, stream: torch.cuda.Stream | None, batch: int, contex
                 t = now
     finally:
         runner.close()
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, runner.shared
 
 
 def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[int],
@@ -236,41 +277,44 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
     decode_context = min(args.context_lens)
     sm_counts: list[int] = []
     try:
-        for p in parts:
-            streams = partitioner.streams(p)
-            d_sms = granted[p].decode_sms if not p.is_full else total
-            p_sms = granted[p].prefill_sms if not p.is_full else total
-            sm_counts.append(d_sms)
-            _recapture(engine, streams.decode, d_sms)
-            a_rows, b_rows = [], []
-            for context in args.context_lens:
-                a_row, b_row = [], []
-                for batch in args.batch_sizes:
-                    a_row.append(_decode_ms(engine, streams.decode, batch, context, args))
-                    with prefill.beside(streams.prefill, args.beside_prefill_tokens, rng.randrange(1 << 30)):
-                        b_row.append(_decode_ms(engine, streams.decode, batch, context, args))
-                    log(f"{p}: decode batch {batch:>4} context {context:>6}: {a_row[-1]:8.3f} ms alone, "
-                        f"{b_row[-1]:8.3f} ms beside a prefill")
-                a_rows.append(a_row)
-                b_rows.append(b_row)
-            alone.append(a_rows)
-            beside.append(b_rows)
-            if p_sms not in prefill_ms:
-                prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
-                                     for n in args.prompt_tokens]
-                # NOTE: the decode batch's blocks are held only here: the decode grid above needs
-                # the room.
-                decode = _DecodeRunner(engine, args.beside_decode_batch, decode_context)
-                try:
-                    with decode.beside(streams.decode):
-                        prefill_beside_ms[p_sms] = [
-                            1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
-                            for n in args.prompt_tokens]
-                finally:
-                    decode.close()
-                log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
-                    f"{n} tok {ms:.3f} ms ({b:.3f} ms beside a decode)"
-                    for n, ms, b in zip(args.prompt_tokens, prefill_ms[p_sms], prefill_beside_ms[p_sms])))
+        with _decode_tables(engine) as tables:
+            for p in parts:
+                streams = partitioner.streams(p)
+                d_sms = granted[p].decode_sms if not p.is_full else total
+                p_sms = granted[p].prefill_sms if not p.is_full else total
+                sm_counts.append(d_sms)
+                _recapture(engine, streams.decode, d_sms)
+                a_rows, b_rows = [], []
+                for context in args.context_lens:
+                    a_row, b_row = [], []
+                    for batch in args.batch_sizes:
+                        ms, shared = _decode_ms(engine, tables, streams.decode, batch, context, args)
+                        a_row.append(ms)
+                        with prefill.beside(streams.prefill, args.beside_prefill_tokens, rng.randrange(1 << 30)):
+                            b_row.append(_decode_ms(engine, tables, streams.decode, batch, context, args)[0])
+                        log(f"{p}: decode batch {batch:>4} context {context:>6}: {a_row[-1]:8.3f} ms alone, "
+                            f"{b_row[-1]:8.3f} ms beside a prefill" + (" (KV blocks shared: the batch exceeds "
+                                                                        "the cache)" if shared else ""))
+                    a_rows.append(a_row)
+                    b_rows.append(b_row)
+                alone.append(a_rows)
+                beside.append(b_rows)
+                if p_sms not in prefill_ms:
+                    prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
+                                         for n in args.prompt_tokens]
+                    # NOTE: the decode batch's blocks are held only here: the decode grid above needs
+                    # the room.
+                    decode = _DecodeRunner(engine, tables, args.beside_decode_batch, decode_context)
+                    try:
+                        with decode.beside(streams.decode):
+                            prefill_beside_ms[p_sms] = [
+                                1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
+                                for n in args.prompt_tokens]
+                    finally:
+                        decode.close()
+                    log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
+                        f"{n} tok {ms:.3f} ms ({b:.3f} ms beside a decode)"
+                        for n, ms, b in zip(args.prompt_tokens, prefill_ms[p_sms], prefill_beside_ms[p_sms])))
     finally:
         prefill.close()
     partitioned = bool(decode_sm_counts)
