@@ -25,6 +25,8 @@ from rapidserve.bench.sweep import (
     format_table,
     max_rate_at_attainment,
     parse_config,
+    parse_partition_times,
+    partition_shares,
     parse_configs,
     parse_rates,
     require_healthy,
@@ -304,6 +306,7 @@ def test_sweep_end_to_end(tmp_path, capsys):
     for r in ok:
         assert r["completed"] == 4 and r["failed"] == 0, r
         assert r["attainment_p95_itl"] == 1.0 and r["p95_ttft_ms"] > 0 and r["gpu_util_pct"] is None
+        assert r["sm_partitions"] is None  # no SM partitioning on CPU: the servers report none
     failed = next(c for c in result["configs"] if c["name"] == "rapid-nosuchpolicy")
     assert "before listening" in failed["error"]
     for c in result["configs"]:
@@ -462,3 +465,24 @@ def test_resume_adds_configurations_to_a_sweep(tmp_path, monkeypatch):
     assert ran == []
     fresh = sw.run_sweep(parse([*argv, "--configs", "hybrid-1024"]))  # without --resume: a new sweep
     assert [c["name"] for c in fresh["configs"]] == ["hybrid-1024"]
+
+
+def test_sm_partition_shares_from_the_servers_metrics():
+    """What `bench sweep` records of a rapid server's partitions per run: the /metrics counters
+    (as the server writes them) before and after, as shares of the decode worker's time."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from rapidserve.entrypoints.openai.metrics import _PartitionCollector
+    from rapidserve.resources.policy import PartitionStats
+
+    registry, collector = CollectorRegistry(), _PartitionCollector("m")
+    registry.register(collector)
+    assert parse_partition_times(generate_latest(registry).decode()) is None  # no policy: nothing
+    collector.stats = PartitionStats("D32/P100", {"full": 10.0, "D32/P100": 5.0}, 3, 0.2, 15.0)
+    before = parse_partition_times(generate_latest(registry).decode())
+    assert before is not None and before.seconds == {"full": 10.0, "D32/P100": 5.0} and before.switches == 3
+    collector.stats = PartitionStats("D16/P116", {"full": 12.0, "D32/P100": 13.0, "D16/P116": 5.0}, 10, 0.3, 30.0)
+    after = parse_partition_times(generate_latest(registry).decode())
+    assert partition_shares(before, after) == "D32/P100 53 %, D16/P116 33 %, full 13 %; 7 switches"
+    assert partition_shares(None, after) == "D32/P100 43 %, full 40 %, D16/P116 17 %; 10 switches"
+    assert partition_shares(before, before) == "" and partition_shares(None, None) == ""

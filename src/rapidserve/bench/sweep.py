@@ -57,7 +57,8 @@ ROW_KEYS = (
     "goodput_p95_itl", "goodput_max_itl", "goodput_itl_only",
     "attainment_p95_itl", "attainment_max_itl", "attainment_itl_only", "attainment_ttft_only",
     "mean_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p95_itl_ms", "p99_itl_ms",
-    "mean_tpot_ms", "drain_pct", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "error",
+    "mean_tpot_ms", "drain_pct", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "sm_partitions",
+    "error",
 )
 # A run whose last requests' decode takes more than this share of its duration (after the last
 # arrival) measures how long its longest outputs take, not the configuration's capacity.
@@ -319,6 +320,56 @@ def require_healthy(url: str, timeout_s: float = 30.0) -> None:
         raise ServerStartError(f"the server listens at {url} but is unhealthy ({r.status_code}): {r.text[:600]}")
 
 
+class PartitionTimes(NamedTuple):
+    """The rapid mode's SM-partition counters as a server's /metrics reports them."""
+
+    seconds: dict[str, float]  # time the decode worker's steps ran in each partition
+    switches: float
+
+
+def parse_partition_times(text: str) -> PartitionTimes | None:
+    """The partition counters of a Prometheus exposition (None without them: another mode, or no
+    partitioning)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    seconds: dict[str, float] = {}
+    switches = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "rapidserve:sm_partition_seconds_total":
+                seconds[sample.labels["partition"]] = seconds.get(sample.labels["partition"], 0.0) + sample.value
+            elif sample.name == "rapidserve:sm_partition_switches_total":
+                switches = (switches or 0.0) + sample.value
+    return PartitionTimes(seconds, switches or 0.0) if seconds else None
+
+
+def scrape_partition_times(base_url: str, timeout_s: float = 10.0) -> PartitionTimes | None:
+    """The server's partition counters now (None if it has none or /metrics fails: the figure
+    is a diagnostic, never a reason to fail a run)."""
+    try:
+        r = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout_s, trust_env=False)
+        r.raise_for_status()
+        return parse_partition_times(r.text)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def partition_shares(before: PartitionTimes | None, after: PartitionTimes | None) -> str:
+    """Where a run's decode steps ran, from the counters before and after it: "D32/P100 50 %,
+    full 43 %, D16/P116 7 %; 120 switches" (largest share first), or "" without counters."""
+    if after is None:
+        return ""
+    prev = before.seconds if before is not None else {}
+    spent = {k: v - prev.get(k, 0.0) for k, v in after.seconds.items()}
+    spent = {k: v for k, v in spent.items() if v > 0}
+    total = sum(spent.values())
+    if total <= 0:
+        return ""
+    parts = ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
+    switches = after.switches - (before.switches if before is not None else 0.0)
+    return f"{parts}; {switches:.0f} switches"
+
+
 def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: float, args: argparse.Namespace,
               monitor: GpuMonitor, progress: _Progress, desc: str,
               records_path: Path | None = None) -> tuple[dict[str, Any], GpuUtil, str | None]:
@@ -413,10 +464,14 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
                 entry["error"] = msg
                 progress.runs.update(1)
                 continue
+            before = scrape_partition_times(url)
             summary, gpu, err = _run_once(target, requests, rate, args, monitor, progress,
                                           f"{config.name} @ {rate:g} req/s", records_path(out_dir, config.name, rate))
             row = make_row(config.name, rate, summary, gpu)
             row["error"] = err
+            row["sm_partitions"] = partition_shares(before, scrape_partition_times(url)) or None
+            if row["sm_partitions"]:
+                progress.write(f"[{config.name} @ {rate:g} req/s] SM partitions: {row['sm_partitions']}")
             result["rows"].append(row)
             progress.runs.update(1)
         entry["status"] = "ok" if server.alive() else "failed"
