@@ -333,14 +333,14 @@ def parse_partition_times(text: str) -> PartitionTimes | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     seconds: dict[str, float] = {}
-    switches = None
+    switches = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "rapidserve:sm_partition_seconds_total":
                 seconds[sample.labels["partition"]] = seconds.get(sample.labels["partition"], 0.0) + sample.value
             elif sample.name == "rapidserve:sm_partition_switches_total":
-                switches = (switches or 0.0) + sample.value
-    return PartitionTimes(seconds, switches or 0.0) if seconds else None
+                switches += sample.value
+    return PartitionTimes(seconds, switches) if seconds else None
 
 
 def scrape_partition_times(base_url: str, timeout_s: float = 10.0) -> PartitionTimes | None:

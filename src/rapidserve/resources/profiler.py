@@ -57,7 +57,7 @@ from rapidserve.scheduler.chunked import ScheduledRequest
 from rapidserve.scheduler.prefill import PrefillTables
 
 _PREFILL_ID = "profile-prefill"
-_DECODE_ID = "profile-decode-{}"  # one per _DecodeRunner
+_DECODE_ID = "profile-decode-{}"
 
 
 class _PrefillRunner:
@@ -105,26 +105,13 @@ class _PrefillRunner:
         return _back_to_back(lambda: self.step(tokens, rng), stream, "prefill")
 
 
-class _DecodeTables:
-    """The engine runner's block tables while the profile runs: the profile's decode sequences
-    from here (`_DecodeRunner` sets them), any other request's from the engine's block manager."""
-
-    def __init__(self, blocks: Any) -> None:
-        self.blocks = blocks
-        self.block_size = blocks.block_size
-        self.tables: dict[str, list[int]] = {}
-
-    def block_table(self, request_id: str) -> list[int]:
-        table = self.tables.get(request_id)
-        return table if table is not None else self.blocks.block_table(request_id)
-
-
 @contextlib.contextmanager
-def _decode_tables(engine: Any) -> Iterator[_DecodeTables]:
-    """Install a `_DecodeTables` as the engine runner's block tables for the body."""
+def _decode_tables(engine: Any) -> Iterator[PrefillTables]:
+    """The engine runner's block tables for the body: set by each `_DecodeRunner` (the idle
+    engine's runner steps nothing else while the profile runs)."""
     runner = engine.runner
     saved = runner.blocks
-    runner.blocks = tables = _DecodeTables(saved)
+    runner.blocks = tables = PrefillTables(saved.block_size)
     try:
         yield tables
     finally:
@@ -143,15 +130,12 @@ class _DecodeRunner:
     through them cyclically (several sequences read the same blocks, far apart: each layer's
     share of the pool is many times the L2 cache), and the grid reaches any batch and context."""
 
-    _instances = 0
-
-    def __init__(self, engine: Any, tables: _DecodeTables, batch: int, context: int) -> None:
+    def __init__(self, engine: Any, tables: PrefillTables, batch: int, context: int) -> None:
         self.engine = engine
         self.tables = tables
         if context + 1 > engine.max_model_len:
             raise ValueError(f"decode at context {context} does not fit max_model_len {engine.max_model_len}")
-        _DecodeRunner._instances += 1
-        prefix = f"{_DECODE_ID.format(_DecodeRunner._instances)}-"
+        prefix = f"{_DECODE_ID.format(id(self))}-"
         self.pool_id = prefix + "pool"
         bs = engine.blocks.block_size
         per_seq = blocks_needed(context + 1, bs)
@@ -168,12 +152,12 @@ class _DecodeRunner:
         self.scheduled = []
         for i in range(batch):
             rid = f"{prefix}{i}"
-            tables.tables[rid] = [pool[(i * per_seq + j) % pool_n] for j in range(per_seq)]
+            tables.set(rid, [pool[(i * per_seq + j) % pool_n] for j in range(per_seq)])
             self.scheduled.append(ScheduledRequest(Request(rid, [0] * (context + 1), params, 1), context, 1, True))
 
     def close(self) -> None:
         for s in self.scheduled:
-            self.tables.tables.pop(s.request.request_id, None)
+            self.tables.drop(s.request.request_id)
             self.engine.runner.release(s.request.request_id)
         self.engine.blocks.free(self.pool_id)
 
@@ -234,7 +218,7 @@ def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> N
         runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
 
 
-def _decode_ms(engine: Any, tables: _DecodeTables, stream: torch.cuda.Stream | None, batch: int, context: int,
+def _decode_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, batch: int, context: int,
                args: argparse.Namespace) -> tuple[float, bool]:
     """(median milliseconds of a decode step of `batch` sequences at `context` tokens on `stream`,
     after --warmup-steps untimed ones; whether its sequences shared KV blocks).
