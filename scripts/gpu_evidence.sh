@@ -11,6 +11,7 @@
 #   bash scripts/gpu_evidence.sh profile partition       # profile (~1 min), then rapid/full/static policies
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
+#   bash scripts/gpu_evidence.sh frontier                # ~10 min: the SLO frontier, in parts (env: see the stage)
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
@@ -104,8 +105,27 @@ for stage in "$@"; do
             --profile "$sweep_profile" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1
         pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null  # none should be left; none may hold the GPU
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
+    frontier)
+        # The SLO frontier (issue 16): each configuration's highest rate at >= 90 % attainment at
+        # each ITL SLO, against the best hybrid chunk at that SLO (hybrid/disagg run once and are
+        # rescored per SLO; rapid-rapid runs per SLO). Pick the rates from a simulation first.
+        # FRONTIER_MODEL (preset:llama-3.1-8b), FRONTIER_DATASET (lmsys-like), FRONTIER_PROMPTS (200),
+        # FRONTIER_RATES (4,8,12,16), FRONTIER_CONFIGS, FRONTIER_SLOS (2x,50: 2x = twice the model's
+        # batch-32 decode step in the profile); FRONTIER_PROFILE (default as the sweep stage's);
+        # FRONTIER_FROM: an earlier part's frontier.tgz to add to (--resume). Limits as the sweep's.
+        limit=${SWEEP_TIMEOUT:-540}
+        if [ -n "${CALL_BUDGET:-}" ] && [ $((CALL_BUDGET - SECONDS - 40)) -lt "$limit" ]; then limit=$((CALL_BUDGET - SECONDS - 40)); fi
+        frontier_profile="${FRONTIER_PROFILE:-docs/results/2026-11-23-h100/profile.json}"
+        if [ -z "${FRONTIER_PROFILE:-}" ] && [ -f "$OUT/profile.json" ]; then frontier_profile="$OUT/profile.json"; fi
+        resume=""; if [ -n "${FRONTIER_FROM:-}" ]; then tar xzf "$FRONTIER_FROM" -C "$OUT" && resume="--resume"; fi
+        timeout -s INT -k 20 "$limit" $RS bench frontier --model "${FRONTIER_MODEL:-preset:llama-3.1-8b}" --load-format dummy \
+            --dtype bfloat16 --dataset-name "${FRONTIER_DATASET:-lmsys-like}" --num-prompts "${FRONTIER_PROMPTS:-200}" \
+            --request-rates "${FRONTIER_RATES:-4,8,12,16}" --configs "${FRONTIER_CONFIGS:-hybrid-256,hybrid-512,hybrid-1024,disagg,rapid-rapid}" \
+            --itl-slos "${FRONTIER_SLOS:-2x,50}" --profile "$frontier_profile" --output-dir "$OUT/frontier" $resume 2>&1
+        pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null
+        tar czf "$OUT/frontier.tgz" -C "$OUT" frontier && rm -rf "$OUT/frontier" ;;
     *)
-        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;
+        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep frontier)"; exit 2 ;;
     esac
 done
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ] && [ -d "$TRITON_CACHE_DIR" ]; then

@@ -470,7 +470,8 @@ def test_hf_truncated_safetensors(hf_single: Path, keep: float) -> None:
 
 
 def test_presets() -> None:
-    assert list_presets() == ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b"]
+    assert {"llama-3.1-8b", "qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"} <= set(list_presets())
+    assert list_presets() == sorted(list_presets())
     llama = load_preset("llama-3.1-8b")
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (32, 8)
     assert llama["rope_scaling"] == {
@@ -484,12 +485,19 @@ def test_presets() -> None:
     qwen3 = load_preset("qwen3-8b")
     assert (qwen3["num_attention_heads"], qwen3["num_key_value_heads"], qwen3["head_dim"]) == (32, 8, 128)
     assert qwen3["num_hidden_layers"] == 36 and qwen3["attention_bias"] is False
-    for preset in (llama, qwen2, qwen3):
+    qwen32 = load_preset("qwen2.5-32b")
+    assert (qwen32["num_attention_heads"], qwen32["num_key_value_heads"], qwen32["num_hidden_layers"]) == (40, 8, 64)
+    # Qwen2.5-32B's checkpoint holds 32.8B parameters (its card rounds to 32.5B).
+    h, i, v = qwen32["hidden_size"], qwen32["intermediate_size"], qwen32["vocab_size"]
+    kv = 8 * h // 40
+    layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h  # q/k/v (+bias), o, MLP, norms
+    assert 32.7e9 < 64 * layer + 2 * v * h < 32.8e9
+    for preset in (llama, qwen2, qwen3, qwen32):
         assert preset["torch_dtype"] == "bfloat16" and preset["tie_word_embeddings"] is False
     # Callers get their own copy.
     llama["vocab_size"] = 1
     assert load_preset("llama-3.1-8b")["vocab_size"] == 128256
-    with pytest.raises(ValueError, match="available: llama-3.1-8b, qwen2.5-7b, qwen3-8b"):
+    with pytest.raises(ValueError, match=r"available: llama-3.1-8b, .*qwen2.5-7b"):
         load_preset("gpt-5")
 
 

@@ -30,7 +30,7 @@ def _commands() -> list[str]:
             cmd = re.sub(r'"\$\{\w+:-([^}]*)\}"', lambda v: shlex.quote(v.group(1)), cmd)  # "${VAR:-default}": its default
             cmd = re.sub(r"\$\{\w+:-\}", "", cmd)  # ${VAR:-}: empty by default
             for var, value in (("$common", common), ('"$dir"', "/tmp/out/sweep"), ("$resume", "--resume"), ("${policy/:/_}", "static_40"), ("$policy", "static:40"),
-                               ("$prof", "--profile /tmp/p.json"), ('"$sweep_profile"', "/tmp/p.json"), ('"$OUT', '"/tmp/out'), ("$OUT", "/tmp/out"),
+                               ("$prof", "--profile /tmp/p.json"), ('"$sweep_profile"', "/tmp/p.json"), ('"$frontier_profile"', "/tmp/p.json"), ('"$OUT', '"/tmp/out'), ("$OUT", "/tmp/out"),
                                ("$n", "2048")):
                 cmd = cmd.replace(var, value)
             out.append(cmd)

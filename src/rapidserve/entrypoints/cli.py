@@ -185,7 +185,7 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     # Imported here: the bench modules pull in torch, which `generate` loads later anyway.
-    from rapidserve.bench import interference, latency, serve, sweep, throughput
+    from rapidserve.bench import frontier, interference, latency, serve, sweep, throughput
 
     bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency, online serving)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -199,6 +199,9 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         "interference", help="decode inter-token latency while long prefills stream in (any mode)"))
     sweep.add_cli_args(kinds.add_parser(
         "sweep", help="start a server per configuration and compare them across offered rates (CSV, JSON, plots)"))
+    frontier.add_cli_args(kinds.add_parser(
+        "frontier", help="each configuration's highest good rate across ITL SLOs, against the best "
+                         "hybrid chunk at each (sweeps, rescored per SLO)"))
     sweep.add_rescore_cli_args(kinds.add_parser(
         "rescore", help="score a finished sweep again under other SLOs, from its per-request records"))
 
