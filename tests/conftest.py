@@ -1,5 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
+
 import torch as _torch
+
+# The GGUF parse cache (rapidserve.model.gguf_cache) of this test session only: hermetic, and
+# every load after the first of the embedded model skips the parse.
+os.environ["RAPIDSERVE_CACHE_DIR"] = _cache_dir = tempfile.mkdtemp(prefix="rapidserve-test-cache-")
+os.environ.pop("RAPIDSERVE_NO_CACHE", None)
+atexit.register(shutil.rmtree, _cache_dir, True)
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import asyncio

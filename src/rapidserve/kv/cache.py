@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rapidserve.model.config import ModelConfig
@@ -22,9 +24,12 @@ class KVCacheSpec:
         return cls(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
 
     @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
     def bytes_per_block(self) -> int:
@@ -43,10 +48,14 @@ class KVCache:
         self.num_blocks = num_blocks
         # [layers, 2 (k, v), blocks, block_size, kv_heads, head_dim]. Zeroed: kernels may read
         # whole blocks, and stale NaNs in unused slots must not reach masked arithmetic.
-        self.tensor = torch.zeros(
-            spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-            dtype=spec.dtype, device=device,
-        )
+        shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        if device.type == "cpu":
+            # calloc'd by numpy: the OS hands out zero pages as they are first written, so a
+            # large pool costs nothing until used (torch.zeros writes every page at start-up).
+            raw = torch.from_numpy(np.zeros(math.prod(shape) * spec.itemsize, dtype=np.uint8))
+            self.tensor = raw.view(spec.dtype).view(shape)
+        else:
+            self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor) -> "KVCache":

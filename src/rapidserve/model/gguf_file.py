@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from rapidserve.model import gguf_cache
+
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
     from transformers import PreTrainedTokenizerBase
@@ -67,7 +69,7 @@ class GGUFContents(NamedTuple):
 
 def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """HF-style config dict (the keys of a config.json) from a GGUF file's metadata."""
-    return _config_from_reader(_open_reader(path), os.fspath(path))
+    return _parsed(os.fspath(path))[0]
 
 
 def iter_gguf_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -80,28 +82,50 @@ def iter_gguf_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
-    """Config and weights from one parse of the file (parsing the metadata takes seconds)."""
+    """Config and weights from one parse of the file (parsing the metadata takes seconds; its
+    result is cached, see gguf_cache)."""
     path_str = os.fspath(path)
-    reader = _open_reader(path_str)
-    config = _config_from_reader(reader, path_str)
-    names = [(tensor, hf_tensor_name(tensor.name, path_str)) for tensor in reader.tensors]
+    config, tensors = _parsed(path_str)
+    names = [(tensor, hf_tensor_name(tensor.name, path_str)) for tensor in tensors]
     return GGUFContents(config, _dequantized(names, config, path_str))
 
 
+def _parsed(path: str) -> tuple[dict[str, Any], list[Any]]:
+    """(config, tensors): from the cache when the file was read before, else parsed (and cached).
+    The tensors are gguf ReaderTensors or the cache's IndexedTensors (the same fields)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: GGUF file not found")
+    cached = gguf_cache.load_index(path)
+    if cached is not None:
+        return cached
+    reader = _open_reader(path)
+    config = _config_from_reader(reader, path)
+    gguf_cache.save_index(path, config, [gguf_cache.tensor_entry(t) for t in reader.tensors])
+    return config, list(reader.tensors)
+
+
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """The transformers tokenizer (with chat template) embedded in a GGUF file."""
+    """The transformers tokenizer (with chat template) embedded in a GGUF file: converted by
+    transformers (which parses the file again) the first time, then from the cache."""
+    path_str = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path_str):
+        raise ValueError(f"{path_str}: GGUF file not found")
+    cached = gguf_cache.load_tokenizer(path_str)
+    if cached is not None:
+        return cached
     # Imported lazily: transformers takes seconds to import and only this needs it.
     from transformers import AutoTokenizer
 
-    path_str = os.path.abspath(os.fspath(path))
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             os.path.dirname(path_str),
             gguf_file=os.path.basename(path_str),
             local_files_only=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path_str}: cannot build a tokenizer from this GGUF file: {exc}") from exc
+    gguf_cache.save_tokenizer(path_str, tokenizer)
+    return tokenizer
 
 
 def hf_tensor_name(gguf_name: str, path: str = "<gguf>") -> str:
