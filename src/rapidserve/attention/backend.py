@@ -36,7 +36,7 @@ class TorchAttention:
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
         torch_ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = torch_ref.paged_attention(q, k_cache, v_cache, meta, scale)
+        o = torch_ref.batched_paged_attention(q, k_cache, v_cache, meta, scale)
         if out is not None:
             out.copy_(o)
             return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 
@@ -42,13 +44,40 @@ def paged_attention(
     The new tokens of a sequence are its last ones: query i of a sequence with L new tokens
     and context length S sits at position S - L + i and sees keys 0 .. S - L + i.
     """
+    return _paged_attention(q, k_cache, v_cache, meta, scale, torch.empty_like(q), ())
+
+
+def batched_paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    """`paged_attention` with the sequences that have one new token (decodes) in one batched
+    pass (`decode_attention`): the reference's loop costs a dozen small ops per sequence per
+    layer, most of a CPU decode step's time. The others as in the reference."""
     out = torch.empty_like(q)
+    starts = meta.query_start_loc_host
+    single = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1 and meta.seq_lens_host[i] > 0]
+    if len(single) < 2:
+        single = []
+    else:
+        rows = torch.tensor([starts[i] for i in single], device=q.device)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.block_tables[single],
+                                     [meta.seq_lens_host[i] for i in single], scale)
+    return _paged_attention(q, k_cache, v_cache, meta, scale, out, frozenset(single))
+
+
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, out: torch.Tensor, skip: Collection[int]) -> torch.Tensor:
+    """The reference's loop over sequences (those in `skip` left as they are in `out`)."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     starts = meta.query_start_loc_host
     for i, seq_len in enumerate(meta.seq_lens_host):
         s, e = starts[i], starts[i + 1]
-        if e == s:
+        if e == s or i in skip:
             continue
         q_len = e - s
         k = gather_kv(k_cache, meta.block_tables[i], seq_len)
@@ -68,3 +97,36 @@ def paged_attention(
         )
         out[s:e] = o.transpose(0, 1)
     return out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]: one query per sequence, at its last position
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, >= max blocks] int32
+    seq_lens: list[int],  # [B] context lengths, this step's token included
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D]
+    """Attention of B single-token queries over their whole contexts, batched: the contexts
+    gathered padded to the longest, keys past each sequence's length masked, the query heads of
+    a KV head grouped (no copy of K/V per query head)."""
+    b, num_heads, d = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = max(seq_lens)
+    nb = (max_len + block_size - 1) // block_size
+    # Table entries past a sequence's own blocks are padding (any value): clamped to a real
+    # block, whose keys are masked below and whose values are zeroed (NaN * 0 is NaN).
+    blocks = block_tables[:, :nb].reshape(-1).long().clamp(0, k_cache.shape[0] - 1)
+    # Head-major contiguous copies ([B, Hkv, L, D]): batched matmuls over them run several
+    # times faster on CPU than over strided views (and index_select than advanced indexing).
+    k = k_cache.index_select(0, blocks).view(b, nb * block_size, num_kv_heads, d)[:, :max_len].transpose(1, 2).contiguous()
+    v = v_cache.index_select(0, blocks).view(b, nb * block_size, num_kv_heads, d)[:, :max_len].transpose(1, 2).contiguous()
+    qg = q.reshape(b, num_kv_heads, group, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    lens = torch.tensor(seq_lens, device=q.device)
+    pad = torch.arange(max_len, device=q.device)[None, :] >= lens[:, None]  # [B, L]
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    v.masked_fill_(pad[:, None, :, None], 0.0)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, num_heads, d)
