@@ -10,13 +10,14 @@ transformers' own continuous batching on the same prompts in the same process (`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
 import random
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -192,6 +193,40 @@ def run_workload(engine: Any, prompts: Sequence[list[int]], output_len: int) -> 
     return EngineRun(elapsed, output_tokens, steps, engine.scheduler.num_preemptions - preempted_before)
 
 
+@contextlib.contextmanager
+def _peer_model(hf_config: Mapping[str, Any], device: torch.device, dtype: torch.dtype,
+                attn_implementation: str, seed: int) -> Iterator[Any]:
+    """transformers' model of the same shape with random weights on `device`, freed after."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hf_config)
+    arch = next(iter(cfg.get("architectures") or []), None)
+    model_type = cfg.pop("model_type", None) or _MODEL_TYPES.get(str(arch))
+    if model_type is None:
+        raise ValueError(f"cannot tell the transformers model type of architecture {arch!r}")
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    # Initialized where it runs: random init of 8B parameters on the host would take minutes.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.eval()
+    try:
+        yield model
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _peer_figures(mode: str, attn: str, elapsed: float, out: int, prompts: Sequence[list[int]]) -> PeerFigures:
+    import transformers
+
+    total = out + sum(len(p) for p in prompts)
+    return PeerFigures(f"transformers {transformers.__version__} {mode}", attn, elapsed, out,
+                       out / elapsed, total / elapsed)
+
+
 def run_transformers_peer(
     hf_config: Mapping[str, Any],
     prompts: Sequence[list[int]],
@@ -205,22 +240,8 @@ def run_transformers_peer(
     """transformers' continuous batching (`generate_batch`) on the same prompts, with random
     weights of the same shape on the same device. `cb_options` go to ContinuousBatchingConfig
     (e.g. num_blocks, max_batch_tokens); none by default, as GPU_FACTS.md measured."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    cfg = dict(hf_config)
-    arch = next(iter(cfg.get("architectures") or []), None)
-    model_type = cfg.pop("model_type", None) or _MODEL_TYPES.get(str(arch))
-    if model_type is None:
-        raise ValueError(f"cannot tell the transformers model type of architecture {arch!r}")
-    config = AutoConfig.for_model(model_type, **cfg)
-    torch.manual_seed(seed)
-    # Initialized where it runs: random init of 8B parameters on the host would take minutes.
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    model.eval()
     # eos_token_id -1 matches no token: every request makes exactly max_new_tokens tokens.
     gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1)
     kwargs: dict[str, Any] = {}
@@ -230,17 +251,12 @@ def run_transformers_peer(
         except ImportError:
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
         kwargs["continuous_batching_config"] = ContinuousBatchingConfig(**cb_options)
-    try:
+    with _peer_model(hf_config, device, dtype, attn_implementation, seed) as model:
         _sync(device)
         t0 = time.perf_counter()
         results = model.generate_batch(inputs=[list(p) for p in prompts], generation_config=gen, **kwargs)
         _sync(device)
         elapsed = time.perf_counter() - t0
-    finally:
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     failed = [r.error for r in results.values() if getattr(r, "error", None)]
     if len(results) != len(prompts) or failed:
         raise RuntimeError(
@@ -248,11 +264,43 @@ def run_transformers_peer(
             + (f"; errors: {failed[:3]}" if failed else "")
         )
     out = sum(len(r.generated_tokens) for r in results.values())
-    total = out + sum(len(p) for p in prompts)
-    return PeerFigures(
-        f"transformers {transformers.__version__}", attn_implementation, elapsed, out,
-        out / elapsed, total / elapsed,
-    )
+    return _peer_figures("generate_batch", attn_implementation, elapsed, out, prompts)
+
+
+def run_transformers_generate(
+    hf_config: Mapping[str, Any],
+    prompts: Sequence[list[int]],
+    output_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PeerFigures:
+    """transformers' plain `generate` on the same prompts: static batches of `batch_size`
+    prompts (left-padded to the batch's longest, in the order given), each run to
+    `output_len` new tokens. On a CPU it is faster than `generate_batch`."""
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ValueError(f"--peer-batch-size must be >= 1, got {batch_size}")
+    gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                           eos_token_id=-1, pad_token_id=0)
+    out = 0
+    with _peer_model(hf_config, device, dtype, attn_implementation, seed) as model:
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.inference_mode():
+                res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+            out += int(res.shape[0]) * (int(res.shape[1]) - width)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+    return _peer_figures("generate", attn_implementation, elapsed, out, prompts)
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -440,8 +488,17 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-prompts", type=int, default=4,
                    help="untimed requests (4 output tokens each) run first, to compile and warm up")
     g.add_argument("--peer", choices=("none", "transformers"), default="none",
-                   help="also run transformers' continuous batching on the same prompts")
-    g.add_argument("--peer-attn-implementation", default=DEFAULT_PEER_ATTENTION)
+                   help="also run transformers on the same prompts: its continuous batching "
+                        "(generate_batch) and its plain generate, each reported; the ratio is against "
+                        "the faster")
+    g.add_argument("--peer-attn-implementation", default=DEFAULT_PEER_ATTENTION,
+                   help="the peer's attention for generate_batch")
+    g.add_argument("--peer-generate-attn-implementation", default="sdpa",
+                   help="the peer's attention for generate")
+    g.add_argument("--peer-batch-size", type=int, default=None,
+                   help="prompts per generate call (default: --max-num-seqs, the engine's batch)")
+    g.add_argument("--peer-modes", default="generate_batch,generate",
+                   help="which of the peer's paths to run, comma-separated")
     g.add_argument("--peer-num-blocks", type=int, default=None,
                    help="the peer's KV blocks (default: transformers sizes them from free memory)")
     g.add_argument("--peer-max-batch-tokens", type=int, default=None,
@@ -474,19 +531,31 @@ def main(args: argparse.Namespace) -> int:
             free, total = torch.cuda.mem_get_info(device)
             result["peer_free_gib_at_start"] = free / 2**30
             print(f"peer starts with {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
-        peer = run_transformers_peer(
-            hf_config, prompts, workload.output_len, device, dtype, args.peer_attn_implementation,
-            config.seed, cb,
-        )
+        modes = [m.strip() for m in args.peer_modes.split(",") if m.strip()]
+        if not modes or set(modes) - {"generate_batch", "generate"}:
+            raise ValueError(f"--peer-modes: generate_batch and/or generate, got {args.peer_modes!r}")
+        peers = []
+        for mode in modes:
+            if mode == "generate_batch":
+                peer = run_transformers_peer(hf_config, prompts, workload.output_len, device, dtype,
+                                             args.peer_attn_implementation, config.seed, cb)
+            else:
+                peer = run_transformers_generate(hf_config, prompts, workload.output_len, device, dtype,
+                                                 args.peer_batch_size or config.max_num_seqs,
+                                                 args.peer_generate_attn_implementation, config.seed)
+            peers.append(peer)
+            print(f"peer ({peer.name}, {peer.attn_implementation}): {peer.elapsed_s:.2f} s, "
+                  f"{peer.output_tokens_per_s:.1f} output tok/s, {peer.total_tokens_per_s:.1f} total tok/s")
+            if peer.output_tokens != figures.output_tokens:
+                print(f"warning: the peer made {peer.output_tokens} output tokens, rapidserve "
+                      f"{figures.output_tokens}", file=sys.stderr)
+        # NOTE: against the peer's faster path, whichever it is on this device.
+        peer = max(peers, key=lambda p: p.output_tokens_per_s)
         ratio = figures.output_tokens_per_s / peer.output_tokens_per_s
         result["peer"] = as_json(peer)
+        result["peers"] = [as_json(p) for p in peers]
         result["rapidserve_over_peer"] = ratio
-        print(f"peer ({peer.name}, {peer.attn_implementation}): {peer.elapsed_s:.2f} s, "
-              f"{peer.output_tokens_per_s:.1f} output tok/s, {peer.total_tokens_per_s:.1f} total tok/s; "
-              f"rapidserve / peer = {ratio:.2f}×")
-        if peer.output_tokens != figures.output_tokens:
-            print(f"warning: the peer made {peer.output_tokens} output tokens, rapidserve "
-                  f"{figures.output_tokens}", file=sys.stderr)
+        print(f"rapidserve / peer ({peer.name}, the faster) = {ratio:.2f}×")
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
