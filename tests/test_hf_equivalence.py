@@ -22,17 +22,6 @@ def test_tiny_random_models_match_hf(kind, tiny_model_dir):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens"
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf):
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
-    ).eval()
-
-
 def test_smollm2_gguf_matches_hf(smollm2_hf):
     llm = LLM(device="cpu", dtype="float32")  # the embedded default model
     tok = llm.tokenizer

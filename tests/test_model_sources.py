@@ -49,14 +49,9 @@ needs_smollm = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_model() -> Any:
-    """transformers' own reading of the GGUF: the ground truth (~10 s, so module-scoped)."""
-    from transformers import AutoModelForCausalLM
-
-    assert SMOLLM_GGUF is not None
-    return AutoModelForCausalLM.from_pretrained(
-        str(SMOLLM_GGUF.parent), gguf_file=SMOLLM_GGUF.name, dtype=torch.float32
-    )
+def hf_gguf_model(smollm2_hf: Any) -> Any:
+    """transformers' own reading of the GGUF: the ground truth (conftest's, loaded once)."""
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")
