@@ -21,13 +21,47 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from rapidserve.model.config import ModelConfig
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: before prefill.beside_decode_ms
 
 Grid3 = tuple[tuple[tuple[float, ...], ...], ...]  # [sm][context][batch], ms
 Grid2 = tuple[tuple[float, ...], ...]  # [sm][prompt tokens], ms
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+class ModelShape(NamedTuple):
+    """What a step of the model moves and computes, for the step-cost model's roofline features."""
+
+    weight_bytes: int  # every weight a step reads (embedding rows aside: a step reads only its own)
+    kv_bytes_per_token: int  # K and V of one token, all layers
+    flops_per_token: int  # the layers' linear FLOPs per token (2 x their parameters)
+    lm_head_flops: int  # per sampled row (decode: every sequence; prefill: the prompt's last token)
+    attention_flops_per_pair: int  # QK^T and PV over one (query, key) pair, all layers
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: str) -> ModelShape:
+        nbytes = _DTYPE_BYTES.get(dtype.replace("torch.", ""), 2)
+        h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+        per_layer = (h * (cfg.q_size + 2 * cfg.kv_size)  # fused q/k/v
+                     + cfg.q_size * h  # o_proj
+                     + 3 * h * cfg.intermediate_size)  # fused gate/up, down
+        head = cfg.vocab_size * h
+        return cls(weight_bytes=(layers * per_layer + head) * nbytes,
+                   kv_bytes_per_token=2 * layers * cfg.num_kv_heads * hd * nbytes,
+                   flops_per_token=2 * layers * per_layer, lm_head_flops=2 * head,
+                   attention_flops_per_pair=4 * layers * cfg.num_heads * hd)
+
+    @classmethod
+    def unit(cls) -> ModelShape:
+        """Shape-free: every feature a count (tokens, KV tokens, (query, key) pairs)."""
+        return cls(1, 1, 1, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,17 @@ class Profile:
                 "and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, 28.6 ms at 1024 vs "
                 "40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens 1024,4096`)")
         return notes
+
+    def model_shape_or_preset(self) -> tuple[ModelShape | None, str]:
+        """The model's shapes: (shape, where from: "profile" or "preset NAME"), or (None, "none")
+        where the profile does not record them and its model is no built-in preset."""
+        from rapidserve.model.config import ModelConfig
+        from rapidserve.model.presets import list_presets, load_preset
+
+        name = self.metadata.model.removeprefix("preset:")
+        if name in list_presets():
+            return ModelShape.from_config(ModelConfig.from_hf(load_preset(name)), self.metadata.dtype), f"preset {name}"
+        return None, "none"
 
     @property
     def has_prefill_beside_decode(self) -> bool:
