@@ -284,3 +284,71 @@ def test_the_command_prints_the_fit(capsys):
     out = capsys.readouterr().out
     assert "decode_beside_prefill" in out and "max relative error" in out and "limitation:" in out
     assert "deliberate error: decode:ctx>4096:+40%" in out
+
+
+# ---- schema version 3: the tables the model needs ----------------------------------------------------
+
+
+def true_hybrid(loads: list[PrefillLoad], b: int, kv: int) -> float:
+    n = sum(x.tokens for x in loads)
+    pairs = sum(x.tokens * (x.context + (x.tokens + 1) / 2) for x in loads)
+    flops = SHAPE.flops_per_token * (n + b) + SHAPE.lm_head_flops * (len(loads) + b)
+    return 5e-3 + 2e-6 * b + SHAPE.kv_bytes_per_token * kv / 3e12 + flops / 5e14 + SHAPE.attention_flops_per_pair * pairs / 2e14
+
+
+def true_contention(p: int) -> float:
+    """Decode on a split beside a prompt of p tokens, against beside the 2048-token one."""
+    return 1 + 0.2 * (p - 2048) / 6144
+
+
+def v3_profile(model: str = "llama-3.1-8b"):
+    import dataclasses
+
+    from rapidserve.resources.profile import DecodeBesidePromptsTable, HybridTable, KVTransferTable
+
+    base = roofline_profile(model)
+    chunks, batches, ctxs = (256, 1024, 2048), (0, 16, 64), (0, 4096, 16384)
+    prompts, sms, bctx, bb = (8192, 16384), (16, 32, 64), (4096, 8192), (16, 64)
+    return dataclasses.replace(
+        base, model_shape=SHAPE if model == "own-model" else None,
+        hybrid=HybridTable(chunks, batches, ctxs, tuple(tuple(tuple(
+            1e3 * true_hybrid([PrefillLoad(n, c)], b, b * c) for c in ctxs) for b in batches) for n in chunks)),
+        decode_beside_prompts=DecodeBesidePromptsTable(prompts, sms, bctx, bb, tuple(tuple(tuple(tuple(
+            1e3 * true_decode(s, b, b * c, True) * true_contention(p) for b in bb) for c in bctx) for s in sms)
+            for p in prompts)),
+        kv_transfer=KVTransferTable((1 << 20, 1 << 26, 1 << 30), tuple(1e3 * (2e-5 + x / 1.5e12)
+                                                                      for x in (1 << 20, 1 << 26, 1 << 30))),
+        host_overhead_ms=0.8)
+
+
+def test_a_version_3_profile_round_trips(tmp_path):
+    p = v3_profile("own-model")
+    p.save(tmp_path / "p.json")
+    again = load_profile(tmp_path / "p.json")
+    assert again == p and again.model_shape == SHAPE and again.host_overhead_ms == 0.8
+    assert StepCostModel.from_profile(again).shape_source == "profile"
+
+
+def test_the_version_3_tables_are_used():
+    model = StepCostModel.from_profile(v3_profile())
+    assert model.host_overhead_s == pytest.approx(0.8e-3)
+    assert model.fit_errors["hybrid"] < 1e-6 and model.fit_errors["kv_transfer"] < 1e-6
+    text = " ".join(model.limitations)
+    assert "hybrid-step table" not in text and "host overhead" not in text and "KV-transfer" not in text
+    assert "decode beside prompts of 8192, 16384 tokens measured" in text
+    # hybrid steps: measured points, and past them along the fit
+    for loads, b, ctx in (([PrefillLoad(1024, 4096)], 16, 4096), ([PrefillLoad(512, 30000)], 100, 9000),
+                          ([PrefillLoad(300, 10), PrefillLoad(700, 5000)], 8, 2000), ([PrefillLoad(4096)], 0, 0)):
+        assert model.hybrid_step_s(loads, b, b * ctx) == pytest.approx(true_hybrid(loads, b, b * ctx), rel=1e-6)
+    assert model.hybrid_step_s([], 16, 16 * 4096) == model.decode_step_s(16, 16 * 4096)  # no chunk: a decode step
+    # a KV transfer: the fitted fixed cost and bandwidth
+    assert model.kv_transfer_s(1 << 28) == pytest.approx(2e-5 + (1 << 28) / 1.5e12, rel=1e-6)
+    # decode beside longer prompts: the measured contention, interpolated in prompt length and SMs
+    for p, s in ((8192, 32), (12288, 16), (16384, 48), (30000, 64)):
+        want = true_decode(s, 64, 64 * 8192, True) * true_contention(min(p, 16384))
+        assert model.decode_step_s(64, 64 * 8192, s, [PrefillLoad(p)]) == pytest.approx(want, rel=1e-6)
+    assert model.decode_step_s(64, 64 * 8192, 32, [PrefillLoad(2048)]) == pytest.approx(
+        true_decode(32, 64, 64 * 8192, True), rel=1e-6)  # the decode table's own prefill
+    # over-allocated: not measured beside longer prompts here, so as beside the decode table's
+    assert model.decode_step_s(64, 64 * 4096, None, [PrefillLoad(16384)]) == pytest.approx(
+        true_decode(TOTAL, 64, 64 * 4096, True), rel=1e-6)

@@ -52,7 +52,7 @@ def test_round_trip_with_prefill_beside_decode(measured, tmp_path):
     again = load_profile(path)
     assert again == measured and again.has_prefill_beside_decode
     data = json.loads(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert data["metadata"]["decode_batch_beside"] == 64 and data["metadata"]["decode_context_beside"] == 1024
     assert data["prefill"]["beside_decode_ms"][0][0] == prefill_beside_2x(measured.prefill.sm_counts[0], 512)
     assert again.prefill_ms(92, 2048, beside_decode=True) == prefill_beside_2x(92, 2048)
@@ -105,7 +105,7 @@ def _broken(profile, edit):
     (lambda d: d["metadata"].update(model=7), r": metadata\.model: expected a string"),
     (lambda d: d["metadata"].update(partitioning="mig"), r"metadata\.partitioning: expected one of"),
     (lambda d: d.update(schema_version=99),
-     r"schema_version: this rapidserve reads versions 1 and 2, the file has 99"),
+     r"schema_version: this rapidserve reads versions 1, 2 and 3, the file has 99"),
     (lambda d: d.update(schema_version=True), r"schema_version: .* the file has True"),
     (lambda d: d.pop("schema_version"), r": schema_version: missing"),
     (lambda d: d["decode"].update(batch_sizes=[1, 32, 8, 64, 128]),
@@ -258,3 +258,47 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
                  "--prompt-tokens", "8", "--beside-prefill-tokens", "8", "--beside-decode-batch", "1",
                  "--output", str(out)]) == 2
     assert "no room for one sequence at context 200 (13 blocks, 11 free)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def version3():
+    from test_cost_model import v3_profile
+
+    return v3_profile("own-model")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["model_shape"].pop("kv_bytes_per_token"), r"model_shape\.kv_bytes_per_token: missing"),
+    (lambda d: d["model_shape"].update(weight_bytes=-1), r"model_shape\.weight_bytes: must be at least 0"),
+    (lambda d: d["model_shape"].update(experts=8), r"model_shape: unknown field 'experts'"),
+    (lambda d: d.update(model_shape=[1, 2]), r"model_shape: expected an object, got list"),
+    (lambda d: d["hybrid"].update(decode_batches=[0, 16, 16]),
+     r"hybrid\.decode_batches: must be strictly increasing, but \[2\] = 16 follows 16"),
+    (lambda d: d["hybrid"].update(chunk_tokens=[0, 1024, 2048]), r"hybrid\.chunk_tokens\[0\]: must be at least 1"),
+    (lambda d: d["hybrid"]["latency_ms"][1][2].pop(), r"hybrid\.latency_ms\[1\]\[2\]: expected a list of 3 entries"),
+    (lambda d: d["decode_beside_prompts"].update(sm_counts=[16, 32, 200]),
+     r"decode_beside_prompts\.sm_counts: 200 exceeds the device's 132 SMs"),
+    (lambda d: d["decode_beside_prompts"]["latency_ms"][1][0][1].__setitem__(0, -2),
+     r"decode_beside_prompts\.latency_ms\[1\]\[0\]\[1\]\[0\]: latency must be a positive number of ms"),
+    (lambda d: d["decode_beside_prompts"].pop("batch_sizes"), r"decode_beside_prompts\.batch_sizes: missing"),
+    (lambda d: d["kv_transfer"].update(latency_ms=[1.0]), r"kv_transfer\.latency_ms: expected a list of 3 entries"),
+    (lambda d: d.update(host_overhead_ms=-0.1), r"host_overhead_ms: expected a number of ms >= 0, got -0\.1"),
+    (lambda d: d.update(host_overhead_ms="1"), r"host_overhead_ms: expected a number of ms >= 0"),
+    (lambda d: d.update(fit_errors={"decode_alone": "low"}), r"fit_errors\.decode_alone: expected a relative error"),
+])
+def test_malformed_version_3_tables_name_the_bad_field(version3, tmp_path, edit, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(version3, edit)))
+    with pytest.raises(ValueError, match=r"bad\.json: " + match):
+        load_profile(path)
+
+
+def test_version_3_tables_are_optional(version3, tmp_path):
+    data = copy.deepcopy(version3.to_json())
+    for key in ("model_shape", "hybrid", "decode_beside_prompts", "kv_transfer", "host_overhead_ms"):
+        data[key] = None
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    p = load_profile(path)
+    assert p.hybrid is None and p.model_shape is None and p.host_overhead_ms is None
+    assert p.decode == version3.decode

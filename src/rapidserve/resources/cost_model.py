@@ -287,6 +287,17 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
+def _interp_lin(axes: Sequence[Sequence[int]], grid: list, point: Sequence[float]) -> float:
+    """grid[axis 0][axis 1]... at point: linear in each axis, each coordinate clamped to its range."""
+    def at(g: list, k: int) -> float:
+        if k == len(axes):
+            return float(g)  # type: ignore[arg-type]
+        xs = axes[k]
+        return _interp(xs, [at(row, k + 1) for row in g], _clamp(point[k], xs[0], xs[-1]))
+
+    return at(grid, 0)
+
+
 def _interp_clamped(sm_axis: Sequence[int], axes: Sequence[Sequence[int]], grid: list, sms: int,
                     point: Sequence[float]) -> float:
     """grid[sm][axis 0][axis 1]... at (sms, point): linear in each axis (in 1/SMs between SM
@@ -427,12 +438,28 @@ class StepCostModel:
                 f"context {m.decode_context_beside}): every decode load beside is priced as that one")
 
     def _derive_rest(self) -> None:
-        self.host_overhead_s = DEFAULT_HOST_OVERHEAD_S
-        self.limitations.append(f"the profile did not measure the host overhead per step: "
-                                f"{1e3 * DEFAULT_HOST_OVERHEAD_S:g} ms assumed")
-        self.limitations.append("the profile has no hybrid-step table: a hybrid step is derived as the prefill "
-                                "chunks on the whole device plus the decode batch's marginal cost (its step less "
-                                "the fixed cost and weight read the chunks already pay)")
+        prof = self.profile
+        if prof.host_overhead_ms is not None:
+            self.host_overhead_s = prof.host_overhead_ms / 1e3
+        else:
+            self.host_overhead_s = DEFAULT_HOST_OVERHEAD_S
+            self.limitations.append(f"the profile did not measure the host overhead per step: "
+                                    f"{1e3 * DEFAULT_HOST_OVERHEAD_S:g} ms assumed")
+        self._fit_hybrid()
+        self._contention_grid()
+        self._kv_fit: np.ndarray | None = None
+        if prof.kv_transfer is not None:
+            kv = prof.kv_transfer
+            x = np.array(kv.num_bytes, dtype=np.float64)
+            y = np.array(kv.latency_ms, dtype=np.float64) / 1e3
+            f = np.stack([np.ones_like(x), x], axis=1)
+            if len(y) >= 2:
+                coef, mx, _ = _fit_rel(f, y)
+                self._kv_fit = coef
+                self.fit_errors["kv_transfer"] = mx
+            else:  # one size: its bandwidth, no fixed cost
+                self._kv_fit = np.array([0.0, y[0] / x[0]])
+            return
         fit = self._fits["decode_alone"]
         if self.shape_source == "none" or fit is None:
             self._kv_bytes_per_s = DEFAULT_KV_TRANSFER_BYTES_PER_S
@@ -445,6 +472,74 @@ class StepCostModel:
             self.limitations.append(f"no KV-transfer figure: a KV transfer is priced as a read and a write at the "
                                     f"decode fit's KV bandwidth ({1 / per_byte / 1e9:.0f} GB/s)"
                                     if per_byte > 0 else "no KV-transfer figure: priced at a default bandwidth")
+
+    def _fit_hybrid(self) -> None:
+        h = self.profile.hybrid
+        if h is None:
+            self.limitations.append("the profile has no hybrid-step table: a hybrid step is derived as the prefill "
+                                    "chunks on the whole device plus the decode batch's marginal cost (its step less "
+                                    "the fixed cost and weight read the chunks already pay)")
+            return
+        pts = [(n, b, c, h.latency_ms[i][j][k] / 1e3) for i, n in enumerate(h.chunk_tokens)
+               for j, b in enumerate(h.decode_batches) for k, c in enumerate(h.context_lens)]
+        y = np.array([p[3] for p in pts])
+        fit = _fit_table(lambda _: np.array([_hybrid_row(self.shape, [PrefillLoad(n, c)], b, b * c)
+                                             for n, b, c, _ in pts]), y, np.ones(len(y)))
+        self._record("hybrid", fit)
+        if fit is not None:
+            self._ratios["hybrid"] = [[[h.latency_ms[i][j][k] / 1e3 / self._hybrid_fit_s([PrefillLoad(n, c)], b, b * c)
+                                        for k, c in enumerate(h.context_lens)] for j, b in enumerate(h.decode_batches)]
+                                      for i, n in enumerate(h.chunk_tokens)]
+
+    def _hybrid_fit_s(self, loads: Sequence[PrefillLoad], b: int, kv: int) -> float:
+        return self._eval("hybrid", lambda _: _hybrid_row(self.shape, loads, b, kv))
+
+    def _contention_grid(self) -> None:
+        """Decode beside prompts of several lengths: measured / predicted beside the decode
+        table's prefill (`prefill_tokens_beside`), per point; 1 at that length."""
+        t = self.profile.decode_beside_prompts
+        self._contention: tuple[tuple[int, ...], tuple[int, ...], list] | None = None
+        p0 = self.profile.metadata.prefill_tokens_beside
+        if t is None:
+            self.limitations.append(
+                f"decode beside a prefill was measured beside {p0}-token prompts only: beside longer ones it is "
+                "priced as beside those (on the H100, D16/D32 beside 8K prompts stepped 30-45 % slower than "
+                "predicted)")
+            return
+        rows = []  # [prompt][sm][ctx][batch]
+        for i in range(len(t.prompt_tokens)):
+            rows.append([[[t.latency_ms[i][si][ci][bi] / 1e3 / self._decode_anchored(n, b, b * c, True)
+                           for bi, b in enumerate(t.batch_sizes)] for ci, c in enumerate(t.context_lens)]
+                         for si, n in enumerate(t.sm_counts)])
+        prompts = list(t.prompt_tokens)
+        if p0 not in prompts and 0 < p0 < prompts[0]:  # as measured in the decode table at p0
+            prompts.insert(0, p0)
+            rows.insert(0, [[[1.0 for _ in t.batch_sizes] for _ in t.context_lens] for _ in t.sm_counts])
+        self._contention = (tuple(prompts), t.sm_counts, rows)
+        k = [v for g in rows for a in g for r in a for v in r]
+        self.limitations.append(
+            f"decode beside prompts of {', '.join(map(str, t.prompt_tokens))} tokens measured: "
+            f"{min(k):.2f}-{max(k):.2f}x the step beside {p0}-token prompts (interpolated in prompt length, SMs, "
+            "context and batch; held past the longest)")
+
+    def _contention_at(self, sms: int, batch: int, ctx: float, prompt_tokens: int) -> float:
+        if self._contention is None:
+            return 1.0
+        prompts, sm_axis, rows = self._contention
+        total = self.total_sms
+        t = self.profile.decode_beside_prompts
+        assert t is not None
+        split_idx = [i for i, n in enumerate(sm_axis) if n < total]
+        idx = [i for i, n in enumerate(sm_axis) if n >= total] if sms >= total else split_idx
+        if not idx:
+            return 1.0
+        axis = tuple(sm_axis[i] for i in idx)
+
+        def at_prompt(k: int) -> float:
+            return _interp_clamped(axis, (t.context_lens, t.batch_sizes), [rows[k][i] for i in idx], sms, (ctx, batch))
+
+        vals = [at_prompt(k) for k in range(len(prompts))]
+        return _interp(prompts, vals, _clamp(prompt_tokens, prompts[0], prompts[-1]))
 
     # ---- raw fits and anchors -------------------------------------------------------------------------
 
@@ -552,6 +647,8 @@ class StepCostModel:
         beside = [x for x in beside if x.tokens > 0]
         t = self._decode_anchored(sms, batch, kv_tokens, bool(beside))
         p_tokens = sum(x.tokens for x in beside)
+        if beside:
+            t *= self._contention_at(sms, batch, kv_tokens / batch, p_tokens)
         return t * self._err(_StepFacts("decode", kv_tokens / batch, batch, p_tokens, sms, sms < self.total_sms,
                                         bool(beside)))
 
@@ -582,6 +679,18 @@ class StepCostModel:
 
     def _hybrid_derived(self, loads: Sequence[PrefillLoad], b: int, kv: int) -> float:
         total = self.total_sms
+        h = self.profile.hybrid
+        if h is not None and loads:
+            ctx = kv / b if b else max(x.context for x in loads)
+            n = sum(x.tokens for x in loads)
+            if len(loads) == 1 and n in h.chunk_tokens and b in h.decode_batches and \
+                    loads[0].context in h.context_lens and (b == 0 or ctx == loads[0].context):
+                return h.latency_ms[h.chunk_tokens.index(n)][h.decode_batches.index(b)][
+                    h.context_lens.index(loads[0].context)] / 1e3
+            ratio = self._ratios.get("hybrid")
+            if ratio is not None:
+                r = _interp_lin((h.chunk_tokens, h.decode_batches, h.context_lens), ratio, (n, b, ctx))
+                return r * self._hybrid_fit_s(loads, b, kv)
         pre = self._prefill_anchored(loads, total, False) if loads else 0.0
         if b == 0:
             return pre
@@ -597,7 +706,10 @@ class StepCostModel:
         _check_counts(num_bytes=num_bytes)
         if num_bytes == 0:
             return 0.0
-        t = num_bytes / self._kv_bytes_per_s
+        if self._kv_fit is not None:
+            t = max(float(self._kv_fit[0] + self._kv_fit[1] * num_bytes), 1e-9)
+        else:
+            t = num_bytes / self._kv_bytes_per_s
         return t * self._err(_StepFacts("transfer", 0, 0, 0, self.total_sms, False, False))
 
     # ---- helpers ---------------------------------------------------------------------------------
