@@ -175,6 +175,9 @@ def test_the_constructor_validates_too(profile):
             profile.prefill, beside_decode_ms=profile.prefill.latency_ms))
 
 
+NO_V3_TABLES = ("--beside-prompt-tokens", "none", "--hybrid-chunks", "none", "--kv-transfer-blocks", "none")
+
+
 @pytest.mark.slow
 def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     path, _ = tiny_model_dir("llama")
@@ -182,7 +185,9 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
                "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "2,1", "--context-lens", "8,16",
                "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "3",
-               "--num-steps", "2",
+               "--beside-prompt-tokens", "24,32", "--beside-prompt-context-lens", "16", "--beside-prompt-batches", "1,2",
+               "--hybrid-chunks", "4,8", "--hybrid-batches", "0,2", "--hybrid-context-lens", "0,16",
+               "--kv-transfer-blocks", "1,2", "--num-steps", "2",
                "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -202,6 +207,21 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     # the policies run on it: one partition, the whole device
     policy = make_policy("rapid", 1, 1, profile, slo_itl_ms=1.0)
     assert policy.partitions() == (Partition.FULL,)
+    # schema version 3: what the step-cost model needs
+    assert profile.model_shape.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32
+    t = profile.decode_beside_prompts
+    assert (t.prompt_tokens, t.sm_counts, t.context_lens, t.batch_sizes) == ((24, 32), (1,), (16,), (1, 2))
+    assert all(ms > 0 for p in t.latency_ms for s in p for c in s for ms in c)
+    h = profile.hybrid
+    assert (h.chunk_tokens, h.decode_batches, h.context_lens) == ((4, 8), (0, 2), (0, 16))
+    assert all(ms > 0 for c in h.latency_ms for b in c for ms in b)
+    assert "hybrid: chunk     8 at     16 +    2 decodes" in text
+    kv = profile.kv_transfer
+    assert kv.num_bytes == (2 * 2 * 16 * 2 * 16 * 4, 2 * 2 * 2 * 16 * 2 * 16 * 4)  # blocks of 16 tokens
+    assert profile.host_overhead_ms is not None and profile.host_overhead_ms >= 0 and "host overhead per step" in text
+    # the model's fit errors, printed and stored
+    assert set(profile.fit_errors) >= {"decode_alone", "prefill_alone", "hybrid", "kv_transfer"}
+    assert "step-cost model: tiny-llama0 float32 on cpu" in text and "max relative error" in text
 
 
 def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
@@ -245,6 +265,7 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
                "--max-model-len", "128", "--batch-sizes", "1,4", "--context-lens", "8,64",
                "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "2",
+               *NO_V3_TABLES,
                "--num-steps", "2", "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "decode batch" in ln]
@@ -256,7 +277,7 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
     assert main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
                  "--max-model-len", "256", "--batch-sizes", "1", "--context-lens", "200",
                  "--prompt-tokens", "8", "--beside-prefill-tokens", "8", "--beside-decode-batch", "1",
-                 "--output", str(out)]) == 2
+                 *NO_V3_TABLES, "--output", str(out)]) == 2
     assert "no room for one sequence at context 200 (13 blocks, 11 free)" in capsys.readouterr().err
 
 

@@ -219,12 +219,14 @@ def _u(s: float | np.ndarray, s_bw: float) -> float | np.ndarray:
 
 def _fit_table(build: Callable[[float], np.ndarray], y: np.ndarray, shares: np.ndarray) -> _Fit | None:
     """Fit with the bandwidth saturation share chosen among candidates (lowest rms relative
-    error); None with fewer points than features."""
+    error); None with fewer points than independent features."""
     candidates = sorted({float(v) for v in shares} | {1e-9}) if len(set(shares.tolist())) > 1 else [1e-9]
     best: tuple[float, _Fit] | None = None
     for s_bw in candidates:
         f = build(s_bw)
-        if len(y) < f.shape[1]:
+        # NOTE: the rank, not the column count: on one SM count the per-SM columns repeat the others
+        scale = np.abs(f).max(axis=0)
+        if len(y) < np.linalg.matrix_rank(f / np.where(scale > 0, scale, 1.0)):
             return None
         coef, mx, rms = _fit_rel(f, y)
         if best is None or rms < best[0] - 1e-12:

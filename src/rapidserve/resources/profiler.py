@@ -11,6 +11,20 @@ For each partition (every decode SM count asked for, and the whole device):
   steps of a fixed batch (--beside-decode-batch sequences at the shortest --context-lens) run back
   to back in a second thread on the decode side's stream (the whole device: over-allocation).
 
+Schema version 3 adds what the step-cost model (resources/cost_model.py) needs:
+- decode beside long prompts: each partition's decode steps at --beside-prompt-context-lens ×
+  --beside-prompt-batches beside whole prompts of each --beside-prompt-tokens length run back to
+  back on the prefill side (the decode table's own beside grid has one prompt length);
+- hybrid steps on the whole device (after the partitions, with the engine's graphs, piecewise
+  ones included): one chunk of each --hybrid-chunks length at each --hybrid-context-lens offset
+  plus each --hybrid-batches decode batch at that context;
+- the host overhead: a synchronous decode step's wall time less its time when steps are queued
+  back to back (what the device does not overlap; on CPU the host is the device: about 0);
+- KV transfers: copies of --kv-transfer-blocks KV blocks between two block sets of the cache
+  (the disagg topology's copy on one GPU);
+- the model's shapes (weight bytes, KV bytes per token, FLOPs), and the model's fit errors per
+  table, printed and stored.
+
 Decode CUDA graphs keep the partition they were captured on, so they are captured again on each
 partition's decode stream. Prefill runs eagerly, as the rapid topology's prefill worker does.
 Without SM partitioning (CPU, or no mechanism) there is one partition, the whole device; the
@@ -21,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import random
@@ -45,8 +60,13 @@ from rapidserve.resources.partition import (
     mechanism,
     use_stream,
 )
+from rapidserve.resources.cost_model import StepCostModel
 from rapidserve.resources.profile import (
+    DecodeBesidePromptsTable,
     DecodeTable,
+    HybridTable,
+    KVTransferTable,
+    ModelShape,
     PrefillTable,
     Profile,
     ProfileMetadata,
@@ -202,11 +222,11 @@ def _back_to_back(step: Callable[[], None], stream: torch.cuda.Stream | None, ph
         raise RuntimeError(f"the {phase} beside the {other} failed: {failed[0]!r}") from failed[0]
 
 
-def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> None:
+def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int, piecewise: bool = False) -> None:
     """Capture the engine's decode graphs again on the decode stream of the partition to be
     measured (the runner captures on the current stream; the prompts that fill the batch then
-    run eagerly)."""
-    if not engine.use_graphs or stream is None:
+    run eagerly); with `piecewise`, the mixed steps' graphs too (the hybrid engine's set)."""
+    if not engine.use_graphs:
         return
     runner = engine.runner
     runner.drop_graphs()
@@ -215,7 +235,7 @@ def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> N
     torch.cuda.empty_cache()
     with use_stream(stream):
         runner.use_partition(None, num_sms)
-        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
+        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=piecewise)
 
 
 def _decode_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, batch: int, context: int,
@@ -244,6 +264,138 @@ def _decode_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | N
     return statistics.median(times) * 1e3, runner.shared
 
 
+class _ChunkRunner:
+    """One prefill chunk of `tokens` tokens at offset `context` (its KV before it on blocks that
+    were never written: a step's cost does not depend on the values; more blocks than are free
+    cycle, as `_DecodeRunner`'s do), sampling its last token as a prompt's last chunk does."""
+
+    def __init__(self, engine: Any, tables: PrefillTables, tokens: int, context: int, keep_free: int) -> None:
+        self.engine, self.tables = engine, tables
+        if context + tokens + 1 > engine.max_model_len:
+            raise ValueError(f"a chunk of {tokens} at offset {context} does not fit max_model_len {engine.max_model_len}")
+        bs = engine.blocks.block_size
+        need = blocks_needed(context + tokens, bs)
+        n = min(need, engine.blocks.num_free_blocks - keep_free)
+        if n < 1:
+            raise ValueError("the KV cache has no room for a hybrid step's chunk: give it more memory "
+                             "(--kv-cache-memory-bytes, --num-kv-blocks)")
+        self.rid = f"{_DECODE_ID.format(id(self))}-chunk"
+        engine.blocks.allocate(self.rid, n * bs)
+        pool = engine.blocks.block_table(self.rid)
+        tables.set(self.rid, [pool[j % n] for j in range(need)])
+        req = Request(self.rid, [0] * (context + tokens), SamplingParams(temperature=0.0, max_tokens=1), 1)
+        self.scheduled = ScheduledRequest(req, context, tokens, True)
+
+    def close(self) -> None:
+        self.tables.drop(self.rid)
+        self.engine.runner.release(self.rid)
+        self.engine.blocks.free(self.rid)
+
+
+def _timed(step: Callable[[], None], args: argparse.Namespace) -> float:
+    """Median ms of --num-steps calls of `step` after --warmup-steps untimed ones."""
+    for _ in range(args.warmup_steps):
+        step()
+    times = []
+    for _ in range(args.num_steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _hybrid_table(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, args: argparse.Namespace,
+                  log: Any) -> HybridTable:
+    """Hybrid steps on the whole device: decodes first, then the chunk (the chunked scheduler's
+    order), through the engine's runner."""
+    grid = []
+    bs = engine.blocks.block_size
+    for n in args.hybrid_chunks:
+        rows = []
+        for b in args.hybrid_batches:
+            row = []
+            for c in args.hybrid_context_lens:
+                chunk = _ChunkRunner(engine, tables, n, c, blocks_needed(c + 1, bs) if b else 0)
+                decode = _DecodeRunner(engine, tables, b, c) if b else None
+                try:
+                    step = (decode.scheduled if decode else []) + [chunk.scheduled]
+                    with use_stream(stream):
+                        row.append(_timed(lambda: engine.runner.execute(step), args))
+                finally:
+                    if decode is not None:
+                        decode.close()
+                    chunk.close()
+                log(f"hybrid: chunk {n:>5} at {c:>6} + {b:>4} decodes: {row[-1]:8.3f} ms")
+            rows.append(row)
+        grid.append(rows)
+    return HybridTable(tuple(args.hybrid_chunks), tuple(args.hybrid_batches), tuple(args.hybrid_context_lens),
+                       _tup(grid))
+
+
+def _host_overhead_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, context: int,
+                      args: argparse.Namespace) -> float:
+    """A decode step of one sequence, waited for one at a time, less the same steps queued back
+    to back (the device then runs them without waiting for the host): the host time per step
+    that the device does not overlap. On CPU both are the same work: about 0."""
+    runner = _DecodeRunner(engine, tables, 1, context)
+    try:
+        with use_stream(stream):
+            sync = _timed(runner.step, args)
+            for _ in range(args.warmup_steps):
+                runner.step()
+            t = time.perf_counter()
+            last = None
+            for _ in range(args.num_steps):
+                last = engine.runner.submit(runner.scheduled)
+            assert last is not None
+            last.tokens()
+            if engine.device.type == "cuda":
+                torch.cuda.current_stream(engine.device).synchronize()
+            queued = 1e3 * (time.perf_counter() - t) / args.num_steps
+    finally:
+        runner.close()
+    return max(0.0, sync - queued)
+
+
+def _kv_transfer_table(engine: Any, stream: torch.cuda.Stream | None, args: argparse.Namespace,
+                       log: Any) -> KVTransferTable:
+    """Copies of n KV blocks from one block set of the cache to another (the disagg prefill
+    instance's `copy_blocks`, waited for as it waits)."""
+    from rapidserve.serving.disagg import copy_blocks
+
+    blocks, bs = engine.blocks, engine.blocks.block_size
+    sizes, times = [], []
+    for n in args.kv_transfer_blocks:
+        if 2 * n > blocks.num_free_blocks:
+            log(f"kv transfer: {n} blocks skipped: {blocks.num_free_blocks} free, two sets needed")
+            continue
+        src_id, dst_id = f"{_PREFILL_ID}-kv-src", f"{_PREFILL_ID}-kv-dst"
+        blocks.allocate(src_id, n * bs)
+        blocks.allocate(dst_id, n * bs)
+        try:
+            src, dst = list(blocks.block_table(src_id)), list(blocks.block_table(dst_id))
+            tensor = engine.cache.tensor
+            nbytes = 0
+
+            def copy() -> None:
+                nonlocal nbytes
+                nbytes = copy_blocks(tensor, src, tensor, dst)
+                if tensor.device.type == "cuda":
+                    torch.cuda.current_stream(tensor.device).synchronize()
+
+            with use_stream(stream):
+                ms = _timed(copy, args)
+        finally:
+            blocks.free(src_id)
+            blocks.free(dst_id)
+        sizes.append(nbytes)
+        times.append(ms)
+        log(f"kv transfer: {n} blocks ({nbytes / 2**20:.1f} MiB): {ms:.3f} ms ({nbytes / ms / 1e6:.1f} GB/s)")
+    if not sizes:
+        raise ValueError("no --kv-transfer-blocks size fits the KV cache twice: lower them")
+    return KVTransferTable(tuple(sizes), tuple(times))
+
+
 def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[int],
                 args: argparse.Namespace, log: Any = print) -> Profile:
     """Measure every table of the profile (see the module's doc) with an idle LLMEngine."""
@@ -253,7 +405,10 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
         log(f"partition {g.partition}: decode {g.decode_sms} SMs, prefill {g.prefill_sms} SMs")
     granted = {g.partition: g for g in partitioner.granted()}
     rng = random.Random(engine.config.seed)
-    prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens))
+    prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens,
+                                         max(args.beside_prompt_tokens or [0])))
+    prompts_beside: dict[int, list] = {n: [] for n in args.beside_prompt_tokens or []}  # [prompt][sm][ctx][batch]
+    hybrid = host_ms = transfer = None
     alone: list[list[list[float]]] = []
     beside: list[list[list[float]]] = []
     prefill_ms: dict[int, list[float]] = {}
@@ -283,6 +438,15 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
                     b_rows.append(b_row)
                 alone.append(a_rows)
                 beside.append(b_rows)
+                for n in args.beside_prompt_tokens or []:
+                    # NOTE: one prefill thread for the whole grid: leaving it waits out a long step.
+                    with prefill.beside(streams.prefill, n, rng.randrange(1 << 30)):
+                        grid = [[_decode_ms(engine, tables, streams.decode, b, c, args)[0]
+                                 for b in args.beside_prompt_batches] for c in args.beside_prompt_context_lens]
+                    prompts_beside[n].append(grid)
+                    log(f"{p}: decode beside {n}-token prompts: " + ", ".join(
+                        f"batch {b} context {c} {grid[i][j]:.3f} ms" for i, c in enumerate(args.beside_prompt_context_lens)
+                        for j, b in enumerate(args.beside_prompt_batches)))
                 if p_sms not in prefill_ms:
                     prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
                                          for n in args.prompt_tokens]
@@ -299,8 +463,20 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
                     log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
                         f"{n} tok {ms:.3f} ms ({b:.3f} ms beside a decode)"
                         for n, ms, b in zip(args.prompt_tokens, prefill_ms[p_sms], prefill_beside_ms[p_sms])))
-    finally:
+            # The whole device, as the hybrid engine runs: its graphs, piecewise ones included.
+            full = partitioner.streams(Partition.FULL).decode
+            _recapture(engine, full, total, piecewise=True)
+            if args.hybrid_chunks:
+                hybrid = _hybrid_table(engine, tables, full, args, log)
+            host_ms = _host_overhead_ms(engine, tables, full, min(args.context_lens), args)
+            log(f"host overhead per step: {host_ms:.3f} ms")
         prefill.close()
+        prefill = None
+        if args.kv_transfer_blocks:
+            transfer = _kv_transfer_table(engine, full, args, log)
+    finally:
+        if prefill is not None:
+            prefill.close()
     partitioned = bool(decode_sm_counts)
     kind = mechanism(engine.device) if partitioned else "none"
     note = "" if partitioned else (
@@ -320,13 +496,24 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
         rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
         decode_batch_beside=args.beside_decode_batch, decode_context_beside=decode_context,
     )
-    return Profile(
+    profile = Profile(
         meta,
         DecodeTable(tuple(sm_counts), tuple(args.context_lens), tuple(args.batch_sizes),
                     _tup(alone), _tup(beside)),
         PrefillTable(tuple(psms), tuple(args.prompt_tokens), _tup([prefill_ms[n] for n in psms]),
                      _tup([prefill_beside_ms[n] for n in psms])),
+        model_shape=ModelShape.from_config(engine.model_config, meta.dtype),
+        hybrid=hybrid,
+        decode_beside_prompts=None if not prompts_beside else DecodeBesidePromptsTable(
+            tuple(prompts_beside), tuple(sm_counts), tuple(args.beside_prompt_context_lens),
+            tuple(args.beside_prompt_batches), _tup([prompts_beside[n] for n in prompts_beside])),
+        kv_transfer=transfer,
+        host_overhead_ms=host_ms,
     )
+    # The step-cost model on what was measured: its errors per table, printed and stored.
+    model = StepCostModel.from_profile(profile)
+    log(model.describe())
+    return dataclasses.replace(profile, fit_errors=dict(model.fit_errors))
 
 
 def _tup(x: Any) -> Any:
@@ -338,6 +525,22 @@ def _tup(x: Any) -> Any:
 
 def _sorted_list(text: str) -> list[int]:
     return sorted(set(_int_list(text)))
+
+
+def _optional_list(text: str) -> list[int]:
+    """A list, or "none": that table is not measured."""
+    return [] if text.strip().lower() == "none" else _sorted_list(text)
+
+
+def _list_from_zero(text: str) -> list[int]:
+    """Comma-separated whole numbers, 0 allowed (a hybrid step without decodes, a chunk at offset 0)."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 0, got {text!r}")
+    return values
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -357,6 +560,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--beside-decode-batch", type=int, default=64,
                    help="sequences in the decode steps run beside the timed prefills (at the shortest "
                         "--context-lens; at most --max-num-seqs)")
+    g.add_argument("--beside-prompt-tokens", type=_optional_list, default=[8192, 16384],
+                   help="decode beside long prompts: prompt lengths run back to back beside the timed decode steps "
+                        "on every partition (comma-separated; none: not measured)")
+    g.add_argument("--beside-prompt-context-lens", type=_sorted_list, default=[8192],
+                   help="contexts of the decode steps timed beside --beside-prompt-tokens")
+    g.add_argument("--beside-prompt-batches", type=_sorted_list, default=[16, 64],
+                   help="decode batches timed beside --beside-prompt-tokens")
+    g.add_argument("--hybrid-chunks", type=_optional_list, default=[512, 1024, 2048],
+                   help="hybrid steps on the whole device: prefill chunk lengths (none: not measured)")
+    g.add_argument("--hybrid-batches", type=_list_from_zero, default=[0, 16, 64],
+                   help="decode batches beside each hybrid chunk (0: the chunk alone)")
+    g.add_argument("--hybrid-context-lens", type=_list_from_zero, default=[1024, 4096, 16384],
+                   help="context of the hybrid steps: the chunk's offset and each decode's context")
+    g.add_argument("--kv-transfer-blocks", type=_optional_list, default=[16, 64, 256],
+                   help="KV blocks per timed copy (the disagg transfer; none: not measured)")
     g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3)
