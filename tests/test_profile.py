@@ -234,6 +234,11 @@ def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
     assert "--beside-decode-batch >= 1" in capsys.readouterr().err
     assert main([*common, "--beside-decode-batch", "9", "--max-num-seqs", "8"]) == 2
     assert "--beside-decode-batch 9 > --max-num-seqs 8" in capsys.readouterr().err
+    assert main([*common, "--batch-sizes", "1,300"]) == 2
+    assert "a decode batch of 300 > --max-num-seqs 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: the usage and the error
+        main([*common, "--hybrid-batches", "0,-4"])
+    assert "argument --hybrid-batches: expected whole numbers >= 0" in capsys.readouterr().err
     assert main([*common, "--sm-counts", "8"]) == 2
     assert "decode SM counts must be multiples of 1 below 1" in capsys.readouterr().err
 
@@ -268,7 +273,7 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
                *NO_V3_TABLES,
                "--num-steps", "2", "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "decode batch" in ln]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full: decode batch")]
     shared = [ln for ln in lines if "KV blocks shared" in ln]
     assert len(lines) == 4 and len(shared) == 1 and "batch    4 context     64" in shared[0]
     profile = load_profile(out)
@@ -323,3 +328,21 @@ def test_version_3_tables_are_optional(version3, tmp_path):
     p = load_profile(path)
     assert p.hybrid is None and p.model_shape is None and p.host_overhead_ms is None
     assert p.decode == version3.decode
+
+
+def test_profile_estimates_how_long_a_grid_takes(capsys, tmp_path):
+    """`--estimate-from`: a grid's time priced by the step-cost model of an earlier profile,
+    with the per-partition overhead calibrated on the 2026-11-23 H100 run (66 s)."""
+    h100 = str(Path(__file__).parents[1] / "docs/results/2026-11-23-h100/profile.json")
+    archived = ["--batch-sizes", "1,16,64,128", "--context-lens", "1024,2560", "--prompt-tokens", "2048,8192",
+                "--num-steps", "8", "--sm-counts", "16,32,48,64", *NO_V3_TABLES]
+    assert main(["profile", "--output", str(tmp_path / "p.json"), "--estimate-from", h100, *archived]) == 0
+    out = capsys.readouterr().out
+    total = float(out.split("total")[1].split()[0])
+    assert 60 < total < 72 and "decode SMs 16,32,48,64 and the whole device" in out
+    # the default grid: about 3 minutes on the H100
+    assert main(["profile", "--output", str(tmp_path / "p.json"), "--estimate-from", h100]) == 0
+    out = capsys.readouterr().out
+    assert 120 < float(out.split("total")[1].split()[0]) < 200
+    assert "hybrid" in out and "decode beside prompts" in out
+    assert not (tmp_path / "p.json").exists()  # nothing measured

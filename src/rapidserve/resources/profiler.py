@@ -60,7 +60,7 @@ from rapidserve.resources.partition import (
     mechanism,
     use_stream,
 )
-from rapidserve.resources.cost_model import StepCostModel
+from rapidserve.resources.cost_model import PrefillLoad, StepCostModel
 from rapidserve.resources.profile import (
     DecodeBesidePromptsTable,
     DecodeTable,
@@ -520,6 +520,55 @@ def _tup(x: Any) -> Any:
     return tuple(_tup(v) for v in x) if isinstance(x, list) else x
 
 
+# ---- how long a grid takes ---------------------------------------------------------------------
+
+# NOTE: calibrated on the 2026-11-23 H100 profile run (stage `profile`: 4 splits and the whole
+# device, batches 1,16,64,128 x contexts 1024,2560, prompts 2048,8192, 8 steps): 66 s in all,
+# of which the step-cost model of that profile prices the timed steps at 39.5 s; the rest
+# (engine start, the decode graphs captured again per partition, the blocks set up per point)
+# is charged per partition.
+PARTITION_OVERHEAD_S = 5.3
+
+
+def estimate_seconds(model: StepCostModel, decode_sm_counts: list[int], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds each part of `run_profile` takes with these arguments, priced by a step-cost model
+    of the same GPU and model (e.g. an earlier profile): `--estimate-from`."""
+    total = model.total_sms
+    parts = [(n, total - n) for n in decode_sm_counts] + [(total, total)]
+    steps = args.warmup_steps + args.num_steps
+    host = model.host_overhead_s
+    out = {"decode": 0.0, "decode beside prompts": 0.0, "prefill": 0.0, "hybrid": 0.0, "overhead": 0.0}
+    p0 = [PrefillLoad(args.beside_prefill_tokens)]
+    for d_sms, p_sms in parts:
+        dec = None if d_sms >= total else d_sms
+        pre = None if d_sms >= total else p_sms
+        out["overhead"] += PARTITION_OVERHEAD_S
+        for c in args.context_lens:
+            for b in args.batch_sizes:
+                out["decode"] += steps * (model.decode_step_s(b, b * c, dec) + model.decode_step_s(b, b * c, dec, p0)
+                                          + 2 * host)
+                # leaving the prefill thread waits out half a prefill step on average
+                out["decode"] += 0.5 * model.prefill_step_s(p0, pre, (b, b * c))
+        for n in args.beside_prompt_tokens or []:
+            load = [PrefillLoad(n)]
+            for c in args.beside_prompt_context_lens:
+                for b in args.beside_prompt_batches:
+                    out["decode beside prompts"] += steps * (model.decode_step_s(b, b * c, dec, load) + host)
+            out["decode beside prompts"] += 0.5 * model.prefill_step_s(load, pre, (args.beside_prompt_batches[-1], 1))
+        beside = (args.beside_decode_batch, args.beside_decode_batch * min(args.context_lens))
+        for n in args.prompt_tokens:
+            out["prefill"] += (args.prefill_repeats + 1) * (model.prefill_step_s([PrefillLoad(n)], pre)
+                                                            + model.prefill_step_s([PrefillLoad(n)], pre, beside))
+    for n in args.hybrid_chunks or []:
+        for b in args.hybrid_batches:
+            for c in args.hybrid_context_lens:
+                out["hybrid"] += steps * (model.hybrid_step_s([PrefillLoad(n, c)], b, b * c) + host)
+    if args.hybrid_chunks:
+        out["overhead"] += PARTITION_OVERHEAD_S  # the piecewise graphs
+    out["total"] = sum(out.values())
+    return out
+
+
 # ---- command ---------------------------------------------------------------------------------
 
 
@@ -546,14 +595,15 @@ def _list_from_zero(text: str) -> list[int]:
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("profile")
     g.add_argument("--output", required=True, help="write the profile (JSON) here")
-    g.add_argument("--batch-sizes", type=_sorted_list, default=[1, 8, 32, 64, 128, 256],
+    g.add_argument("--batch-sizes", type=_sorted_list, default=[1, 16, 64, 128],
                    help="decode batch sizes, comma-separated")
-    g.add_argument("--context-lens", type=_sorted_list, default=[1024, 4096],
+    g.add_argument("--context-lens", type=_sorted_list, default=[1024, 4096, 16384],
                    help="prompt lengths the decodes run at, comma-separated")
     g.add_argument("--sm-counts", type=_sorted_list, default=None,
-                   help="decode SM counts, comma-separated (default: every multiple of the device's "
-                        "granularity from two granules up to half the SMs; the whole device is always added)")
-    g.add_argument("--prompt-tokens", type=_sorted_list, default=[512, 1024, 2048, 4096],
+                   help="decode SM counts, comma-separated (default: every other multiple of the device's "
+                        "granularity from two granules up to half the SMs, 16,32,48,64 on an H100; the whole device "
+                        "is always added)")
+    g.add_argument("--prompt-tokens", type=_sorted_list, default=[512, 2048, 8192],
                    help="prompt lengths of the prefill timings, comma-separated")
     g.add_argument("--beside-prefill-tokens", type=int, default=2048,
                    help="prompt length of the prefill run beside the timed decode steps")
@@ -575,11 +625,41 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="context of the hybrid steps: the chunk's offset and each decode's context")
     g.add_argument("--kv-transfer-blocks", type=_optional_list, default=[16, 64, 256],
                    help="KV blocks per timed copy (the disagg transfer; none: not measured)")
-    g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
+    g.add_argument("--estimate-from", default=None, metavar="PROFILE",
+                   help="print how long this grid would take, priced by the step-cost model of an earlier profile "
+                        "of the same GPU and model (no engine is started), and exit")
+    g.add_argument("--num-steps", type=int, default=8, help="timed steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3)
     add_engine_args(parser)
-    parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
+    # NOTE: decode graphs are captured again per partition up to --max-num-seqs: 128, the largest
+    # default batch, not the engine's 256 (the default grid's ~3 minutes count on it).
+    parser.set_defaults(func=main, **{**BENCH_ENGINE_DEFAULTS, "max_num_seqs": 128})
+
+
+def _decode_sm_counts(args: argparse.Namespace, total: int, gran: int) -> list[int]:
+    if args.sm_counts is None:
+        # NOTE: every other multiple of the granularity (16, 32, 48, 64 on an H100): the default
+        # grid then fits ~3 minutes for an 8B model; the step-cost model interpolates between.
+        return default_decode_sm_counts(total, gran)[::2] if total > 1 else []
+    bad = [n for n in args.sm_counts if n % gran or n >= total]
+    if bad:
+        raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
+    return list(args.sm_counts)
+
+
+def _print_estimate(args: argparse.Namespace) -> int:
+    from rapidserve.resources.profile import load_profile
+
+    model = StepCostModel.from_profile(load_profile(args.estimate_from))
+    meta = model.profile.metadata
+    sms = _decode_sm_counts(args, meta.total_sms, meta.sm_granularity)
+    parts = estimate_seconds(model, sms, args)
+    print(f"estimated from {args.estimate_from} ({meta.model} {meta.dtype} on {meta.gpu_name}), decode SMs "
+          f"{','.join(map(str, sms)) or 'none'} and the whole device:")
+    for k, v in parts.items():
+        print(f"  {k:<22} {v:7.1f} s")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -589,10 +669,16 @@ def main(args: argparse.Namespace) -> int:
             or args.beside_decode_batch < 1):
         raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, "
                          "--beside-prefill-tokens >= 1, --beside-decode-batch >= 1")
+    if args.estimate_from is not None:
+        return _print_estimate(args)
     config = engine_config_from_args(args)
     if args.beside_decode_batch > config.max_num_seqs:
         raise ValueError(f"--beside-decode-batch {args.beside_decode_batch} > --max-num-seqs {config.max_num_seqs}: "
                          "the engine never decodes a larger batch")
+    largest = max(args.batch_sizes + args.beside_prompt_batches + args.hybrid_batches)
+    if largest > config.max_num_seqs:
+        raise ValueError(f"a decode batch of {largest} > --max-num-seqs {config.max_num_seqs}: raise --max-num-seqs "
+                         "(its decode graphs stop there, and a larger batch would run eagerly)")
     if config.mode != "hybrid":
         raise ValueError("rapidserve profile measures steps on one engine: leave --mode at hybrid")
     engine = LLMEngine(config)
@@ -600,14 +686,8 @@ def main(args: argparse.Namespace) -> int:
         partitioner = make_partitioner(engine.device)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
-    total, gran = partitioner.total_sms, partitioner.granularity
-    if args.sm_counts is None:
-        sm_counts = default_decode_sm_counts(total, gran) if total > 1 else []
-    else:
-        bad = [n for n in args.sm_counts if n % gran or n >= total]
-        if bad:
-            raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
-        sm_counts = args.sm_counts
+    sm_counts = _decode_sm_counts(args, partitioner.total_sms, partitioner.granularity)
+    total = partitioner.total_sms
     print(f"rapidserve profile: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
           f"{engine.device} ({total} SMs, {mechanism(engine.device)} partitioning)", flush=True)
     if not sm_counts:
