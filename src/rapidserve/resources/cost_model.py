@@ -210,11 +210,12 @@ class _Fit(NamedTuple):
     s_bw: float
     max_rel_error: float
     points: int
+    coef_list: list[float]
 
 
-def _u(s: float | np.ndarray, s_bw: float) -> float | np.ndarray:
+def _u(s: float, s_bw: float) -> float:
     """1 / the bandwidth share s of the SMs can draw: grows with s until s_bw saturates it."""
-    return 1.0 / np.maximum(s, s_bw)
+    return 1.0 / max(s, s_bw)
 
 
 def _fit_table(build: Callable[[float], np.ndarray], y: np.ndarray, shares: np.ndarray) -> _Fit | None:
@@ -230,7 +231,7 @@ def _fit_table(build: Callable[[float], np.ndarray], y: np.ndarray, shares: np.n
             return None
         coef, mx, rms = _fit_rel(f, y)
         if best is None or rms < best[0] - 1e-12:
-            best = (rms, _Fit(coef, s_bw, mx, len(y)))
+            best = (rms, _Fit(coef, s_bw, mx, len(y), coef.tolist()))
     assert best is not None
     return best[1]
 
@@ -469,7 +470,7 @@ class StepCostModel:
                                     f"{DEFAULT_KV_TRANSFER_BYTES_PER_S / 1e9:g} GB/s (assumed)")
         else:
             # seconds per KV byte read on the whole device (the KV terms at s = 1); a copy reads and writes
-            per_byte = fit.coef[2] + fit.coef[4] * float(_u(1.0, fit.s_bw))
+            per_byte = fit.coef[2] + fit.coef[4] * _u(1.0, fit.s_bw)
             self._kv_bytes_per_s = 1 / (2 * per_byte) if per_byte > 0 else DEFAULT_KV_TRANSFER_BYTES_PER_S
             self.limitations.append(f"no KV-transfer figure: a KV transfer is priced as a read and a write at the "
                                     f"decode fit's KV bandwidth ({1 / per_byte / 1e9:.0f} GB/s)"
@@ -548,7 +549,8 @@ class StepCostModel:
     def _eval(self, name: str, row: Callable[[float], list[float]]) -> float:
         fit = self._fits[name]
         assert fit is not None
-        return max(float(np.dot(row(fit.s_bw), fit.coef)), 1e-9)
+        # NOTE: plain floats: numpy's per-call overhead on six numbers is most of a policy's step
+        return max(sum(a * c for a, c in zip(row(fit.s_bw), fit.coef_list)), 1e-9)
 
     def _decode_fit_s(self, name: str, s: float, b: float, kv: float) -> float:
         if name == "decode_overallocated":
@@ -651,6 +653,8 @@ class StepCostModel:
         p_tokens = sum(x.tokens for x in beside)
         if beside:
             t *= self._contention_at(sms, batch, kv_tokens / batch, p_tokens)
+        if not self.errors:
+            return t
         return t * self._err(_StepFacts("decode", kv_tokens / batch, batch, p_tokens, sms, sms < self.total_sms,
                                         bool(beside)))
 
@@ -666,6 +670,8 @@ class StepCostModel:
         if decode_beside is not None:
             _check_counts(batch=decode_beside[0], kv_tokens=decode_beside[1])
         t = self._prefill_anchored(loads, sms, beside)
+        if not self.errors:
+            return t
         return t * self._err(_StepFacts("prefill", max(x.context + x.tokens for x in loads), len(loads),
                                         sum(x.tokens for x in loads), sms, sms < self.total_sms, beside))
 
