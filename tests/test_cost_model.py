@@ -16,6 +16,7 @@ from rapidserve.resources.cost_model import (
     PrefillLoad,
     StepCostModel,
     _nnls,
+    add_cost_error_argument,
     main,
     parse_cost_error,
 )
@@ -277,6 +278,20 @@ def test_a_deliberate_error_applies_where_its_conditions_hold(roofline):
         1.1 * c.hybrid_step_s([PrefillLoad(512)], 15, 15000))
     assert both.kv_transfer_s(10**6) == pytest.approx(3.3 * c.kv_transfer_s(10**6))
     assert "deliberate error: decode:split:beside:+25%" in both.describe()
+
+
+def test_the_cost_error_argument(capsys):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_cost_error_argument(ap)
+    assert ap.parse_args([]).cost_error == ()
+    assert ap.parse_args(["--cost-error", "decode:split:+25%"]).cost_error == (
+        CostError("decode", 1.25, (("split", "", 0),)),)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--cost-error", "decode:sometimes:+25%"])
+    assert "argument --cost-error: --cost-error 'decode:sometimes:+25%': bad condition 'sometimes'" in (
+        capsys.readouterr().err)
 
 
 def test_the_command_prints_the_fit(capsys):

@@ -40,7 +40,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -139,6 +139,25 @@ def parse_cost_error(text: str) -> tuple[CostError, ...]:
             conds.append((cm.group(1), cm.group(2), n))
         out.append(CostError(kind, factor, tuple(conds)))
     return tuple(out)
+
+
+def add_cost_error_argument(parser: Any) -> None:
+    """`--cost-error SPEC` on an argparse parser (the simulator's), parsed into CostErrors
+    (default: none)."""
+    import argparse
+
+    def parse(text: str) -> tuple[CostError, ...]:
+        try:
+            return parse_cost_error(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument(
+        "--cost-error", type=parse, default=(), metavar="SPEC",
+        help="price steps off the profile's model on purpose, comma-separated KIND[:CONDITION]...:FACTOR items, "
+             "e.g. decode:ctx>4096:+40%%,prefill:+10%% (KIND decode|prefill|hybrid|transfer|all; CONDITION "
+             "ctx|batch|tokens|sms compared with a number, or split|full|beside|alone; FACTOR +P%%|-P%%|xF); "
+             "see docs/cost-model.md")
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -781,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m rapidserve.resources.cost_model", description=main.__doc__)
     ap.add_argument("profile")
-    ap.add_argument("--cost-error", type=parse_cost_error, default=())
+    add_cost_error_argument(ap)
     args = ap.parse_args(argv)
     print(StepCostModel.from_profile(load_profile(args.profile), args.cost_error).describe())
     return 0
