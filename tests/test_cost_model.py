@@ -257,6 +257,8 @@ def test_a_deliberate_error_applies_where_its_conditions_hold(roofline):
     model = StepCostModel.from_profile(roofline_profile(), parse_cost_error("decode:ctx>4096:+40%"))
     clean = model.without_errors()
     assert clean.errors == () and model.errors
+    again = clean.with_errors(model.errors)
+    assert again.errors == model.errors and again._fits is clean._fits  # not fitted again
     beside = [PrefillLoad(8192)]
     assert model.decode_step_s(20, 20 * 8500, 32, beside) == pytest.approx(
         1.4 * clean.decode_step_s(20, 20 * 8500, 32, beside))
@@ -308,7 +310,8 @@ def true_hybrid(loads: list[PrefillLoad], b: int, kv: int) -> float:
     n = sum(x.tokens for x in loads)
     pairs = sum(x.tokens * (x.context + (x.tokens + 1) / 2) for x in loads)
     flops = SHAPE.flops_per_token * (n + b) + SHAPE.lm_head_flops * (len(loads) + b)
-    return 5e-3 + 2e-6 * b + SHAPE.kv_bytes_per_token * kv / 3e12 + flops / 5e14 + SHAPE.attention_flops_per_pair * pairs / 2e14
+    attn = SHAPE.attention_flops_per_pair * pairs
+    return 5e-3 + 2e-6 * b + SHAPE.kv_bytes_per_token * kv / 3e12 + flops / 5e14 + attn / 2e14
 
 
 def true_contention(p: int) -> float:

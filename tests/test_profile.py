@@ -185,7 +185,8 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
                "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "2,1", "--context-lens", "8,16",
                "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "3",
-               "--beside-prompt-tokens", "24,32", "--beside-prompt-context-lens", "16", "--beside-prompt-batches", "1,2",
+               "--beside-prompt-tokens", "24,32", "--beside-prompt-context-lens", "16",
+               "--beside-prompt-batches", "1,2",
                "--hybrid-chunks", "4,8", "--hybrid-batches", "0,2", "--hybrid-context-lens", "0,16",
                "--kv-transfer-blocks", "1,2", "--num-steps", "2",
                "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])

@@ -19,10 +19,12 @@ saturation", fitted), FLOPs of the linear layers and of attention over those SMs
 per-step cost. The model's shapes (weight bytes, KV bytes per token, FLOPs per token) come from
 the profile (schema version 3) or, for older profiles, from the preset its metadata names; where
 neither is known the features are shape-free counts (tokens, KV tokens) and `limitations` says
-so. Inside the measured range a prediction is the profile's own interpolated measurement; past
-it (longer contexts, larger batches, other SM counts, prompt batches and chunk offsets the grid
-never measured) it is the measurement at the nearest edge scaled by the fit, so it extrapolates
-along the physical shape instead of a straight line through the last two points.
+so. At a measured point a prediction is the measurement; elsewhere it is the fit times its
+residual (measured / fitted) interpolated between the measured points around and held at the
+nearest edge past the grid. So it follows the profile where it measured, and past that (longer
+contexts, larger batches, other SM counts, prompt batches and chunk offsets the grid never
+measured) it extrapolates along the physical shape, not a straight line through the last two
+points.
 `fit_errors` holds each fit's largest relative error on the profile's points.
 
 Tables a profile lacks are derived from what it has, and `limitations` says which (for the
@@ -382,12 +384,16 @@ class StepCostModel:
             shape, source = ModelShape.unit(), "none"
         return cls(profile, shape, source, errors)
 
-    def without_errors(self) -> StepCostModel:
-        """The same fits, predicting without the deliberate errors."""
+    def with_errors(self, errors: Sequence[CostError]) -> StepCostModel:
+        """The same fits (not fitted again), mispredicting by `errors` instead of this model's."""
         clone = object.__new__(StepCostModel)
         clone.__dict__.update(self.__dict__)
-        clone.errors = ()
+        clone.errors = tuple(errors)
         return clone
+
+    def without_errors(self) -> StepCostModel:
+        """The same fits, predicting without the deliberate errors (what a policy sees)."""
+        return self.with_errors(())
 
     # ---- fitting -----------------------------------------------------------------------------------
 

@@ -225,8 +225,9 @@ def _back_to_back(step: Callable[[], None], stream: torch.cuda.Stream | None, ph
 def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int, piecewise: bool = False) -> None:
     """Capture the engine's decode graphs again on the decode stream of the partition to be
     measured (the runner captures on the current stream; the prompts that fill the batch then
-    run eagerly); with `piecewise`, the mixed steps' graphs too (the hybrid engine's set)."""
-    if not engine.use_graphs:
+    run eagerly); with `piecewise`, the mixed steps' graphs too (the hybrid engine's set).
+    Without partition streams the engine's own graphs (piecewise ones included) stay."""
+    if not engine.use_graphs or stream is None:
         return
     runner = engine.runner
     runner.drop_graphs()
@@ -272,7 +273,8 @@ class _ChunkRunner:
     def __init__(self, engine: Any, tables: PrefillTables, tokens: int, context: int, keep_free: int) -> None:
         self.engine, self.tables = engine, tables
         if context + tokens + 1 > engine.max_model_len:
-            raise ValueError(f"a chunk of {tokens} at offset {context} does not fit max_model_len {engine.max_model_len}")
+            raise ValueError(f"a chunk of {tokens} at offset {context} does not fit max_model_len "
+                             f"{engine.max_model_len}")
         bs = engine.blocks.block_size
         need = blocks_needed(context + tokens, bs)
         n = min(need, engine.blocks.num_free_blocks - keep_free)
@@ -445,7 +447,8 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
                                  for b in args.beside_prompt_batches] for c in args.beside_prompt_context_lens]
                     prompts_beside[n].append(grid)
                     log(f"{p}: decode beside {n}-token prompts: " + ", ".join(
-                        f"batch {b} context {c} {grid[i][j]:.3f} ms" for i, c in enumerate(args.beside_prompt_context_lens)
+                        f"batch {b} context {c} {grid[i][j]:.3f} ms"
+                        for i, c in enumerate(args.beside_prompt_context_lens)
                         for j, b in enumerate(args.beside_prompt_batches)))
                 if p_sms not in prefill_ms:
                     prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
