@@ -38,6 +38,7 @@ errors is the "truth" a simulator runs, while the policies predict with the clea
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import sys
@@ -311,13 +312,30 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
+def _bracket(xs: Sequence[float], x: float) -> tuple[int, int, float]:
+    """(i, j, w): x, clamped to the axis, lies between xs[i] and xs[j] at weight w on xs[j]."""
+    if x <= xs[0] or len(xs) == 1:
+        return 0, 0, 0.0
+    if x >= xs[-1]:
+        n = len(xs) - 1
+        return n, n, 0.0
+    j = bisect.bisect_right(xs, x)
+    i = j - 1
+    return i, j, (x - xs[i]) / (xs[j] - xs[i])
+
+
 def _interp_lin(axes: Sequence[Sequence[int]], grid: list, point: Sequence[float]) -> float:
-    """grid[axis 0][axis 1]... at point: linear in each axis, each coordinate clamped to its range."""
+    """grid[axis 0][axis 1]... at point: linear in each axis, each coordinate clamped to its range.
+    NOTE: only the two entries around the point on each axis are read (a policy calls this for
+    every candidate partition at every decode step)."""
+    brackets = [_bracket(xs, x) for xs, x in zip(axes, point)]
+
     def at(g: list, k: int) -> float:
-        if k == len(axes):
+        if k == len(brackets):
             return float(g)  # type: ignore[arg-type]
-        xs = axes[k]
-        return _interp(xs, [at(row, k + 1) for row in g], _clamp(point[k], xs[0], xs[-1]))
+        i, j, w = brackets[k]
+        lo = at(g[i], k + 1)
+        return lo if w == 0.0 else lo * (1 - w) + at(g[j], k + 1) * w
 
     return at(grid, 0)
 
@@ -326,13 +344,7 @@ def _interp_clamped(sm_axis: Sequence[int], axes: Sequence[Sequence[int]], grid:
                     point: Sequence[float]) -> float:
     """grid[sm][axis 0][axis 1]... at (sms, point): linear in each axis (in 1/SMs between SM
     counts, as the profile interpolates), every coordinate clamped to its measured range."""
-    def at(g: list, k: int) -> float:
-        if k == len(axes):
-            return float(g)  # type: ignore[arg-type]
-        xs = axes[k]
-        return _interp(xs, [at(row, k + 1) for row in g], _clamp(point[k], xs[0], xs[-1]))
-
-    return _interp_sms(sm_axis, int(_clamp(sms, sm_axis[0], sm_axis[-1])), lambda i: at(grid[i], 0))
+    return _interp_sms(sm_axis, int(_clamp(sms, sm_axis[0], sm_axis[-1])), lambda i: _interp_lin(axes, grid[i], point))
 
 
 # ---- the model ---------------------------------------------------------------------------------------
