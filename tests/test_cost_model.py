@@ -370,3 +370,25 @@ def test_the_version_3_tables_are_used():
     # over-allocated: not measured beside longer prompts here, so as beside the decode table's
     assert model.decode_step_s(64, 64 * 4096, None, [PrefillLoad(16384)]) == pytest.approx(
         true_decode(TOTAL, 64, 64 * 4096, True), rel=1e-6)
+
+
+def test_a_policy_against_a_mispredicting_profile():
+    """The H100 failure, on a CPU: the splits step 40 % slower than the profile says at long
+    contexts beside long prompts. rapid, predicting with the clean model, picks a split whose
+    true step misses its target; given the erroneous model it would have picked a larger one."""
+    from rapidserve.resources.policy import RapidPolicy, StepState
+
+    profile = load_profile(RESULTS / "2026-11-23-h100/profile.json")
+    clean = StepCostModel.from_profile(profile)
+    truth = clean.with_errors(parse_cost_error("decode:split:beside:ctx>4096:+40%"))
+    state = StepState(decode_batch=24, mean_context_len=8500.0, max_context_len=9000, waiting_prefill_tokens=8192,
+                      prefill_running=True)
+    policy = RapidPolicy(profile, slo_itl_ms=50.0, itl_headroom=0.15, model=clean)
+    chosen = policy.decide(state)
+    assert chosen.decode_sms is not None
+    kv, beside = 24 * 8500, [PrefillLoad(8192)]
+    assert clean.decode_step_s(24, kv, chosen.decode_sms, beside) <= policy.itl_target_ms / 1e3
+    assert truth.decode_step_s(24, kv, chosen.decode_sms, beside) > policy.itl_target_ms / 1e3  # missed
+    informed = RapidPolicy(profile, slo_itl_ms=50.0, itl_headroom=0.15, model=truth).decide(state)
+    assert informed.decode_sms > chosen.decode_sms
+    assert truth.decode_step_s(24, kv, informed.decode_sms, beside) <= policy.itl_target_ms / 1e3
