@@ -366,15 +366,7 @@ class StepCostModel:
         self.errors = tuple(errors)
         self.total_sms = profile.total_sms
         self.fit_errors = {}
-        # NOTE: the profile's own note on a single context length is about its interpolation;
-        # the model extrapolates in context through its KV term, but the profile cannot tell
-        # that term from the per-sequence one.
-        self.limitations = [x for x in profile.limitations() if "one context length" not in x]
-        if len(profile.decode.context_lens) < 2:
-            self.limitations.append(
-                f"the profile measured decode at one context length ({profile.decode.context_lens[0]}): the cost of "
-                "longer contexts rests on the fit's KV-bytes term, which that profile cannot tell from the "
-                "per-sequence cost; profile two or more (`rapidserve profile --context-lens 1024,8192`)")
+        self.limitations = profile.limitations()
         if shape_source == "none":
             self.limitations.append(
                 f"the profile does not record the model's shapes and {profile.metadata.model!r} is no preset: the "

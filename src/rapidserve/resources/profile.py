@@ -188,10 +188,12 @@ class Profile:
         notes = []
         if len(self.decode.context_lens) < 2:
             notes.append(
-                f"the profile measured decode at one context length ({self.decode.context_lens[0]}): every "
-                "step is predicted as if at that context, so longer contexts take longer than predicted "
-                "and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, 28.6 ms at 1024 vs "
-                "40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens 1024,4096`)")
+                f"the profile measured decode at one context length ({self.decode.context_lens[0]}): longer "
+                "contexts rest on the step-cost model's KV-bytes term, which one context cannot tell from the "
+                "per-sequence cost (its interpolation alone predicts every context as that one), so they can take "
+                "longer than predicted and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, "
+                "28.6 ms at 1024 vs 40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens "
+                "1024,4096`)")
         return notes
 
     def model_shape_or_preset(self) -> tuple[ModelShape | None, str]:
