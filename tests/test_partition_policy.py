@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from rapidserve.resources.cost_model import PrefillLoad, StepCostModel
 from rapidserve.resources.partition import Partition
 from rapidserve.resources.policy import (
-    CostModel,
     FullPolicy,
     NexusPolicy,
     OffPolicy,
@@ -168,43 +168,31 @@ def test_static_full_off():
 # ---- nexus ---------------------------------------------------------------------------------------
 
 
-def test_cost_model_fits_the_profile(profile):
-    model = CostModel(profile)
-    assert model.fit_max_rel_error < 0.05
-    assert model.decode_ms(40, 64, 4096, True) == pytest.approx(decode_beside(40, 64, 4096), rel=0.05)
-    assert model.decode_ms(TOTAL, 8, 1024, False) == pytest.approx(decode_alone(TOTAL, 8, 1024), rel=0.05)
-    assert model.prefill_ms(92, 2048, decode_beside=False, over_allocated=False) == pytest.approx(
-        prefill_ms(92, 2048), rel=0.05)
-    # contention from the other phase slows prefill: the profile did not measure it, so by the
-    # fixed factors
-    assert model.prefill_contention == "fixed"
-    assert model.prefill_ms(92, 2048, True, False) == pytest.approx(1.3 * model.prefill_ms(92, 2048, False, False))
-    assert model.prefill_ms(TOTAL, 2048, True, True) == pytest.approx(
-        1.05 * model.prefill_ms(TOTAL, 2048, False, True))
+def test_the_policies_predict_through_the_step_cost_model(profile):
+    """One model: the policies price steps with the StepCostModel (resources/cost_model.py), which
+    returns the profile's measurements inside its range (the tests of the model itself are in
+    test_cost_model.py)."""
+    model = StepCostModel.from_profile(profile)
+    nexus = NexusPolicy(profile, slo_itl_ms=20.0, model=model)
+    assert nexus.model is model
+    s = state(64, 4096, waiting=2048)
+    itl, drain = nexus.predict(split(40), s)
+    assert itl == pytest.approx(decode_beside(40, 64, 4096))
+    assert itl == 1e3 * model.decode_step_s(64, 64 * 4096, 40, [PrefillLoad(2048)])
+    # the profile did not measure prefill beside a decode: the fixed contention factor
+    assert drain == pytest.approx(1.3 * prefill_ms(92, 2048), rel=0.01)
+    assert nexus.predict(Partition.FULL, s)[1] == pytest.approx(1.05 * prefill_ms(TOTAL, 2048), rel=0.01)
+    rapid = RapidPolicy(profile, slo_itl_ms=20.0)
+    assert isinstance(rapid.model, StepCostModel)
 
 
-def test_cost_model_uses_the_measured_prefill_contention():
-    model = CostModel(synthetic_profile(prefill_beside_2x))
-    assert model.prefill_contention == "measured"
-    assert model.fit_max_rel_error < 0.05
-    for s, over in ((92, False), (68, False), (TOTAL, True)):
-        for n in (512, 3000, 8192):
-            assert model.prefill_ms(s, n, False, over) == pytest.approx(prefill_ms(s, n), rel=0.05)
-            assert model.prefill_ms(s, n, True, over) == pytest.approx(2 * prefill_ms(s, n), rel=0.05)
-    # the fixed factors no longer apply
-    assert CostModel(synthetic_profile(prefill_beside_2x), prefill_contention_split=5.0).prefill_ms(
-        92, 2048, True, False) == pytest.approx(2 * prefill_ms(92, 2048), rel=0.05)
-
-
-def test_cost_model_measured_contention_with_too_few_points_to_fit():
-    # One prompt length: no fit; the profile's interpolation, still the measured grid.
-    p = synthetic_profile(prefill_beside_2x)
-    one = dataclasses.replace(p, prefill=dataclasses.replace(
-        p.prefill, prompt_tokens=(2048,), latency_ms=tuple((prefill_ms(s, 2048),) for s in p.prefill.sm_counts),
-        beside_decode_ms=tuple((2 * prefill_ms(s, 2048),) for s in p.prefill.sm_counts)))
-    model = CostModel(one)
-    assert model.prefill_ms(92, 2048, True, False) == pytest.approx(2 * prefill_ms(92, 2048))
-    assert model.prefill_ms(TOTAL, 2048, True, True) == pytest.approx(2 * prefill_ms(TOTAL, 2048))
+def test_nexus_drain_uses_the_measured_prefill_contention():
+    measured = synthetic_profile(prefill_beside_2x)
+    policy = NexusPolicy(measured, slo_itl_ms=20.0)
+    for p, n in ((split(40), 512), (split(64), 3000), (Partition.FULL, 8192)):
+        alone = prefill_ms(p.prefill_share(TOTAL), n)
+        assert policy.predict(p, state(64, waiting=n))[1] == pytest.approx(2 * alone, rel=0.05)
+        assert policy.predict(p, state(0, waiting=n))[1] == pytest.approx(alone, rel=0.05)  # nothing decodes
 
 
 def test_nexus_gives_prefill_more_sms_when_prompts_wait_and_decode_has_slack(profile):

@@ -52,7 +52,7 @@ def test_round_trip_with_prefill_beside_decode(measured, tmp_path):
     again = load_profile(path)
     assert again == measured and again.has_prefill_beside_decode
     data = json.loads(path.read_text())
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert data["metadata"]["decode_batch_beside"] == 64 and data["metadata"]["decode_context_beside"] == 1024
     assert data["prefill"]["beside_decode_ms"][0][0] == prefill_beside_2x(measured.prefill.sm_counts[0], 512)
     assert again.prefill_ms(92, 2048, beside_decode=True) == prefill_beside_2x(92, 2048)
@@ -105,7 +105,7 @@ def _broken(profile, edit):
     (lambda d: d["metadata"].update(model=7), r": metadata\.model: expected a string"),
     (lambda d: d["metadata"].update(partitioning="mig"), r"metadata\.partitioning: expected one of"),
     (lambda d: d.update(schema_version=99),
-     r"schema_version: this rapidserve reads versions 1 and 2, the file has 99"),
+     r"schema_version: this rapidserve reads versions 1, 2 and 3, the file has 99"),
     (lambda d: d.update(schema_version=True), r"schema_version: .* the file has True"),
     (lambda d: d.pop("schema_version"), r": schema_version: missing"),
     (lambda d: d["decode"].update(batch_sizes=[1, 32, 8, 64, 128]),
@@ -175,6 +175,9 @@ def test_the_constructor_validates_too(profile):
             profile.prefill, beside_decode_ms=profile.prefill.latency_ms))
 
 
+NO_V3_TABLES = ("--beside-prompt-tokens", "none", "--hybrid-chunks", "none", "--kv-transfer-blocks", "none")
+
+
 @pytest.mark.slow
 def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     path, _ = tiny_model_dir("llama")
@@ -182,7 +185,10 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
                "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "2,1", "--context-lens", "8,16",
                "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "3",
-               "--num-steps", "2",
+               "--beside-prompt-tokens", "24,32", "--beside-prompt-context-lens", "16",
+               "--beside-prompt-batches", "1,2",
+               "--hybrid-chunks", "4,8", "--hybrid-batches", "0,2", "--hybrid-context-lens", "0,16",
+               "--kv-transfer-blocks", "1,2", "--num-steps", "2",
                "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -202,6 +208,21 @@ def test_profile_command_on_cpu(tiny_model_dir, tmp_path, capsys):
     # the policies run on it: one partition, the whole device
     policy = make_policy("rapid", 1, 1, profile, slo_itl_ms=1.0)
     assert policy.partitions() == (Partition.FULL,)
+    # schema version 3: what the step-cost model needs
+    assert profile.model_shape.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x K,V x kv heads x head dim x fp32
+    t = profile.decode_beside_prompts
+    assert (t.prompt_tokens, t.sm_counts, t.context_lens, t.batch_sizes) == ((24, 32), (1,), (16,), (1, 2))
+    assert all(ms > 0 for p in t.latency_ms for s in p for c in s for ms in c)
+    h = profile.hybrid
+    assert (h.chunk_tokens, h.decode_batches, h.context_lens) == ((4, 8), (0, 2), (0, 16))
+    assert all(ms > 0 for c in h.latency_ms for b in c for ms in b)
+    assert "hybrid: chunk     8 at     16 +    2 decodes" in text
+    kv = profile.kv_transfer
+    assert kv.num_bytes == (2 * 2 * 16 * 2 * 16 * 4, 2 * 2 * 2 * 16 * 2 * 16 * 4)  # blocks of 16 tokens
+    assert profile.host_overhead_ms is not None and profile.host_overhead_ms >= 0 and "host overhead per step" in text
+    # the model's fit errors, printed and stored
+    assert set(profile.fit_errors) >= {"decode_alone", "prefill_alone", "hybrid", "kv_transfer"}
+    assert "step-cost model: tiny-llama0 float32 on cpu" in text and "max relative error" in text
 
 
 def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
@@ -214,6 +235,11 @@ def test_profile_command_errors(tiny_model_dir, tmp_path, capsys):
     assert "--beside-decode-batch >= 1" in capsys.readouterr().err
     assert main([*common, "--beside-decode-batch", "9", "--max-num-seqs", "8"]) == 2
     assert "--beside-decode-batch 9 > --max-num-seqs 8" in capsys.readouterr().err
+    assert main([*common, "--batch-sizes", "1,300"]) == 2
+    assert "a decode batch of 300 > --max-num-seqs 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: the usage and the error
+        main([*common, "--hybrid-batches", "0,-4"])
+    assert "argument --hybrid-batches: expected whole numbers >= 0" in capsys.readouterr().err
     assert main([*common, "--sm-counts", "8"]) == 2
     assert "decode SM counts must be multiples of 1 below 1" in capsys.readouterr().err
 
@@ -245,9 +271,10 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
     rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
                "--max-model-len", "128", "--batch-sizes", "1,4", "--context-lens", "8,64",
                "--prompt-tokens", "8,24", "--beside-prefill-tokens", "16", "--beside-decode-batch", "2",
+               *NO_V3_TABLES,
                "--num-steps", "2", "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
     assert rc == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "decode batch" in ln]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("full: decode batch")]
     shared = [ln for ln in lines if "KV blocks shared" in ln]
     assert len(lines) == 4 and len(shared) == 1 and "batch    4 context     64" in shared[0]
     profile = load_profile(out)
@@ -256,5 +283,67 @@ def test_profile_reaches_batches_past_the_kv_cache_on_shared_blocks(tiny_model_d
     assert main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "12",
                  "--max-model-len", "256", "--batch-sizes", "1", "--context-lens", "200",
                  "--prompt-tokens", "8", "--beside-prefill-tokens", "8", "--beside-decode-batch", "1",
-                 "--output", str(out)]) == 2
+                 *NO_V3_TABLES, "--output", str(out)]) == 2
     assert "no room for one sequence at context 200 (13 blocks, 11 free)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def version3():
+    from test_cost_model import v3_profile
+
+    return v3_profile("own-model")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["model_shape"].pop("kv_bytes_per_token"), r"model_shape\.kv_bytes_per_token: missing"),
+    (lambda d: d["model_shape"].update(weight_bytes=-1), r"model_shape\.weight_bytes: must be at least 0"),
+    (lambda d: d["model_shape"].update(experts=8), r"model_shape: unknown field 'experts'"),
+    (lambda d: d.update(model_shape=[1, 2]), r"model_shape: expected an object, got list"),
+    (lambda d: d["hybrid"].update(decode_batches=[0, 16, 16]),
+     r"hybrid\.decode_batches: must be strictly increasing, but \[2\] = 16 follows 16"),
+    (lambda d: d["hybrid"].update(chunk_tokens=[0, 1024, 2048]), r"hybrid\.chunk_tokens\[0\]: must be at least 1"),
+    (lambda d: d["hybrid"]["latency_ms"][1][2].pop(), r"hybrid\.latency_ms\[1\]\[2\]: expected a list of 3 entries"),
+    (lambda d: d["decode_beside_prompts"].update(sm_counts=[16, 32, 200]),
+     r"decode_beside_prompts\.sm_counts: 200 exceeds the device's 132 SMs"),
+    (lambda d: d["decode_beside_prompts"]["latency_ms"][1][0][1].__setitem__(0, -2),
+     r"decode_beside_prompts\.latency_ms\[1\]\[0\]\[1\]\[0\]: latency must be a positive number of ms"),
+    (lambda d: d["decode_beside_prompts"].pop("batch_sizes"), r"decode_beside_prompts\.batch_sizes: missing"),
+    (lambda d: d["kv_transfer"].update(latency_ms=[1.0]), r"kv_transfer\.latency_ms: expected a list of 3 entries"),
+    (lambda d: d.update(host_overhead_ms=-0.1), r"host_overhead_ms: expected a number of ms >= 0, got -0\.1"),
+    (lambda d: d.update(host_overhead_ms="1"), r"host_overhead_ms: expected a number of ms >= 0"),
+    (lambda d: d.update(fit_errors={"decode_alone": "low"}), r"fit_errors\.decode_alone: expected a relative error"),
+])
+def test_malformed_version_3_tables_name_the_bad_field(version3, tmp_path, edit, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(version3, edit)))
+    with pytest.raises(ValueError, match=r"bad\.json: " + match):
+        load_profile(path)
+
+
+def test_version_3_tables_are_optional(version3, tmp_path):
+    data = copy.deepcopy(version3.to_json())
+    for key in ("model_shape", "hybrid", "decode_beside_prompts", "kv_transfer", "host_overhead_ms"):
+        data[key] = None
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    p = load_profile(path)
+    assert p.hybrid is None and p.model_shape is None and p.host_overhead_ms is None
+    assert p.decode == version3.decode
+
+
+def test_profile_estimates_how_long_a_grid_takes(capsys, tmp_path):
+    """`--estimate-from`: a grid's time priced by the step-cost model of an earlier profile,
+    with the per-partition overhead calibrated on the 2026-11-23 H100 run (66 s)."""
+    h100 = str(Path(__file__).parents[1] / "docs/results/2026-11-23-h100/profile.json")
+    archived = ["--batch-sizes", "1,16,64,128", "--context-lens", "1024,2560", "--prompt-tokens", "2048,8192",
+                "--num-steps", "8", "--sm-counts", "16,32,48,64", *NO_V3_TABLES]
+    assert main(["profile", "--output", str(tmp_path / "p.json"), "--estimate-from", h100, *archived]) == 0
+    out = capsys.readouterr().out
+    total = float(out.split("total")[1].split()[0])
+    assert 60 < total < 72 and "decode SMs 16,32,48,64 and the whole device" in out
+    # the default grid: about 3 minutes on the H100
+    assert main(["profile", "--output", str(tmp_path / "p.json"), "--estimate-from", h100]) == 0
+    out = capsys.readouterr().out
+    assert 120 < float(out.split("total")[1].split()[0]) < 200
+    assert "hybrid" in out and "decode beside prompts" in out
+    assert not (tmp_path / "p.json").exists()  # nothing measured

@@ -12,8 +12,8 @@ boundaries, and a policy may pick only from `policy.partitions()` (precreated at
   below a threshold, or the profile says decode beside a running prefill on the full device
   still meets the ITL SLO); above that, the fewest decode SMs whose profiled step latency beside
   a running prefill meets the ITL SLO, prefill gets the rest; if none does, the largest split.
-- `nexus` (beyond the paper, after Nexus, arXiv 2507.06608): a cost model of step latency fitted
-  to the profile (SMs, batch, context, contention from the other phase) predicts each
+- `nexus` (beyond the paper, after Nexus, arXiv 2507.06608): the step-cost model
+  (resources/cost_model.py: SMs, batch, context, contention from the other phase) predicts each
   candidate's ITL and the time to drain the waiting prompts; it picks the candidate that meets
   the ITL SLO with the least pressure on either SLO, proactively from the queue state, and
   switches only for a clear gain after a minimum hold (hysteresis), except to stop an ITL miss.
@@ -27,8 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-import numpy as np
-
+from rapidserve.resources.cost_model import (
+    PREFILL_CONTENTION_FULL,
+    PREFILL_CONTENTION_SPLIT,
+    PrefillLoad,
+    StepCostModel,
+)
 from rapidserve.resources.partition import Partition, round_to_granularity
 from rapidserve.resources.profile import Profile
 
@@ -104,6 +108,16 @@ def _itl_target(slo_itl_ms: float, headroom: float) -> float:
     return slo_itl_ms * (1.0 - headroom)
 
 
+def _kv_tokens(state: StepState) -> int:
+    return round(state.decode_batch * state.mean_context_len)
+
+
+def _prefill_beside(state: StepState) -> tuple[PrefillLoad, ...]:
+    """The prefill a decode step runs beside: the prompt tokens waiting or prefilling (one load:
+    the state does not say how they split into prompts)."""
+    return (PrefillLoad(max(1, state.waiting_prefill_tokens)),) if state.prefill_active else ()
+
+
 def overallocation_profiled(profile: Profile, state: StepState) -> bool:
     """Whether the profile measured over-allocated decode beside prefill steps as long as the
     prompt tokens now waiting (or prefilling): it times decode beside `prefill_tokens_beside`.
@@ -122,8 +136,10 @@ class RapidPolicy:
     partitioned = True
 
     def __init__(self, profile: Profile, slo_itl_ms: float, overalloc_max_batch: int | None = None,
-                 itl_headroom: float = 0.0) -> None:
-        """itl_headroom: the profiled decode step must fit (1 - itl_headroom) x slo_itl_ms."""
+                 itl_headroom: float = 0.0, model: StepCostModel | None = None) -> None:
+        """itl_headroom: the predicted decode step must fit (1 - itl_headroom) x slo_itl_ms. The
+        step-cost model returns the profile's measurements inside its range, so on a measured
+        point this is the paper's lookup; past it (longer contexts) the fit's extrapolation."""
         if slo_itl_ms <= 0:
             raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
         if overalloc_max_batch is not None and overalloc_max_batch < 0:
@@ -132,11 +148,19 @@ class RapidPolicy:
         self.slo_itl_ms = slo_itl_ms
         self.itl_target_ms = _itl_target(slo_itl_ms, itl_headroom)
         self.overalloc_max_batch = overalloc_max_batch
+        self.model = model or StepCostModel.from_profile(profile)
         total = profile.total_sms
         self.splits = tuple(Partition.split(n, total) for n in profile.split_sm_counts)
 
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
+
+    def _meets(self, decode_sms: int | None, state: StepState) -> bool:
+        """The decode step beside the prefill meets the ITL target on these SMs (None: over-allocated).
+        NOTE: compared in seconds on both sides, so a step measured exactly at the target meets it."""
+        beside = _prefill_beside(state) or (PrefillLoad(self.profile.metadata.prefill_tokens_beside or 1),)
+        s = self.model.decode_step_s(state.decode_batch, _kv_tokens(state), decode_sms, beside)
+        return s <= self.itl_target_ms / 1e3
 
     def overallocate(self, state: StepState) -> bool:
         """Both phases on the whole device: no prompt is waiting or prefilling (decode alone
@@ -151,134 +175,19 @@ class RapidPolicy:
             return state.decode_batch <= self.overalloc_max_batch
         if not overallocation_profiled(self.profile, state):
             return False
-        ms = self.profile.decode_ms(self.profile.total_sms, state.decode_batch, state.mean_context_len, True)
-        return ms <= self.itl_target_ms
+        return self._meets(None, state)
 
     def decide(self, state: StepState) -> Partition:
         if self.overallocate(state):
             return Partition.FULL
         for p in self.splits:  # fewest decode SMs first
             assert p.decode_sms is not None
-            ms = self.profile.decode_ms(p.decode_sms, state.decode_batch, state.mean_context_len, True)
-            if ms <= self.itl_target_ms:
+            if self._meets(p.decode_sms, state):
                 return p
         return self.splits[-1]  # none meets it: the largest decode partition
 
 
 # ---- nexus (beyond the paper) --------------------------------------------------------------------
-
-
-def _lstsq(features: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares in relative error (rows weighted by 1/y): short steps count as much as long."""
-    w = 1.0 / y
-    coef, *_ = np.linalg.lstsq(features * w[:, None], y * w, rcond=None)
-    return coef
-
-
-def _decode_features(s: np.ndarray, b: np.ndarray, kv: np.ndarray) -> np.ndarray:
-    # Work that any SM count streams at full bandwidth (weights, KV: b·L) plus the work that
-    # scales with 1/SMs; s is the decode share of the device.
-    return np.stack([np.ones_like(b), b, kv, 1 / s, b / s, kv / s], axis=1)
-
-
-def _full_features(b: np.ndarray, kv: np.ndarray) -> np.ndarray:
-    return np.stack([np.ones_like(b), b, kv], axis=1)
-
-
-def _prefill_features(s: np.ndarray, n: np.ndarray) -> np.ndarray:
-    # Compute-bound: linear and attention (n²) work over the SMs it has, plus a fixed cost.
-    return np.stack([np.ones_like(n), 1 / s, n / s, n * n / s], axis=1)
-
-
-def _prefill_full_features(n: np.ndarray) -> np.ndarray:
-    return np.stack([np.ones_like(n), n, n * n], axis=1)
-
-
-class CostModel:
-    """Step latency fitted to a profile as a function of SMs, batch, context and the other
-    phase's activity. Decode splits: one least-squares fit per contention mode (alone, beside a
-    prefill) over every measured split; the over-allocated full device: its own fit per mode (its
-    contention is of another kind: decode competes for SMs, not only bandwidth). Prefill alone:
-    one fit over SMs and prompt tokens. Prefill beside a decode, where the profile measured it:
-    likewise one fit over the splits and one for the over-allocated full device; for older
-    profiles the alone fit slowed by a fixed contention factor (`prefill_contention` says which)."""
-
-    def __init__(self, profile: Profile, prefill_contention_split: float = 0.3,
-                 prefill_contention_full: float = 0.05) -> None:
-        self.profile = profile
-        self.total = profile.total_sms
-        self.prefill_contention_split = prefill_contention_split
-        self.prefill_contention_full = prefill_contention_full
-        # "measured": prefill beside a decode from the profile; "fixed": the factors above
-        self.prefill_contention = "measured" if profile.has_prefill_beside_decode else "fixed"
-        d = profile.decode
-        self._floor_ms = 0.5 * min(min(min(r) for r in g) for g in d.alone_ms)
-        self._split: dict[bool, np.ndarray | None] = {}
-        self._full: dict[bool, np.ndarray | None] = {}
-        errors: list[float] = []
-        for beside in (False, True):
-            grid = d.beside_prefill_ms if beside else d.alone_ms
-            rows = [(n, c, b, grid[i][j][k]) for i, n in enumerate(d.sm_counts)
-                    for j, c in enumerate(d.context_lens) for k, b in enumerate(d.batch_sizes)]
-            split = np.array([r for r in rows if r[0] < self.total], dtype=np.float64).reshape(-1, 4)
-            full = np.array([r for r in rows if r[0] == self.total], dtype=np.float64).reshape(-1, 4)
-            self._split[beside] = self._fit(
-                _decode_features(split[:, 0] / self.total, split[:, 2], split[:, 1] * split[:, 2]),
-                split[:, 3], errors)
-            self._full[beside] = self._fit(_full_features(full[:, 2], full[:, 1] * full[:, 2]),
-                                           full[:, 3], errors)
-        p = profile.prefill
-        pts = np.array([(n, t, p.latency_ms[i][j]) for i, n in enumerate(p.sm_counts)
-                        for j, t in enumerate(p.prompt_tokens)], dtype=np.float64)
-        self._prefill = self._fit(_prefill_features(pts[:, 0] / self.total, pts[:, 1]), pts[:, 2], errors)
-        self._prefill_split: np.ndarray | None = None  # beside a decode, on a split
-        self._prefill_full: np.ndarray | None = None  # beside a decode, both on the whole device
-        if p.beside_decode_ms is not None:
-            pts = np.array([(n, t, p.beside_decode_ms[i][j]) for i, n in enumerate(p.sm_counts)
-                            for j, t in enumerate(p.prompt_tokens)], dtype=np.float64)
-            split, full = pts[pts[:, 0] < self.total], pts[pts[:, 0] >= self.total]
-            self._prefill_split = self._fit(_prefill_features(split[:, 0] / self.total, split[:, 1]),
-                                            split[:, 2], errors)
-            self._prefill_full = self._fit(_prefill_full_features(full[:, 1]), full[:, 2], errors)
-        self.fit_max_rel_error = max(errors) if errors else 0.0
-
-    @staticmethod
-    def _fit(features: np.ndarray, y: np.ndarray, errors: list[float]) -> np.ndarray | None:
-        """Coefficients, or None (too few points: the profile's interpolation is used instead)."""
-        if len(y) < features.shape[1]:
-            return None
-        coef = _lstsq(features, y)
-        errors.append(float(np.max(np.abs(features @ coef - y) / y)))
-        return coef
-
-    def decode_ms(self, decode_sms: int, batch: float, context: float, beside_prefill: bool) -> float:
-        full = decode_sms >= self.total
-        coef = (self._full if full else self._split)[beside_prefill]
-        if coef is None:
-            return self.profile.decode_ms(decode_sms, batch, context, beside_prefill)
-        b, kv = np.array([float(batch)]), np.array([float(batch) * float(context)])
-        f = _full_features(b, kv) if full else _decode_features(np.array([decode_sms / self.total]), b, kv)
-        return max(self._floor_ms, float((f @ coef)[0]))
-
-    def prefill_ms(self, prefill_sms: int, tokens: float, decode_beside: bool, over_allocated: bool) -> float:
-        if tokens <= 0:
-            return 0.0
-        n = np.array([float(tokens)])
-        if decode_beside and self.prefill_contention == "measured":
-            coef = self._prefill_full if over_allocated else self._prefill_split
-            if coef is None:  # too few points to fit
-                return self.profile.prefill_ms(prefill_sms, tokens, beside_decode=True)
-            f = _prefill_full_features(n) if over_allocated else _prefill_features(
-                np.array([prefill_sms / self.total]), n)
-            return max(1e-6, float((f @ coef)[0]))
-        if self._prefill is None:
-            ms = self.profile.prefill_ms(prefill_sms, tokens)
-        else:
-            f = _prefill_features(np.array([prefill_sms / self.total]), n)
-            ms = max(1e-6, float((f @ self._prefill)[0]))
-        if decode_beside:
-            ms *= 1 + (self.prefill_contention_full if over_allocated else self.prefill_contention_split)
-        return ms
 
 
 class NexusPolicy:
@@ -295,7 +204,7 @@ class NexusPolicy:
         switch_margin: float = 0.15,
         min_hold_steps: int = 8,
         confirm_steps: int = 4,
-        model: CostModel | None = None,
+        model: StepCostModel | None = None,
         itl_headroom: float = 0.0,
     ) -> None:
         """slo_ttft_ms: the time the waiting prompts may take to prefill (by default 1 s, the
@@ -312,7 +221,7 @@ class NexusPolicy:
         if not 0 <= switch_margin < 1 or min_hold_steps < 0 or confirm_steps < 1:
             raise ValueError("need 0 <= switch_margin < 1, min_hold_steps >= 0 and confirm_steps >= 1")
         self.profile = profile
-        self.model = model or CostModel(profile)
+        self.model = model or StepCostModel.from_profile(profile)
         self.slo_itl_ms = slo_itl_ms
         self.itl_target_ms = _itl_target(slo_itl_ms, itl_headroom)
         self.slo_ttft_ms = slo_ttft_ms
@@ -325,29 +234,28 @@ class NexusPolicy:
         self._held = 0  # steps since the last switch
         self._wanted = Partition.FULL  # the target of the last steps...
         self._streak = 0  # ...for this many steps in a row
-        log.info("nexus cost model: largest relative error on the profile %.1f %%",
-                 100 * self.model.fit_max_rel_error)
+        log.info("nexus cost model: largest relative error on the profile %.1f %% (%s)",
+                 100 * max(self.model.fit_errors.values(), default=0.0),
+                 ", ".join(f"{k} {100 * v:.1f} %" for k, v in self.model.fit_errors.items()))
         meta = profile.metadata
-        if self.model.prefill_contention == "measured":
+        if profile.has_prefill_beside_decode:
             log.info("nexus cost model: prefill beside a decode as profiled (decode batch %d at context %d)",
                      meta.decode_batch_beside, meta.decode_context_beside)
         else:
             log.info("nexus cost model: the profile did not measure prefill beside a decode; assuming it "
                      "%.0f %% slower on a split, %.0f %% over-allocated (run `rapidserve profile` again to "
-                     "measure it)", 100 * self.model.prefill_contention_split,
-                     100 * self.model.prefill_contention_full)
+                     "measure it)", 100 * PREFILL_CONTENTION_SPLIT, 100 * PREFILL_CONTENTION_FULL)
 
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
 
     def predict(self, p: Partition, state: StepState) -> tuple[float, float]:
-        """(decode step ms, ms to prefill the waiting prompts) in partition p."""
-        total = self.profile.total_sms
-        beside = state.prefill_active
-        itl = (self.model.decode_ms(p.decode_share(total), state.decode_batch, state.mean_context_len, beside)
-               if state.decode_batch else 0.0)
-        drain = self.model.prefill_ms(p.prefill_share(total), state.waiting_prefill_tokens,
-                                      decode_beside=state.decode_batch > 0, over_allocated=p.is_full)
+        """(decode step ms, ms to prefill the waiting prompts as one load) in partition p."""
+        kv = _kv_tokens(state)
+        itl = 1e3 * self.model.decode_step_s(state.decode_batch, kv, p.decode_sms, _prefill_beside(state))
+        waiting = (PrefillLoad(state.waiting_prefill_tokens),) if state.waiting_prefill_tokens > 0 else ()
+        drain = 1e3 * self.model.prefill_step_s(waiting, p.prefill_sms,
+                                                 (state.decode_batch, kv) if state.decode_batch else None)
         return itl, drain
 
     def score(self, p: Partition, state: StepState) -> tuple[bool, float]:
@@ -464,10 +372,13 @@ def make_policy(
     if profile.total_sms != total_sms:
         raise ValueError(f"the profile was measured on {profile.metadata.gpu_name} with {profile.total_sms} "
                          f"SMs; this device has {total_sms}: profile it here")
+    model = StepCostModel.from_profile(profile)
+    for note in model.limitations:
+        log.info("step-cost model: %s", note)
     if spec.kind == "rapid":
-        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom)
+        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom, model=model)
     return NexusPolicy(profile, slo_itl_ms, 1000.0 if slo_ttft_ms is None else slo_ttft_ms,
-                       itl_headroom=itl_headroom)
+                       itl_headroom=itl_headroom, model=model)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------

@@ -9,8 +9,18 @@ Two tables, measured on the target GPU and model:
   (for the full device, again on a second full-device stream).
 
 The decode table's SM counts include the whole device (`metadata.total_sms`): the over-allocated
-partition. JSON, with a schema version; `load_profile` checks every field and says which one is
-wrong. Version 1 files (no prefill-beside-decode grid) still load.
+partition. Schema version 3 adds, all optional (what the step-cost model, resources/cost_model.py, needs):
+- `model_shape`: the model's weight bytes, KV bytes per token and FLOPs (its roofline features);
+- `hybrid`: hybrid (chunked-prefill) steps on the whole device: one prefill chunk at a context
+  offset plus a decode batch at that context, over chunk tokens × decode batch × context;
+- `decode_beside_prompts`: decode steps beside prefills of several prompt lengths (the decode
+  table's beside grid has one, `metadata.prefill_tokens_beside`);
+- `kv_transfer`: copying KV blocks (the disagg topology's transfer) of several sizes;
+- `host_overhead_ms`: the host time of a step that the device does not overlap;
+- `fit_errors`: the step-cost model's largest relative error per table when it was measured.
+
+JSON, with a schema version; `load_profile` checks every field and says which one is
+wrong. Version 1 and 2 files still load.
 """
 
 from __future__ import annotations
@@ -21,13 +31,48 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before prefill.beside_decode_ms
+if TYPE_CHECKING:
+    from rapidserve.model.config import ModelConfig
+
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before prefill.beside_decode_ms; 2: before the step-cost model's tables
 
 Grid3 = tuple[tuple[tuple[float, ...], ...], ...]  # [sm][context][batch], ms
 Grid2 = tuple[tuple[float, ...], ...]  # [sm][prompt tokens], ms
+Grid4 = tuple[Grid3, ...]  # [prompt tokens][sm][context][batch], ms
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+class ModelShape(NamedTuple):
+    """What a step of the model moves and computes, for the step-cost model's roofline features."""
+
+    weight_bytes: int  # every weight a step reads (embedding rows aside: a step reads only its own)
+    kv_bytes_per_token: int  # K and V of one token, all layers
+    flops_per_token: int  # the layers' linear FLOPs per token (2 x their parameters)
+    lm_head_flops: int  # per sampled row (decode: every sequence; prefill: the prompt's last token)
+    attention_flops_per_pair: int  # QK^T and PV over one (query, key) pair, all layers
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: str) -> ModelShape:
+        nbytes = _DTYPE_BYTES.get(dtype.replace("torch.", ""), 2)
+        h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+        per_layer = (h * (cfg.q_size + 2 * cfg.kv_size)  # fused q/k/v
+                     + cfg.q_size * h  # o_proj
+                     + 3 * h * cfg.intermediate_size)  # fused gate/up, down
+        head = cfg.vocab_size * h
+        return cls(weight_bytes=(layers * per_layer + head) * nbytes,
+                   kv_bytes_per_token=2 * layers * cfg.num_kv_heads * hd * nbytes,
+                   flops_per_token=2 * layers * per_layer, lm_head_flops=2 * head,
+                   attention_flops_per_pair=4 * layers * cfg.num_heads * hd)
+
+    @classmethod
+    def unit(cls) -> ModelShape:
+        """Shape-free: every feature a count (tokens, KV tokens, (query, key) pairs)."""
+        return cls(1, 1, 1, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -66,10 +111,49 @@ class PrefillTable:
 
 
 @dataclass(frozen=True)
+class HybridTable:
+    """Hybrid steps on the whole device: one prefill chunk of `chunk_tokens` at offset `context`
+    (its KV before it) plus `decode_batch` decode sequences at context `context` each."""
+
+    chunk_tokens: tuple[int, ...]  # increasing
+    decode_batches: tuple[int, ...]  # increasing; 0: the chunk alone
+    context_lens: tuple[int, ...]  # increasing
+    latency_ms: Grid3  # [chunk][batch][context]
+
+
+@dataclass(frozen=True)
+class DecodeBesidePromptsTable:
+    """Decode steps beside prefill steps of one prompt of `prompt_tokens` tokens run back to back
+    on the rest of the device (the whole device: over-allocated)."""
+
+    prompt_tokens: tuple[int, ...]  # increasing
+    sm_counts: tuple[int, ...]  # decode SMs, increasing; the whole device: over-allocation
+    context_lens: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    latency_ms: Grid4  # [prompt][sm][context][batch]
+
+
+@dataclass(frozen=True)
+class KVTransferTable:
+    """Copies of KV blocks between two block sets of the cache (index_select, index_copy_) on the
+    whole device: the disagg topology's transfer on one GPU."""
+
+    num_bytes: tuple[int, ...]  # increasing
+    latency_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Profile:
     metadata: ProfileMetadata
     decode: DecodeTable
     prefill: PrefillTable
+    # schema version 3 (None: not measured, or an older file)
+    model_shape: ModelShape | None = None
+    hybrid: HybridTable | None = None
+    decode_beside_prompts: DecodeBesidePromptsTable | None = None
+    kv_transfer: KVTransferTable | None = None
+    host_overhead_ms: float | None = None
+    fit_errors: dict[str, float] | None = None  # the step-cost model's, when measured (informational)
 
     def __post_init__(self) -> None:
         _validate(self.to_json(), "profile")
@@ -104,11 +188,26 @@ class Profile:
         notes = []
         if len(self.decode.context_lens) < 2:
             notes.append(
-                f"the profile measured decode at one context length ({self.decode.context_lens[0]}): every "
-                "step is predicted as if at that context, so longer contexts take longer than predicted "
-                "and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, 28.6 ms at 1024 vs "
-                "40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens 1024,4096`)")
+                f"the profile measured decode at one context length ({self.decode.context_lens[0]}): longer "
+                "contexts rest on the step-cost model's KV-bytes term, which one context cannot tell from the "
+                "per-sequence cost (its interpolation alone predicts every context as that one), so they can take "
+                "longer than predicted and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, "
+                "28.6 ms at 1024 vs 40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens "
+                "1024,4096`)")
         return notes
+
+    def model_shape_or_preset(self) -> tuple[ModelShape | None, str]:
+        """The model's shapes: (shape, where from: "profile" or "preset NAME"), or (None, "none")
+        where the profile does not record them and its model is no built-in preset."""
+        from rapidserve.model.config import ModelConfig
+        from rapidserve.model.presets import list_presets, load_preset
+
+        if self.model_shape is not None:
+            return self.model_shape, "profile"
+        name = self.metadata.model.removeprefix("preset:")
+        if name in list_presets():
+            return ModelShape.from_config(ModelConfig.from_hf(load_preset(name)), self.metadata.dtype), f"preset {name}"
+        return None, "none"
 
     @property
     def has_prefill_beside_decode(self) -> bool:
@@ -128,8 +227,19 @@ class Profile:
     # ---- JSON ---------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "metadata": asdict(self.metadata),
-                "decode": _listify(asdict(self.decode)), "prefill": _listify(asdict(self.prefill))}
+        out = {"schema_version": SCHEMA_VERSION, "metadata": asdict(self.metadata),
+               "decode": _listify(asdict(self.decode)), "prefill": _listify(asdict(self.prefill))}
+        if self.model_shape is not None:
+            out["model_shape"] = dict(self.model_shape._asdict())
+        for key in ("hybrid", "decode_beside_prompts", "kv_transfer"):
+            table = getattr(self, key)
+            if table is not None:
+                out[key] = _listify(asdict(table))
+        if self.host_overhead_ms is not None:
+            out["host_overhead_ms"] = self.host_overhead_ms
+        if self.fit_errors is not None:
+            out["fit_errors"] = dict(self.fit_errors)
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str = "profile") -> Profile:
@@ -141,6 +251,12 @@ class Profile:
                         _tuplify(d["alone_ms"]), _tuplify(d["beside_prefill_ms"])),
             PrefillTable(tuple(p["sm_counts"]), tuple(p["prompt_tokens"]), _tuplify(p["latency_ms"]),
                          None if p.get("beside_decode_ms") is None else _tuplify(p["beside_decode_ms"])),
+            model_shape=None if data.get("model_shape") is None else ModelShape(**data["model_shape"]),
+            hybrid=_table(HybridTable, data.get("hybrid")),
+            decode_beside_prompts=_table(DecodeBesidePromptsTable, data.get("decode_beside_prompts")),
+            kv_transfer=_table(KVTransferTable, data.get("kv_transfer")),
+            host_overhead_ms=None if data.get("host_overhead_ms") is None else float(data["host_overhead_ms"]),
+            fit_errors=None if data.get("fit_errors") is None else {k: float(v) for k, v in data["fit_errors"].items()},
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -212,6 +328,17 @@ def _listify(x: Any) -> Any:
     return x
 
 
+def _table(cls: Any, d: dict[str, Any] | None) -> Any:
+    """A version 3 table from its (validated) JSON: integer axes, float grids."""
+    if d is None:
+        return None
+    return cls(**{k: tuple(v) if k in _INT_AXES else _tuplify(v) for k, v in d.items()})
+
+
+_INT_AXES = {"chunk_tokens", "decode_batches", "context_lens", "prompt_tokens", "sm_counts", "batch_sizes",
+             "num_bytes"}
+
+
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else float(x)
 
@@ -236,10 +363,10 @@ def _int(x: Any, where: str, minimum: int = 1) -> int:
     return x
 
 
-def _axis(x: Any, where: str) -> list[int]:
+def _axis(x: Any, where: str, minimum: int = 1) -> list[int]:
     if not isinstance(x, list) or not x:
         raise ValueError(f"{where}: expected a non-empty list of integers, got {x!r}")
-    values = [_int(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    values = [_int(v, f"{where}[{i}]", minimum) for i, v in enumerate(x)]
     for i in range(1, len(values)):
         if values[i] <= values[i - 1]:
             raise ValueError(f"{where}: must be strictly increasing, but [{i}] = {values[i]} follows "
@@ -275,7 +402,8 @@ def _check(data: Any) -> None:
     version = _field(data, "schema_version", where)
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ValueError(f"schema_version: this rapidserve reads versions "
-                         f"{' and '.join(map(str, READABLE_VERSIONS))}, the file has {version!r}: run "
+                         f"{', '.join(map(str, READABLE_VERSIONS[:-1]))} and {READABLE_VERSIONS[-1]}, the file has "
+                         f"{version!r}: run "
                          "`rapidserve profile` again")
     meta = _field(data, "metadata", where)
     for key, kind in _META_FIELDS.items():
@@ -317,3 +445,50 @@ def _check(data: Any) -> None:
             if meta.get(key, 0) < 1:
                 raise ValueError(f"metadata.{key}: must be at least 1 where prefill.beside_decode_ms is "
                                  f"measured, got {meta.get(key, 0)}")
+    _check_v3(data, total)
+
+
+def _check_v3(data: dict[str, Any], total: int) -> None:
+    """The optional tables of schema version 3 (absent or null: not measured)."""
+    shape = data.get("model_shape")
+    if shape is not None:
+        if not isinstance(shape, dict):
+            raise ValueError(f"model_shape: expected an object, got {type(shape).__name__}")
+        for key in ModelShape._fields:
+            _int(_field(shape, key, "model_shape"), f"model_shape.{key}", minimum=0)
+        extra = set(shape) - set(ModelShape._fields)
+        if extra:
+            raise ValueError(f"model_shape: unknown field {sorted(extra)[0]!r}")
+    hyb = data.get("hybrid")
+    if hyb is not None:
+        w = "hybrid"
+        chunks = _axis(_field(hyb, "chunk_tokens", w), f"{w}.chunk_tokens")
+        batches = _axis(_field(hyb, "decode_batches", w), f"{w}.decode_batches", minimum=0)
+        ctx = _axis(_field(hyb, "context_lens", w), f"{w}.context_lens", minimum=0)
+        _grid(_field(hyb, "latency_ms", w), (len(chunks), len(batches), len(ctx)), f"{w}.latency_ms")
+    dbp = data.get("decode_beside_prompts")
+    if dbp is not None:
+        w = "decode_beside_prompts"
+        prompts = _axis(_field(dbp, "prompt_tokens", w), f"{w}.prompt_tokens")
+        sms = _axis(_field(dbp, "sm_counts", w), f"{w}.sm_counts")
+        if sms[-1] > total:
+            raise ValueError(f"{w}.sm_counts: {sms[-1]} exceeds the device's {total} SMs")
+        ctx = _axis(_field(dbp, "context_lens", w), f"{w}.context_lens")
+        batch = _axis(_field(dbp, "batch_sizes", w), f"{w}.batch_sizes")
+        _grid(_field(dbp, "latency_ms", w), (len(prompts), len(sms), len(ctx), len(batch)), f"{w}.latency_ms")
+    kv = data.get("kv_transfer")
+    if kv is not None:
+        w = "kv_transfer"
+        nbytes = _axis(_field(kv, "num_bytes", w), f"{w}.num_bytes")
+        _grid(_field(kv, "latency_ms", w), (len(nbytes),), f"{w}.latency_ms")
+    host = data.get("host_overhead_ms")
+    if host is not None and (isinstance(host, bool) or not isinstance(host, (int, float))
+                             or not math.isfinite(host) or host < 0):
+        raise ValueError(f"host_overhead_ms: expected a number of ms >= 0, got {host!r}")
+    errs = data.get("fit_errors")
+    if errs is not None:
+        if not isinstance(errs, dict):
+            raise ValueError(f"fit_errors: expected an object, got {type(errs).__name__}")
+        for k, v in errs.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"fit_errors.{k}: expected a relative error >= 0, got {v!r}")

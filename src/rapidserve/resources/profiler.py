@@ -11,6 +11,20 @@ For each partition (every decode SM count asked for, and the whole device):
   steps of a fixed batch (--beside-decode-batch sequences at the shortest --context-lens) run back
   to back in a second thread on the decode side's stream (the whole device: over-allocation).
 
+Schema version 3 adds what the step-cost model (resources/cost_model.py) needs:
+- decode beside long prompts: each partition's decode steps at --beside-prompt-context-lens ×
+  --beside-prompt-batches beside whole prompts of each --beside-prompt-tokens length run back to
+  back on the prefill side (the decode table's own beside grid has one prompt length);
+- hybrid steps on the whole device (after the partitions, with the engine's graphs, piecewise
+  ones included): one chunk of each --hybrid-chunks length at each --hybrid-context-lens offset
+  plus each --hybrid-batches decode batch at that context;
+- the host overhead: a synchronous decode step's wall time less its time when steps are queued
+  back to back (what the device does not overlap; on CPU the host is the device: about 0);
+- KV transfers: copies of --kv-transfer-blocks KV blocks between two block sets of the cache
+  (the disagg topology's copy on one GPU);
+- the model's shapes (weight bytes, KV bytes per token, FLOPs), and the model's fit errors per
+  table, printed and stored.
+
 Decode CUDA graphs keep the partition they were captured on, so they are captured again on each
 partition's decode stream. Prefill runs eagerly, as the rapid topology's prefill worker does.
 Without SM partitioning (CPU, or no mechanism) there is one partition, the whole device; the
@@ -21,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import random
@@ -45,8 +60,13 @@ from rapidserve.resources.partition import (
     mechanism,
     use_stream,
 )
+from rapidserve.resources.cost_model import PrefillLoad, StepCostModel
 from rapidserve.resources.profile import (
+    DecodeBesidePromptsTable,
     DecodeTable,
+    HybridTable,
+    KVTransferTable,
+    ModelShape,
     PrefillTable,
     Profile,
     ProfileMetadata,
@@ -202,10 +222,11 @@ def _back_to_back(step: Callable[[], None], stream: torch.cuda.Stream | None, ph
         raise RuntimeError(f"the {phase} beside the {other} failed: {failed[0]!r}") from failed[0]
 
 
-def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> None:
+def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int, piecewise: bool = False) -> None:
     """Capture the engine's decode graphs again on the decode stream of the partition to be
     measured (the runner captures on the current stream; the prompts that fill the batch then
-    run eagerly)."""
+    run eagerly); with `piecewise`, the mixed steps' graphs too (the hybrid engine's set).
+    Without partition streams the engine's own graphs (piecewise ones included) stay."""
     if not engine.use_graphs or stream is None:
         return
     runner = engine.runner
@@ -215,7 +236,7 @@ def _recapture(engine: Any, stream: torch.cuda.Stream | None, num_sms: int) -> N
     torch.cuda.empty_cache()
     with use_stream(stream):
         runner.use_partition(None, num_sms)
-        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=False)
+        runner.capture_graphs(engine.config.max_num_seqs, engine.config.max_num_batched_tokens, piecewise=piecewise)
 
 
 def _decode_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, batch: int, context: int,
@@ -244,6 +265,139 @@ def _decode_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | N
     return statistics.median(times) * 1e3, runner.shared
 
 
+class _ChunkRunner:
+    """One prefill chunk of `tokens` tokens at offset `context` (its KV before it on blocks that
+    were never written: a step's cost does not depend on the values; more blocks than are free
+    cycle, as `_DecodeRunner`'s do), sampling its last token as a prompt's last chunk does."""
+
+    def __init__(self, engine: Any, tables: PrefillTables, tokens: int, context: int, keep_free: int) -> None:
+        self.engine, self.tables = engine, tables
+        if context + tokens + 1 > engine.max_model_len:
+            raise ValueError(f"a chunk of {tokens} at offset {context} does not fit max_model_len "
+                             f"{engine.max_model_len}")
+        bs = engine.blocks.block_size
+        need = blocks_needed(context + tokens, bs)
+        n = min(need, engine.blocks.num_free_blocks - keep_free)
+        if n < 1:
+            raise ValueError("the KV cache has no room for a hybrid step's chunk: give it more memory "
+                             "(--kv-cache-memory-bytes, --num-kv-blocks)")
+        self.rid = f"{_DECODE_ID.format(id(self))}-chunk"
+        engine.blocks.allocate(self.rid, n * bs)
+        pool = engine.blocks.block_table(self.rid)
+        tables.set(self.rid, [pool[j % n] for j in range(need)])
+        req = Request(self.rid, [0] * (context + tokens), SamplingParams(temperature=0.0, max_tokens=1), 1)
+        self.scheduled = ScheduledRequest(req, context, tokens, True)
+
+    def close(self) -> None:
+        self.tables.drop(self.rid)
+        self.engine.runner.release(self.rid)
+        self.engine.blocks.free(self.rid)
+
+
+def _timed(step: Callable[[], None], args: argparse.Namespace) -> float:
+    """Median ms of --num-steps calls of `step` after --warmup-steps untimed ones."""
+    for _ in range(args.warmup_steps):
+        step()
+    times = []
+    for _ in range(args.num_steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _hybrid_table(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, args: argparse.Namespace,
+                  log: Any) -> HybridTable:
+    """Hybrid steps on the whole device: decodes first, then the chunk (the chunked scheduler's
+    order), through the engine's runner."""
+    grid = []
+    bs = engine.blocks.block_size
+    for n in args.hybrid_chunks:
+        rows = []
+        for b in args.hybrid_batches:
+            row = []
+            for c in args.hybrid_context_lens:
+                chunk = _ChunkRunner(engine, tables, n, c, blocks_needed(c + 1, bs) if b else 0)
+                decode = _DecodeRunner(engine, tables, b, c) if b else None
+                try:
+                    step = (decode.scheduled if decode else []) + [chunk.scheduled]
+                    with use_stream(stream):
+                        row.append(_timed(lambda: engine.runner.execute(step), args))
+                finally:
+                    if decode is not None:
+                        decode.close()
+                    chunk.close()
+                log(f"hybrid: chunk {n:>5} at {c:>6} + {b:>4} decodes: {row[-1]:8.3f} ms")
+            rows.append(row)
+        grid.append(rows)
+    return HybridTable(tuple(args.hybrid_chunks), tuple(args.hybrid_batches), tuple(args.hybrid_context_lens),
+                       _tup(grid))
+
+
+def _host_overhead_ms(engine: Any, tables: PrefillTables, stream: torch.cuda.Stream | None, context: int,
+                      args: argparse.Namespace) -> float:
+    """A decode step of one sequence, waited for one at a time, less the same steps queued back
+    to back (the device then runs them without waiting for the host): the host time per step
+    that the device does not overlap. On CPU both are the same work: about 0."""
+    runner = _DecodeRunner(engine, tables, 1, context)
+    try:
+        with use_stream(stream):
+            sync = _timed(runner.step, args)
+            for _ in range(args.warmup_steps):
+                runner.step()
+            t = time.perf_counter()
+            last = None
+            for _ in range(args.num_steps):
+                last = engine.runner.submit(runner.scheduled)
+            assert last is not None
+            last.tokens()
+            if engine.device.type == "cuda":
+                torch.cuda.current_stream(engine.device).synchronize()
+            queued = 1e3 * (time.perf_counter() - t) / args.num_steps
+    finally:
+        runner.close()
+    return max(0.0, sync - queued)
+
+
+def _kv_transfer_table(engine: Any, stream: torch.cuda.Stream | None, args: argparse.Namespace,
+                       log: Any) -> KVTransferTable:
+    """Copies of n KV blocks from one block set of the cache to another (the disagg prefill
+    instance's `copy_blocks`, waited for as it waits)."""
+    from rapidserve.serving.disagg import copy_blocks
+
+    blocks, bs = engine.blocks, engine.blocks.block_size
+    sizes, times = [], []
+    for n in args.kv_transfer_blocks:
+        if 2 * n > blocks.num_free_blocks:
+            log(f"kv transfer: {n} blocks skipped: {blocks.num_free_blocks} free, two sets needed")
+            continue
+        src_id, dst_id = f"{_PREFILL_ID}-kv-src", f"{_PREFILL_ID}-kv-dst"
+        blocks.allocate(src_id, n * bs)
+        blocks.allocate(dst_id, n * bs)
+        try:
+            src, dst = list(blocks.block_table(src_id)), list(blocks.block_table(dst_id))
+            tensor = engine.cache.tensor
+            nbytes = 0
+
+            def copy() -> None:
+                nonlocal nbytes
+                nbytes = copy_blocks(tensor, src, tensor, dst)
+                if tensor.device.type == "cuda":
+                    torch.cuda.current_stream(tensor.device).synchronize()
+
+            with use_stream(stream):
+                ms = _timed(copy, args)
+        finally:
+            blocks.free(src_id)
+            blocks.free(dst_id)
+        sizes.append(nbytes)
+        times.append(ms)
+        log(f"kv transfer: {n} blocks ({nbytes / 2**20:.1f} MiB): {ms:.3f} ms ({nbytes / ms / 1e6:.1f} GB/s)")
+    if not sizes:
+        raise ValueError("no --kv-transfer-blocks size fits the KV cache twice: lower them")
+    return KVTransferTable(tuple(sizes), tuple(times))
+
+
 def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[int],
                 args: argparse.Namespace, log: Any = print) -> Profile:
     """Measure every table of the profile (see the module's doc) with an idle LLMEngine."""
@@ -253,7 +407,10 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
         log(f"partition {g.partition}: decode {g.decode_sms} SMs, prefill {g.prefill_sms} SMs")
     granted = {g.partition: g for g in partitioner.granted()}
     rng = random.Random(engine.config.seed)
-    prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens))
+    prefill = _PrefillRunner(engine, max(max(args.prompt_tokens), args.beside_prefill_tokens,
+                                         max(args.beside_prompt_tokens or [0])))
+    prompts_beside: dict[int, list] = {n: [] for n in args.beside_prompt_tokens or []}  # [prompt][sm][ctx][batch]
+    hybrid = host_ms = transfer = None
     alone: list[list[list[float]]] = []
     beside: list[list[list[float]]] = []
     prefill_ms: dict[int, list[float]] = {}
@@ -283,6 +440,16 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
                     b_rows.append(b_row)
                 alone.append(a_rows)
                 beside.append(b_rows)
+                for n in args.beside_prompt_tokens or []:
+                    # NOTE: one prefill thread for the whole grid: leaving it waits out a long step.
+                    with prefill.beside(streams.prefill, n, rng.randrange(1 << 30)):
+                        grid = [[_decode_ms(engine, tables, streams.decode, b, c, args)[0]
+                                 for b in args.beside_prompt_batches] for c in args.beside_prompt_context_lens]
+                    prompts_beside[n].append(grid)
+                    log(f"{p}: decode beside {n}-token prompts: " + ", ".join(
+                        f"batch {b} context {c} {grid[i][j]:.3f} ms"
+                        for i, c in enumerate(args.beside_prompt_context_lens)
+                        for j, b in enumerate(args.beside_prompt_batches)))
                 if p_sms not in prefill_ms:
                     prefill_ms[p_sms] = [1e3 * prefill.time(streams.prefill, n, args.prefill_repeats, rng)
                                          for n in args.prompt_tokens]
@@ -299,8 +466,20 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
                     log(f"{p}: prefill on {p_sms} SMs: " + ", ".join(
                         f"{n} tok {ms:.3f} ms ({b:.3f} ms beside a decode)"
                         for n, ms, b in zip(args.prompt_tokens, prefill_ms[p_sms], prefill_beside_ms[p_sms])))
-    finally:
+            # The whole device, as the hybrid engine runs: its graphs, piecewise ones included.
+            full = partitioner.streams(Partition.FULL).decode
+            _recapture(engine, full, total, piecewise=True)
+            if args.hybrid_chunks:
+                hybrid = _hybrid_table(engine, tables, full, args, log)
+            host_ms = _host_overhead_ms(engine, tables, full, min(args.context_lens), args)
+            log(f"host overhead per step: {host_ms:.3f} ms")
         prefill.close()
+        prefill = None
+        if args.kv_transfer_blocks:
+            transfer = _kv_transfer_table(engine, full, args, log)
+    finally:
+        if prefill is not None:
+            prefill.close()
     partitioned = bool(decode_sm_counts)
     kind = mechanism(engine.device) if partitioned else "none"
     note = "" if partitioned else (
@@ -320,17 +499,77 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
         rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
         decode_batch_beside=args.beside_decode_batch, decode_context_beside=decode_context,
     )
-    return Profile(
+    profile = Profile(
         meta,
         DecodeTable(tuple(sm_counts), tuple(args.context_lens), tuple(args.batch_sizes),
                     _tup(alone), _tup(beside)),
         PrefillTable(tuple(psms), tuple(args.prompt_tokens), _tup([prefill_ms[n] for n in psms]),
                      _tup([prefill_beside_ms[n] for n in psms])),
+        model_shape=ModelShape.from_config(engine.model_config, meta.dtype),
+        hybrid=hybrid,
+        decode_beside_prompts=None if not prompts_beside else DecodeBesidePromptsTable(
+            tuple(prompts_beside), tuple(sm_counts), tuple(args.beside_prompt_context_lens),
+            tuple(args.beside_prompt_batches), _tup([prompts_beside[n] for n in prompts_beside])),
+        kv_transfer=transfer,
+        host_overhead_ms=host_ms,
     )
+    # The step-cost model on what was measured: its errors per table, printed and stored.
+    model = StepCostModel.from_profile(profile)
+    log(model.describe())
+    return dataclasses.replace(profile, fit_errors=dict(model.fit_errors))
 
 
 def _tup(x: Any) -> Any:
     return tuple(_tup(v) for v in x) if isinstance(x, list) else x
+
+
+# ---- how long a grid takes ---------------------------------------------------------------------
+
+# NOTE: calibrated on the 2026-11-23 H100 profile run (stage `profile`: 4 splits and the whole
+# device, batches 1,16,64,128 x contexts 1024,2560, prompts 2048,8192, 8 steps): 66 s in all,
+# of which the step-cost model of that profile prices the timed steps at 39.5 s; the rest
+# (engine start, the decode graphs captured again per partition, the blocks set up per point)
+# is charged per partition.
+PARTITION_OVERHEAD_S = 5.3
+
+
+def estimate_seconds(model: StepCostModel, decode_sm_counts: list[int], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds each part of `run_profile` takes with these arguments, priced by a step-cost model
+    of the same GPU and model (e.g. an earlier profile): `--estimate-from`."""
+    total = model.total_sms
+    parts = [(n, total - n) for n in decode_sm_counts] + [(total, total)]
+    steps = args.warmup_steps + args.num_steps
+    host = model.host_overhead_s
+    out = {"decode": 0.0, "decode beside prompts": 0.0, "prefill": 0.0, "hybrid": 0.0, "overhead": 0.0}
+    p0 = [PrefillLoad(args.beside_prefill_tokens)]
+    for d_sms, p_sms in parts:
+        dec = None if d_sms >= total else d_sms
+        pre = None if d_sms >= total else p_sms
+        out["overhead"] += PARTITION_OVERHEAD_S
+        for c in args.context_lens:
+            for b in args.batch_sizes:
+                out["decode"] += steps * (model.decode_step_s(b, b * c, dec) + model.decode_step_s(b, b * c, dec, p0)
+                                          + 2 * host)
+                # leaving the prefill thread waits out half a prefill step on average
+                out["decode"] += 0.5 * model.prefill_step_s(p0, pre, (b, b * c))
+        for n in args.beside_prompt_tokens or []:
+            load = [PrefillLoad(n)]
+            for c in args.beside_prompt_context_lens:
+                for b in args.beside_prompt_batches:
+                    out["decode beside prompts"] += steps * (model.decode_step_s(b, b * c, dec, load) + host)
+            out["decode beside prompts"] += 0.5 * model.prefill_step_s(load, pre, (args.beside_prompt_batches[-1], 1))
+        beside = (args.beside_decode_batch, args.beside_decode_batch * min(args.context_lens))
+        for n in args.prompt_tokens:
+            out["prefill"] += (args.prefill_repeats + 1) * (model.prefill_step_s([PrefillLoad(n)], pre)
+                                                            + model.prefill_step_s([PrefillLoad(n)], pre, beside))
+    for n in args.hybrid_chunks or []:
+        for b in args.hybrid_batches:
+            for c in args.hybrid_context_lens:
+                out["hybrid"] += steps * (model.hybrid_step_s([PrefillLoad(n, c)], b, b * c) + host)
+    if args.hybrid_chunks:
+        out["overhead"] += PARTITION_OVERHEAD_S  # the piecewise graphs
+    out["total"] = sum(out.values())
+    return out
 
 
 # ---- command ---------------------------------------------------------------------------------
@@ -340,28 +579,90 @@ def _sorted_list(text: str) -> list[int]:
     return sorted(set(_int_list(text)))
 
 
+def _optional_list(text: str) -> list[int]:
+    """A list, or "none": that table is not measured."""
+    return [] if text.strip().lower() == "none" else _sorted_list(text)
+
+
+def _list_from_zero(text: str) -> list[int]:
+    """Comma-separated whole numbers, 0 allowed (a hybrid step without decodes, a chunk at offset 0)."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 0, got {text!r}")
+    return values
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("profile")
     g.add_argument("--output", required=True, help="write the profile (JSON) here")
-    g.add_argument("--batch-sizes", type=_sorted_list, default=[1, 8, 32, 64, 128, 256],
+    g.add_argument("--batch-sizes", type=_sorted_list, default=[1, 16, 64, 128],
                    help="decode batch sizes, comma-separated")
-    g.add_argument("--context-lens", type=_sorted_list, default=[1024, 4096],
+    g.add_argument("--context-lens", type=_sorted_list, default=[1024, 4096, 16384],
                    help="prompt lengths the decodes run at, comma-separated")
     g.add_argument("--sm-counts", type=_sorted_list, default=None,
-                   help="decode SM counts, comma-separated (default: every multiple of the device's "
-                        "granularity from two granules up to half the SMs; the whole device is always added)")
-    g.add_argument("--prompt-tokens", type=_sorted_list, default=[512, 1024, 2048, 4096],
+                   help="decode SM counts, comma-separated (default: every other multiple of the device's "
+                        "granularity from two granules up to half the SMs, 16,32,48,64 on an H100; the whole device "
+                        "is always added)")
+    g.add_argument("--prompt-tokens", type=_sorted_list, default=[512, 2048, 8192],
                    help="prompt lengths of the prefill timings, comma-separated")
     g.add_argument("--beside-prefill-tokens", type=int, default=2048,
                    help="prompt length of the prefill run beside the timed decode steps")
     g.add_argument("--beside-decode-batch", type=int, default=64,
                    help="sequences in the decode steps run beside the timed prefills (at the shortest "
                         "--context-lens; at most --max-num-seqs)")
-    g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
+    g.add_argument("--beside-prompt-tokens", type=_optional_list, default=[8192, 16384],
+                   help="decode beside long prompts: prompt lengths run back to back beside the timed decode steps "
+                        "on every partition (comma-separated; none: not measured)")
+    g.add_argument("--beside-prompt-context-lens", type=_sorted_list, default=[8192],
+                   help="contexts of the decode steps timed beside --beside-prompt-tokens")
+    g.add_argument("--beside-prompt-batches", type=_sorted_list, default=[16, 64],
+                   help="decode batches timed beside --beside-prompt-tokens")
+    g.add_argument("--hybrid-chunks", type=_optional_list, default=[512, 1024, 2048],
+                   help="hybrid steps on the whole device: prefill chunk lengths (none: not measured)")
+    g.add_argument("--hybrid-batches", type=_list_from_zero, default=[0, 16, 64],
+                   help="decode batches beside each hybrid chunk (0: the chunk alone)")
+    g.add_argument("--hybrid-context-lens", type=_list_from_zero, default=[1024, 4096, 16384],
+                   help="context of the hybrid steps: the chunk's offset and each decode's context")
+    g.add_argument("--kv-transfer-blocks", type=_optional_list, default=[16, 64, 256],
+                   help="KV blocks per timed copy (the disagg transfer; none: not measured)")
+    g.add_argument("--estimate-from", default=None, metavar="PROFILE",
+                   help="print how long this grid would take, priced by the step-cost model of an earlier profile "
+                        "of the same GPU and model (no engine is started), and exit")
+    g.add_argument("--num-steps", type=int, default=8, help="timed steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3)
     add_engine_args(parser)
-    parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
+    # NOTE: decode graphs are captured again per partition up to --max-num-seqs: 128, the largest
+    # default batch, not the engine's 256 (the default grid's ~3 minutes count on it).
+    parser.set_defaults(func=main, **{**BENCH_ENGINE_DEFAULTS, "max_num_seqs": 128})
+
+
+def _decode_sm_counts(args: argparse.Namespace, total: int, gran: int) -> list[int]:
+    if args.sm_counts is None:
+        # NOTE: every other multiple of the granularity (16, 32, 48, 64 on an H100): the default
+        # grid then fits ~3 minutes for an 8B model; the step-cost model interpolates between.
+        return default_decode_sm_counts(total, gran)[::2] if total > 1 else []
+    bad = [n for n in args.sm_counts if n % gran or n >= total]
+    if bad:
+        raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
+    return list(args.sm_counts)
+
+
+def _print_estimate(args: argparse.Namespace) -> int:
+    from rapidserve.resources.profile import load_profile
+
+    model = StepCostModel.from_profile(load_profile(args.estimate_from))
+    meta = model.profile.metadata
+    sms = _decode_sm_counts(args, meta.total_sms, meta.sm_granularity)
+    parts = estimate_seconds(model, sms, args)
+    print(f"estimated from {args.estimate_from} ({meta.model} {meta.dtype} on {meta.gpu_name}), decode SMs "
+          f"{','.join(map(str, sms)) or 'none'} and the whole device:")
+    for k, v in parts.items():
+        print(f"  {k:<22} {v:7.1f} s")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -371,10 +672,16 @@ def main(args: argparse.Namespace) -> int:
             or args.beside_decode_batch < 1):
         raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, "
                          "--beside-prefill-tokens >= 1, --beside-decode-batch >= 1")
+    if args.estimate_from is not None:
+        return _print_estimate(args)
     config = engine_config_from_args(args)
     if args.beside_decode_batch > config.max_num_seqs:
         raise ValueError(f"--beside-decode-batch {args.beside_decode_batch} > --max-num-seqs {config.max_num_seqs}: "
                          "the engine never decodes a larger batch")
+    largest = max(args.batch_sizes + args.beside_prompt_batches + args.hybrid_batches)
+    if largest > config.max_num_seqs:
+        raise ValueError(f"a decode batch of {largest} > --max-num-seqs {config.max_num_seqs}: raise --max-num-seqs "
+                         "(its decode graphs stop there, and a larger batch would run eagerly)")
     if config.mode != "hybrid":
         raise ValueError("rapidserve profile measures steps on one engine: leave --mode at hybrid")
     engine = LLMEngine(config)
@@ -382,14 +689,8 @@ def main(args: argparse.Namespace) -> int:
         partitioner = make_partitioner(engine.device)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
-    total, gran = partitioner.total_sms, partitioner.granularity
-    if args.sm_counts is None:
-        sm_counts = default_decode_sm_counts(total, gran) if total > 1 else []
-    else:
-        bad = [n for n in args.sm_counts if n % gran or n >= total]
-        if bad:
-            raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
-        sm_counts = args.sm_counts
+    sm_counts = _decode_sm_counts(args, partitioner.total_sms, partitioner.granularity)
+    total = partitioner.total_sms
     print(f"rapidserve profile: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
           f"{engine.device} ({total} SMs, {mechanism(engine.device)} partitioning)", flush=True)
     if not sm_counts:
