@@ -244,9 +244,14 @@ class ServerProcess:
 # Engine and server flags forwarded to every configuration's server when given.
 _FORWARDED = (
     ("--model", "the model (default: the embedded SmolLM2)"),
-    ("--tokenizer", None), ("--load-format", None), ("--dtype", None), ("--device", None),
-    ("--max-model-len", None), ("--placement", None), ("--max-num-seqs", None),
-    ("--num-kv-blocks", None), ("--kv-cache-memory-bytes", None), ("--gpu-memory-utilization", None),
+    ("--tokenizer", "the tokenizer (default: the model's)"), ("--load-format", "auto, dummy, gguf, safetensors"),
+    ("--dtype", "the servers' dtype (default: auto)"), ("--device", "auto, cpu or cuda[:N] (default: auto)"),
+    ("--max-model-len", "longest context in tokens (default: the model's)"),
+    ("--placement", "rapid and disagg: workers as process or thread (default: process)"),
+    ("--max-num-seqs", "most requests running in one step (default: 256)"),
+    ("--num-kv-blocks", "fix the KV cache size in blocks (default: sized from memory)"),
+    ("--kv-cache-memory-bytes", "KV cache memory, e.g. 2GiB (default on CPU: 1GiB)"),
+    ("--gpu-memory-utilization", "share of the GPU's memory each server may hold (default: 0.9)"),
 )
 
 
@@ -725,7 +730,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-rates", default="auto",
                    help="offered rates (req/s), comma-separated, or auto: a max-throughput run "
                         "first, then --num-auto-rates rates from 0.25x to 1.5x its throughput")
-    g.add_argument("--num-auto-rates", type=int, default=5)
+    g.add_argument("--num-auto-rates", type=int, default=5, help="--request-rates auto: how many rates")
     g.add_argument("--output-dir", default="sweep-results", help="sweep.csv, sweep.json, *.png, server logs")
     g.add_argument("--baseline", default="hybrid-512",
                    help="plots are normalized to this configuration at the lowest rate (raw without it)")
@@ -744,7 +749,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("server (forwarded to every configuration when given)")
     for flag, help_text in _FORWARDED:
         s.add_argument(flag, default=None, help=help_text)
-    s.add_argument("--enforce-eager", action="store_true")
+    s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--profile", default=None,
                    help="the SM-partition profile for rapid-rapid and rapid-nexus (their servers also get "
                         "--slo-itl-ms, the goodput's ITL SLO)")

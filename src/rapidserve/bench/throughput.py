@@ -433,7 +433,7 @@ def rates_from_args(args: argparse.Namespace, device: torch.device) -> DeviceRat
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=256)
+    g.add_argument("--num-prompts", type=int, default=256, help="prompts of the offline workload")
     g.add_argument("--input-len-min", type=int, default=512, help="shortest prompt (tokens)")
     g.add_argument("--input-len-max", type=int, default=1536, help="longest prompt (tokens)")
     g.add_argument("--output-len", type=int, default=256, help="output tokens per request (EOS ignored)")
@@ -441,7 +441,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="untimed requests (4 output tokens each) run first, to compile and warm up")
     g.add_argument("--peer", choices=("none", "transformers"), default="none",
                    help="also run transformers' continuous batching on the same prompts")
-    g.add_argument("--peer-attn-implementation", default=DEFAULT_PEER_ATTENTION)
+    g.add_argument("--peer-attn-implementation", default=DEFAULT_PEER_ATTENTION,
+                   help="--peer transformers: its attn_implementation")
     g.add_argument("--peer-num-blocks", type=int, default=None,
                    help="the peer's KV blocks (default: transformers sizes them from free memory)")
     g.add_argument("--peer-max-batch-tokens", type=int, default=None,

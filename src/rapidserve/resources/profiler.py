@@ -359,7 +359,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "--context-lens; at most --max-num-seqs)")
     g.add_argument("--num-steps", type=int, default=10, help="timed decode steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
-    g.add_argument("--prefill-repeats", type=int, default=3)
+    g.add_argument("--prefill-repeats", type=int, default=3, help="timed runs of each prefill point (the median is kept)")
     add_engine_args(parser)
     parser.set_defaults(func=main, **BENCH_ENGINE_DEFAULTS)
 
