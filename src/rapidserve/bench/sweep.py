@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -431,6 +432,9 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
     result["configs"].append(entry)
     server = ServerProcess(server_command(config, args), out_dir / f"server-{config.name}.log")
     entry["command"] = shlex.join(server.cmd)
+    # NOTE: starting a server (loading the model, capturing graphs) can take most of a short
+    # sweep: say so before the wait, and how long it took after.
+    progress.write(f"[{config.name}] starting its server (log: {server.log_path}) ...")
     t0 = time.perf_counter()
     try:
         url = server.start(args.server_start_timeout)
@@ -646,17 +650,31 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+# (row key, column name, format, width): one short name per column, explained by TABLE_LEGEND.
+TABLE_COLUMNS = (
+    ("config", "config", "s", 14), ("request_rate", "QPS", "g", 6),
+    ("request_throughput", "req/s", ".2f", 6), ("output_throughput", "tok/s", ".1f", 8),
+    ("goodput_p95_itl", "good", ".2f", 6), ("goodput_max_itl", "goodmax", ".2f", 7),
+    ("goodput_itl_only", "gooditl", ".2f", 7), ("attainment_p95_itl", "attain", ".0%", 6),
+    ("p95_ttft_ms", "TTFT95", ".1f", 8), ("p95_itl_ms", "ITL95", ".1f", 7),
+    ("drain_pct", "drain%", ".0f", 6), ("gpu_util_pct", "GPU%", ".0f", 5),
+)
+TABLE_LEGEND = (
+    "QPS offered; req/s, tok/s achieved; good/goodmax/gooditl: goodput req/s (SLO on p95 ITL, max "
+    "ITL, ITL only); attain: in SLO (p95); TTFT95, ITL95: p95 ms; drain%: after last send; GPU%: busy"
+)
+
+
+def _table_header() -> list[str]:
+    header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}"
+                      for i, (_, title, _, w) in enumerate(TABLE_COLUMNS))
+    return [header, *textwrap.wrap(TABLE_LEGEND, max(len(header), 60)), "-" * len(header)]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The comparison table: a line per (configuration, rate), then each configuration's highest
     rate at the attainment target."""
-    cols = (("config", "config", "s", 14), ("request_rate", "QPS", "g", 7),
-            ("request_throughput", "req/s", ".2f", 7), ("output_throughput", "out tok/s", ".1f", 10),
-            ("goodput_p95_itl", "good/s", ".2f", 7), ("goodput_max_itl", "good/s max", ".2f", 10),
-            ("goodput_itl_only", "good/s ITL", ".2f", 10), ("attainment_p95_itl", "attain %", ".0%", 8),
-            ("p95_ttft_ms", "p95 TTFT ms", ".1f", 11), ("p95_itl_ms", "p95 ITL ms", ".1f", 10),
-            ("drain_pct", "drain %", ".0f", 7), ("gpu_util_pct", "GPU %", ".0f", 6))
-    header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (_, title, _, w) in enumerate(cols))
-    lines = [header, "-" * len(header)]
+    lines = _table_header()
     for row in result["rows"]:
         if row["status"] != "ok":
             rate = _fmt(row["request_rate"], "g")
@@ -666,7 +684,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{row['config']:<14} {rate:>7} FAILED: {msg[:160]}")
             continue
         cells = []
-        for i, (key, _, spec, w) in enumerate(cols):
+        for i, (key, _, spec, w) in enumerate(TABLE_COLUMNS):
             v = row.get(key)
             s = _fmt(v, spec) if key != "config" else str(v)
             cells.append(f"{s:<{w}}" if i == 0 else f"{s:>{w}}")
