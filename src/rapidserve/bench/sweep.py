@@ -693,7 +693,7 @@ def format_table(result: dict[str, Any]) -> str:
     if drained:
         lines.append("")
         lines.append(f"note: {len(drained)} run(s) spent over {DRAIN_WARN_PCT:.0f}% of their time after the last "
-                     "request was sent (drain %): their throughput is how long the longest outputs take, not "
+                     "request was sent (drain%): their throughput is how long the longest outputs take, not "
                      "the configuration's capacity; more --num-prompts measure capacity")
     pct = f"{result['attainment_target']:.0%}"
     lines.append("")
