@@ -182,7 +182,12 @@ def _subparser(sub: argparse._SubParsersAction, name: str, help: str) -> argpars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rapidserve", formatter_class=HelpFormatter,
+        description="LLM serving with prefill and decode running concurrently on one GPU (RAPID-Serve), "
+                    "with vLLM's flags and an OpenAI-compatible server.",
+        epilog="`rapidserve COMMAND --help` lists a command's flags with their defaults; "
+               "docs/configuration.md has them all.")
     add_log_level_arg(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = _subparser(sub, "generate", "generate text for one or more prompts, offline")
