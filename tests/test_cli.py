@@ -144,10 +144,12 @@ def test_vllm_prompt_forms_are_read():
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny):
-    return LLM(tiny, device="cpu", num_kv_blocks=64, trust_remote_code=True, tensor_parallel_size=1)
+    return LLM(tiny, device="cpu", num_kv_blocks=64, trust_remote_code=True, tensor_parallel_size=1,
+               served_model_name=["tiny", "alias"])
 
 
 def test_generate_takes_every_prompt_form(tiny_llm):
+    assert tiny_llm.engine.model_name == "tiny"
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     ids = [5, 6, 7, 8]
     outs = tiny_llm.generate([ids, {"prompt_token_ids": ids}], params)

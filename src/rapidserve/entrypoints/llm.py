@@ -41,6 +41,9 @@ class LLM:
         check_not_built(kwargs)
         for name in NOT_BUILT:
             kwargs.pop(name, None)
+        served = kwargs.get("served_model_name")
+        if isinstance(served, (list, tuple)):
+            kwargs["served_model_name"] = served[0] if served else None  # offline, only the first names
         self.engine: EngineFront = create_engine(EngineConfig(model=model, **kwargs))
 
     @property
