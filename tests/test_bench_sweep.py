@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from rapidserve.bench.sweep import (
     ServerStartError,
     auto_rates,
     failed_row,
+    TABLE_COLUMNS,
     format_table,
     max_rate_at_attainment,
     parse_config,
@@ -141,6 +143,43 @@ def test_outputs_from_hand_built_result(tmp_path):
     # Without a GPU's numbers there is no utilization figure.
     no_gpu = [dict(r, gpu_util_pct=None) for r in result["rows"]]
     assert "gpu_util.png" not in {p.name for p in plot_sweep(no_gpu, tmp_path / "..")}
+
+
+def test_table_header_has_one_short_name_per_column_and_a_legend():
+    lines = format_table(_result()).splitlines()
+    header = lines[0].split()
+    assert header == [name for _, name, _, _ in TABLE_COLUMNS]  # one token per column
+    legend = []
+    for line in lines[1:]:
+        if set(line) == {"-"}:
+            break
+        legend.append(line)
+    text = " ".join(legend)
+    for name in header[1:]:
+        assert name in text, f"the legend does not explain {name}"
+    # the numbers line up under the header: each cell ends where its column name ends
+    ends = [m.end() for m in re.finditer(r"\S+", lines[0])]
+    row = next(ln for ln in lines if ln.startswith("rapid "))
+    assert [m.end() for m in re.finditer(r"\S+", row)][1:] == ends[1:]
+
+
+def test_plots_show_absolute_units_above_the_normalized_view():
+    from rapidserve.bench.plots import FIGURES, sweep_figure
+
+    rows = [dict(r, goodput_p95_itl=0.0) if r["status"] == "ok" else r for r in _result()["rows"]]
+    _, title, panels = next(f for f in FIGURES if f[0] == "goodput.png")
+    fig = sweep_figure(rows, title, panels)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    labels = [ax.get_ylabel() for ax in axes]
+    assert "goodput, max ITL (req/s)" in labels  # absolute, in its unit
+    assert any("x hybrid-512 at 1 QPS" in lb for lb in labels)  # the normalized panel below it
+    # p95-ITL goodput is all zero: no baseline to divide by, so no normalized panel for it
+    assert "goodput, p95 ITL (req/s)" in labels and len(axes) == 3
+    assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1  # outside the data
+    zero = next(ax for ax in axes if ax.get_ylabel() == "goodput, p95 ITL (req/s)")
+    sizes = [line.get_markersize() for line in zero.get_lines()]
+    faces = {line.get_markerfacecolor() for line in zero.get_lines()}
+    assert len(sizes) == 2 and sizes[0] > sizes[1] and faces == {"none"}  # coinciding series stay visible
 
 
 class FakeNvml:
@@ -318,6 +357,9 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency_p95.png").exists()
     assert "highest rate with >= 90% SLO attainment" in printed.out and "FAILED" in printed.out
     assert "sweep" in printed.err  # the progress bar
+    # each server's start is announced before the wait, and timed after it
+    assert "[hybrid-512] starting its server (log: " in printed.err
+    assert re.search(r"\[hybrid-512\] serving at http://\S+ \(started in [0-9.]+ s\)", printed.err)
     assert Path(out / "server-rapid.log").exists()
     # Every run's requests are kept: scored again, they give the row's figures.
     from rapidserve.bench.metrics import RequestRecord, summarize

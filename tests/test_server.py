@@ -625,7 +625,7 @@ def test_serve_flags_use_vllm_names():
         "--mode", "hybrid",
     ])
     assert (args.model_tag, args.host, args.port, args.api_key, args.max_queue_len) == ("some/model", "0.0.0.0", 9001, "k", 8)
-    assert args.enforce_eager and args.served_model_name == "m" and args.block_size == 32
+    assert args.enforce_eager and args.served_model_name == ["m"] and args.block_size == 32
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.host, defaults.port, defaults.api_key) == ("127.0.0.1", 8000, None)
 
@@ -651,6 +651,10 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
         assert "rapidserve.server" in err and "engine thread stopped" in err
+        # the server's log: ready, one line per request, the shutdown
+        assert "engine ready in" in err
+        assert re.search(r"POST /v1/completions 200 \| prompt 3 tok, output 3 tok \| [0-9.]+ s", err), err
+        assert "shut down: 1 request(s) answered" in err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -185,6 +185,9 @@ class AsyncEngine:
         self._dead_message = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # loop thread only
+        # Tokens admitted and delivered since start (loop thread only; the stats log's rates).
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
         self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
         self._stats = engine.stats()
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
@@ -246,6 +249,7 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
+        self.num_prompt_tokens += stream.num_prompt_tokens
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -289,6 +293,7 @@ class AsyncEngine:
             if stream is None:  # aborted after this step was scheduled
                 continue
             stream.token_times.append(t)
+            self.num_generation_tokens += len(out.delta_token_ids)
             if out.finished:
                 del self._streams[out.request_id]
             stream._put(out, out.finished)

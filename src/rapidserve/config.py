@@ -13,7 +13,7 @@ MODES = ("hybrid", "rapid", "disagg")
 PLACEMENTS = ("process", "thread")
 LOAD_FORMATS = ("auto", "dummy", "gguf", "safetensors")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -54,6 +54,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     served_model_name: str | None = None
+    chat_template: str | None = None  # a Jinja template (file path or inline) instead of the tokenizer's
     enforce_eager: bool = False  # no CUDA graphs
     attention_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     disagg_memory_split: float = 0.5  # disagg mode: the prefill instance's share of the memory
@@ -81,7 +82,7 @@ class EngineConfig:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         object.__setattr__(self, "kv_cache_memory_bytes", parse_bytes(self.kv_cache_memory_bytes))
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; available: {', '.join(MODES)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Any, NamedTuple
 
 from rapidserve.config import EngineConfig
@@ -92,6 +93,28 @@ class EngineStats(NamedTuple):
         return 1.0 - self.num_free_blocks / self.num_total_blocks if self.num_total_blocks else 0.0
 
 
+def load_chat_template(value: str | None) -> str | None:
+    """The Jinja text of --chat-template: the file it names, else the value itself if it reads as
+    a template. Its syntax is checked here, so a bad template fails at start-up, not per request."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template "
+                         "(inline text with {{ ... }} or {% ... %})")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: not a valid Jinja template ({e}, line {e.lineno})") from e
+    return text
+
+
 class EngineFront:
     """What every topology's engine shares: prompt validation, detokenization, stop strings and
     the outputs handed back. Subclasses run the model (`step`) and own the KV cache."""
@@ -107,6 +130,7 @@ class EngineFront:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.chat_template = load_chat_template(config.chat_template)  # None: the tokenizer's
         self.last_step_stats = StepStats(0, 0, 0)  # what the last step() ran
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._text: dict[str, _TextState] = {}
@@ -274,15 +298,18 @@ class EngineFront:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template: give --tokenizer")
+        if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: give one with --chat-template")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content} objects")
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise ValueError(f"each message needs a string role and a content, got {m!r}")
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            chat_template=self.chat_template,
         )
         # The template already holds any BOS it wants: add no special tokens again.
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -293,13 +293,14 @@ def format_result(r: InterferenceResult) -> str:
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("load")
     g.add_argument("--num-decodes", type=int, default=32, help="requests decoding throughout")
-    g.add_argument("--decode-prompt-len", type=int, default=1024)
+    g.add_argument("--decode-prompt-len", type=int, default=1024,
+                   help="prompt tokens of each decoding request whose ITL is measured")
     g.add_argument("--prefill-len", type=int, default=8192, help="prompt tokens of each long prefill")
-    g.add_argument("--num-prefills", type=int, default=16)
+    g.add_argument("--num-prefills", type=int, default=16, help="long prompts sent while the decodes run")
     g.add_argument("--prefill-concurrency", type=int, default=1,
                    help="long prompts in flight at once (1: back to back)")
     g.add_argument("--alone-steps", type=int, default=30, help="steps timed before the prefills start")
-    g.add_argument("--output-json", default=None)
+    g.add_argument("--output-json", default=None, help="write every figure to this file")
     g.add_argument("--timeline-plot", default=None, metavar="PNG",
                    help="draw the workers' steps over the first prefills (rapid mode: the overlap)")
     add_rates_args(parser)

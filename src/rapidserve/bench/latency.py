@@ -210,7 +210,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-steps", type=int, default=20, help="timed decode steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-len", type=int, default=2048, help="prompt length of the prefill timing (0: skip)")
-    g.add_argument("--prefill-repeats", type=int, default=3)
+    g.add_argument("--prefill-repeats", type=int, default=3, help="timed runs of the long prefill (the median is reported)")
     g.add_argument("--output-json", default=None, help="write every figure to this file")
     add_rates_args(parser)
     add_engine_args(parser)

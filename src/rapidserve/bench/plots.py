@@ -1,7 +1,9 @@
 """Plots of a `bench sweep`, in the style of the paper's Figures 8-12: one line per configuration,
-offered load (QPS) on x, each metric normalized to the baseline configuration (chunked prefill,
-512 tokens) at its lowest QPS, as the paper normalizes (raw values when the baseline is not in
-the sweep or its value there is 0).
+offered load (QPS) on x. Each metric is drawn in its own units (tokens/s, req/s, ms) on the top
+row and, below it, normalized to the baseline configuration (chunked prefill, 512 tokens) at its
+lowest QPS, as the paper normalizes (no second row when the baseline is not in the sweep or its
+value there is 0). One legend per figure, outside the axes; hollow markers of decreasing sizes
+keep series that coincide (e.g. several at 0 goodput) visible.
 
 matplotlib's object API with the Agg canvas: no display, no pyplot global state.
 """
@@ -52,39 +54,66 @@ def baseline_value(rows: Sequence[dict[str, Any]], key: str, baseline: str) -> t
     return (float(v), float(first["request_rate"])) if _finite(v) and v != 0 else None
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path, baseline: str = "hybrid-512") -> list[Path]:
-    """Write the figures that have data; their paths."""
+_MARKERS = "osD^vP*X"
+
+
+def sweep_figure(rows: Sequence[dict[str, Any]], title: str, panels: Sequence[Panel],
+                 baseline: str = "hybrid-512") -> Any:
+    """One figure: a column per panel; the absolute values on top, the normalized ones below
+    (when the baseline gives something to divide by)."""
     from matplotlib.figure import Figure  # Agg canvas for savefig: no display needed
 
-    out = Path(out_dir)
     ok = [r for r in rows if r["status"] == "ok" and _finite(r["request_rate"])]
     configs = list(dict.fromkeys(r["config"] for r in ok))
-    paths: list[Path] = []
-    for filename, title, panels in FIGURES:
-        if not any(_finite(r.get(p.key)) for r in ok for p in panels):
-            continue  # e.g. no GPU utilization on a CPU machine
-        fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, panel in zip(axes, panels):
-            norm = baseline_value(ok, panel.key, baseline) if panel.normalize else None
+    norms = [baseline_value(ok, p.key, baseline) if p.normalize else None for p in panels]
+    nrows = 2 if any(norms) else 1
+    fig = Figure(figsize=(5.2 * len(panels) + 1.8, 3.4 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, len(panels), squeeze=False)
+    handles: dict[str, Any] = {}
+    for col, (panel, norm) in enumerate(zip(panels, norms)):
+        for row in range(nrows):
+            ax = axes[row][col]
+            if row == 1 and norm is None:
+                ax.set_visible(False)
+                continue
+            scale = norm[0] if row == 1 and norm else 1.0
             for i, name in enumerate(configs):
                 pts = sorted((r["request_rate"], r[panel.key]) for r in ok
                              if r["config"] == name and _finite(r.get(panel.key)))
                 if not pts:
                     continue
-                xs = [x for x, _ in pts]
-                ys = [y / norm[0] if norm else y for _, y in pts]
-                ax.plot(xs, ys, marker="os^vDP*X"[i % 8], label=name,
-                        linestyle="--" if name == baseline else "-")
-            if norm:
-                ax.set_ylabel(f"{panel.label}\nnormalized to {baseline} at {norm[1]:g} QPS")
+                # NOTE: hollow markers, each series smaller than the one before and drawn above
+                # it: series with equal values (all zero, say) stay visible as nested rings.
+                (line,) = ax.plot([x for x, _ in pts], [y / scale for _, y in pts],
+                                  marker=_MARKERS[i % len(_MARKERS)], markersize=max(11 - 1.5 * i, 3.5),
+                                  markerfacecolor="none", markeredgewidth=1.4, linewidth=1.2,
+                                  linestyle="--" if name == baseline else "-", zorder=2 + i)
+                handles.setdefault(name, line)
+            if row == 1 and norm:
+                ax.set_ylabel(f"{panel.label}\n(x {baseline} at {norm[1]:g} QPS)")
                 ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
             else:
                 ax.set_ylabel(f"{panel.label} ({panel.unit})")
-            ax.set_xlabel("offered load (QPS)")
+            if row == nrows - 1 or (row == 0 and norm is None):
+                ax.set_xlabel("offered load (req/s)")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
-        fig.suptitle(title)
+            ax.margins(x=0.06, y=0.1)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small",
+                   title="configuration")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path, baseline: str = "hybrid-512") -> list[Path]:
+    """Write the figures that have data; their paths."""
+    out = Path(out_dir)
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r["request_rate"])]
+    paths: list[Path] = []
+    for filename, title, panels in FIGURES:
+        if not any(_finite(r.get(p.key)) for r in ok for p in panels):
+            continue  # e.g. no GPU utilization on a CPU machine
+        fig = sweep_figure(rows, title, panels, baseline)
         path = out / filename
         fig.savefig(path, dpi=120)
         paths.append(path)

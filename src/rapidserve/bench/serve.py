@@ -251,9 +251,11 @@ def add_workload_args(parser: argparse._ActionsContainer, slo_itl_ms: float | No
                         help="random: uniform lengths; lmsys-like / arxiv-like / loogle-like: the "
                              "paper's datasets' length distributions; sharegpt, jsonl: from --dataset-path")
     parser.add_argument("--dataset-path", default=None, help="the sharegpt JSON or jsonl file")
-    parser.add_argument("--num-prompts", type=int, default=1000)
-    parser.add_argument("--random-input-len", type=int, default=1024)
-    parser.add_argument("--random-output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=1000, help="requests to send")
+    parser.add_argument("--random-input-len", type=int, default=1024,
+                        help="random dataset: prompt tokens per request")
+    parser.add_argument("--random-output-len", type=int, default=128,
+                        help="random dataset: output tokens per request")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--random-vocab-size", type=int, default=32000,
@@ -266,8 +268,9 @@ def add_workload_args(parser: argparse._ActionsContainer, slo_itl_ms: float | No
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="gamma shape of the arrival gaps; 1 = Poisson")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload (prompts, lengths, arrivals)")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="every request generates its full output length")
     parser.add_argument("--slo-itl-ms", type=float, default=slo_itl_ms, help="goodput: ITL ceiling (ms)")
     parser.add_argument("--slo-ttft-ms-per-1k", type=float, default=slo_ttft_ms_per_1k,
                         help="goodput: TTFT ceiling (ms) per started 1000 prompt tokens")
@@ -278,7 +281,7 @@ def add_workload_args(parser: argparse._ActionsContainer, slo_itl_ms: float | No
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     parser.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
-    parser.add_argument("--endpoint", default="/v1/completions")
+    parser.add_argument("--endpoint", default="/v1/completions", help="the route the requests go to")
     add_workload_args(parser)
     parser.add_argument("--tokenizer", default=None,
                         help="sharegpt / jsonl: a tokenizer.json (or a directory with one) to count "
@@ -289,7 +292,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=_rate, default=float("inf"),
                         help="requests/s (inf: all at once)")
     parser.add_argument("--save-result", action="store_true", help="write the summary and every request as JSON")
-    parser.add_argument("--result-filename", default=None)
+    parser.add_argument("--result-filename", default=None,
+                        help="the file --save-result writes (default: rapidserve-serve-RATEqps-MODEL-TIME.json)")
     parser.set_defaults(func=main)
 
 

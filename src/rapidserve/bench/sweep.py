@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Sequence
@@ -244,9 +245,14 @@ class ServerProcess:
 # Engine and server flags forwarded to every configuration's server when given.
 _FORWARDED = (
     ("--model", "the model (default: the embedded SmolLM2)"),
-    ("--tokenizer", None), ("--load-format", None), ("--dtype", None), ("--device", None),
-    ("--max-model-len", None), ("--placement", None), ("--max-num-seqs", None),
-    ("--num-kv-blocks", None), ("--kv-cache-memory-bytes", None), ("--gpu-memory-utilization", None),
+    ("--tokenizer", "the tokenizer (default: the model's)"), ("--load-format", "auto, dummy, gguf, safetensors"),
+    ("--dtype", "the servers' dtype (default: auto)"), ("--device", "auto, cpu or cuda[:N] (default: auto)"),
+    ("--max-model-len", "longest context in tokens (default: the model's)"),
+    ("--placement", "rapid and disagg: workers as process or thread (default: process)"),
+    ("--max-num-seqs", "most requests running in one step (default: 256)"),
+    ("--num-kv-blocks", "fix the KV cache size in blocks (default: sized from memory)"),
+    ("--kv-cache-memory-bytes", "KV cache memory, e.g. 2GiB (default on CPU: 1GiB)"),
+    ("--gpu-memory-utilization", "share of the GPU's memory each server may hold (default: 0.9)"),
 )
 
 
@@ -426,6 +432,9 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
     result["configs"].append(entry)
     server = ServerProcess(server_command(config, args), out_dir / f"server-{config.name}.log")
     entry["command"] = shlex.join(server.cmd)
+    # NOTE: starting a server (loading the model, capturing graphs) can take most of a short
+    # sweep: say so before the wait, and how long it took after.
+    progress.write(f"[{config.name}] starting its server (log: {server.log_path}) ...")
     t0 = time.perf_counter()
     try:
         url = server.start(args.server_start_timeout)
@@ -641,17 +650,31 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+# (row key, column name, format, width): one short name per column, explained by TABLE_LEGEND.
+TABLE_COLUMNS = (
+    ("config", "config", "s", 14), ("request_rate", "QPS", "g", 6),
+    ("request_throughput", "req/s", ".2f", 6), ("output_throughput", "tok/s", ".1f", 8),
+    ("goodput_p95_itl", "good", ".2f", 6), ("goodput_max_itl", "goodmax", ".2f", 7),
+    ("goodput_itl_only", "gooditl", ".2f", 7), ("attainment_p95_itl", "attain", ".0%", 6),
+    ("p95_ttft_ms", "TTFT95", ".1f", 8), ("p95_itl_ms", "ITL95", ".1f", 7),
+    ("drain_pct", "drain%", ".0f", 6), ("gpu_util_pct", "GPU%", ".0f", 5),
+)
+TABLE_LEGEND = (
+    "QPS offered; req/s, tok/s achieved; good/goodmax/gooditl: goodput req/s (SLO on p95 ITL, max "
+    "ITL, ITL only); attain: in SLO (p95); TTFT95, ITL95: p95 ms; drain%: after last send; GPU%: busy"
+)
+
+
+def _table_header() -> list[str]:
+    header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}"
+                      for i, (_, title, _, w) in enumerate(TABLE_COLUMNS))
+    return [header, *textwrap.wrap(TABLE_LEGEND, max(len(header), 60)), "-" * len(header)]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The comparison table: a line per (configuration, rate), then each configuration's highest
     rate at the attainment target."""
-    cols = (("config", "config", "s", 14), ("request_rate", "QPS", "g", 7),
-            ("request_throughput", "req/s", ".2f", 7), ("output_throughput", "out tok/s", ".1f", 10),
-            ("goodput_p95_itl", "good/s", ".2f", 7), ("goodput_max_itl", "good/s max", ".2f", 10),
-            ("goodput_itl_only", "good/s ITL", ".2f", 10), ("attainment_p95_itl", "attain %", ".0%", 8),
-            ("p95_ttft_ms", "p95 TTFT ms", ".1f", 11), ("p95_itl_ms", "p95 ITL ms", ".1f", 10),
-            ("drain_pct", "drain %", ".0f", 7), ("gpu_util_pct", "GPU %", ".0f", 6))
-    header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (_, title, _, w) in enumerate(cols))
-    lines = [header, "-" * len(header)]
+    lines = _table_header()
     for row in result["rows"]:
         if row["status"] != "ok":
             rate = _fmt(row["request_rate"], "g")
@@ -661,7 +684,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{row['config']:<14} {rate:>7} FAILED: {msg[:160]}")
             continue
         cells = []
-        for i, (key, _, spec, w) in enumerate(cols):
+        for i, (key, _, spec, w) in enumerate(TABLE_COLUMNS):
             v = row.get(key)
             s = _fmt(v, spec) if key != "config" else str(v)
             cells.append(f"{s:<{w}}" if i == 0 else f"{s:>{w}}")
@@ -670,7 +693,7 @@ def format_table(result: dict[str, Any]) -> str:
     if drained:
         lines.append("")
         lines.append(f"note: {len(drained)} run(s) spent over {DRAIN_WARN_PCT:.0f}% of their time after the last "
-                     "request was sent (drain %): their throughput is how long the longest outputs take, not "
+                     "request was sent (drain%): their throughput is how long the longest outputs take, not "
                      "the configuration's capacity; more --num-prompts measure capacity")
     pct = f"{result['attainment_target']:.0%}"
     lines.append("")
@@ -725,7 +748,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-rates", default="auto",
                    help="offered rates (req/s), comma-separated, or auto: a max-throughput run "
                         "first, then --num-auto-rates rates from 0.25x to 1.5x its throughput")
-    g.add_argument("--num-auto-rates", type=int, default=5)
+    g.add_argument("--num-auto-rates", type=int, default=5, help="--request-rates auto: how many rates")
     g.add_argument("--output-dir", default="sweep-results", help="sweep.csv, sweep.json, *.png, server logs")
     g.add_argument("--baseline", default="hybrid-512",
                    help="plots are normalized to this configuration at the lowest rate (raw without it)")
@@ -744,7 +767,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("server (forwarded to every configuration when given)")
     for flag, help_text in _FORWARDED:
         s.add_argument(flag, default=None, help=help_text)
-    s.add_argument("--enforce-eager", action="store_true")
+    s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s.add_argument("--profile", default=None,
                    help="the SM-partition profile for rapid-rapid and rapid-nexus (their servers also get "
                         "--slo-itl-ms, the goodput's ITL SLO)")

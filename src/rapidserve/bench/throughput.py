@@ -481,7 +481,7 @@ def rates_from_args(args: argparse.Namespace, device: torch.device) -> DeviceRat
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=256)
+    g.add_argument("--num-prompts", type=int, default=256, help="prompts of the offline workload")
     g.add_argument("--input-len-min", type=int, default=512, help="shortest prompt (tokens)")
     g.add_argument("--input-len-max", type=int, default=1536, help="longest prompt (tokens)")
     g.add_argument("--output-len", type=int, default=256, help="output tokens per request (EOS ignored)")

@@ -10,7 +10,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.entrypoints.args import (
+    HelpFormatter, add_engine_args, add_log_level_arg, engine_config_from_args, served_names,
+)
 from rapidserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -21,15 +23,17 @@ if TYPE_CHECKING:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per prompt")
+    g.add_argument("--min-tokens", type=int, default=0, help="tokens to generate before EOS or a stop may end it")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (1: all)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this times the likeliest (0: none)")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="per-request seed (default: the engine's generator)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -95,15 +99,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_tag
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                  max_queue_len=args.max_queue_len,
-                                 graceful_shutdown_s=args.graceful_shutdown_timeout)
+                                 graceful_shutdown_s=args.graceful_shutdown_timeout,
+                                 served_model_names=served_names(args),
+                                 stats_interval_s=args.stats_interval)
     # SIGTERM while the engine starts (before uvicorn's own handlers): exit through the Python
     # stack, so the rapid/disagg workers already spawned are stopped rather than orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    log = logging.getLogger("rapidserve.server")
+    t0 = time.monotonic()
     engine = AsyncEngine(create_engine(engine_config_from_args(args)))
+    log.info("engine ready in %.1f s (model %s, %s mode)", time.monotonic() - t0, engine.model_name, engine.mode)
+    app = build_app(engine, server_config)
+    started = time.monotonic()
     try:
-        _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level)
+        _run_uvicorn(app, server_config, engine.model_name, args.log_level)
     finally:
         engine.shutdown()  # and the rapid mode's workers
+        log.info("shut down: %d request(s) answered in %.0f s", app.state.server.stats_logger.num_requests,
+                 time.monotonic() - started)
     if engine.error is not None:
         print(f"error: the engine failed: {engine.error!r}", file=sys.stderr)
         return 1
@@ -128,7 +141,7 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level:
 
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level.lower(),
-        access_log=logging.getLogger().isEnabledFor(logging.INFO),
+        access_log=False,  # the request log (server_log.py) has a line per request, with tokens
         timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="off",
     ))
 
@@ -144,27 +157,42 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level:
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve = _subparser(sub, "serve", "the OpenAI-compatible HTTP server")
     serve.add_argument("model_tag", nargs="?", default=None, help="the model (as --model; vLLM's form)")
     g = serve.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the start line shows it)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests admitted and not finished; more are answered 503")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
                    help="seconds open requests may still run after SIGTERM")
+    g.add_argument("--stats-interval", type=float, default=5.0,
+                   help="seconds between the engine-stats log lines while requests run (0: none)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
 
+def _subparser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that shows its defaults and takes --log-level too."""
+    p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    add_log_level_arg(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rapidserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="rapidserve", formatter_class=HelpFormatter,
+        description="LLM serving with prefill and decode running concurrently on one GPU (RAPID-Serve), "
+                    "with vLLM's flags and an OpenAI-compatible server.",
+        epilog="`rapidserve COMMAND --help` lists a command's flags with their defaults; "
+               "docs/configuration.md has them all.")
+    add_log_level_arg(parser, default=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = _subparser(sub, "generate", "generate text for one or more prompts, offline")
+    gen.add_argument("--prompt", action="append",
+                     help="a prompt (repeatable; default: 'What is the capital of France?')")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     _add_sampling_args(gen)
@@ -179,36 +207,39 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
     from rapidserve.resources import profiler
 
-    profiler.add_cli_args(sub.add_parser(
-        "profile", help="measure the SM-partitioning profile (decode and prefill latency per SM split)"))
+    profiler.add_cli_args(_subparser(
+        sub, "profile", "measure the SM-partitioning profile (decode and prefill latency per SM split)"))
 
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     # Imported here: the bench modules pull in torch, which `generate` loads later anyway.
     from rapidserve.bench import frontier, interference, latency, serve, sweep, throughput
 
-    bench = sub.add_parser("bench", help="benchmarks (offline throughput, step latency, online serving)")
-    kinds = bench.add_subparsers(dest="bench_command", required=True)
-    throughput.add_cli_args(kinds.add_parser(
-        "throughput", help="an offline workload run to completion; --peer transformers compares"))
-    latency.add_cli_args(kinds.add_parser(
-        "latency", help="decode step time per batch size and context, and one long prefill"))
-    serve.add_cli_args(kinds.add_parser(
-        "serve", help="an async load generator against an OpenAI-compatible server (vLLM's metrics)"))
-    interference.add_cli_args(kinds.add_parser(
-        "interference", help="decode inter-token latency while long prefills stream in (any mode)"))
-    sweep.add_cli_args(kinds.add_parser(
-        "sweep", help="start a server per configuration and compare them across offered rates (CSV, JSON, plots)"))
-    frontier.add_cli_args(kinds.add_parser(
-        "frontier", help="each configuration's highest good rate across ITL SLOs, against the best "
-                         "hybrid chunk at each (sweeps, rescored per SLO)"))
-    sweep.add_rescore_cli_args(kinds.add_parser(
-        "rescore", help="score a finished sweep again under other SLOs, from its per-request records"))
+    bench = _subparser(sub, "bench", "benchmarks (offline throughput, step latency, online serving)")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    throughput.add_cli_args(_subparser(
+        kinds, "throughput", "an offline workload run to completion; --peer transformers compares"))
+    latency.add_cli_args(_subparser(
+        kinds, "latency", "decode step time per batch size and context, and one long prefill"))
+    serve.add_cli_args(_subparser(
+        kinds, "serve", "an async load generator against an OpenAI-compatible server (vLLM's metrics)"))
+    interference.add_cli_args(_subparser(
+        kinds, "interference", "decode inter-token latency while long prefills stream in (any mode)"))
+    sweep.add_cli_args(_subparser(
+        kinds, "sweep", "start a server per configuration and compare them across offered rates (CSV, JSON, plots)"))
+    frontier.add_cli_args(_subparser(
+        kinds, "frontier", "each configuration's highest good rate across ITL SLOs, against the best hybrid "
+                           "chunk at each (sweeps, rescored per SLO)"))
+    sweep.add_rescore_cli_args(_subparser(
+        kinds, "rescore", "score a finished sweep again under other SLOs, from its per-request records"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_level is None:
+        # The server's log is its request log and load (as vLLM's); other commands print results.
+        args.log_level = "INFO" if args.command == "serve" else "WARNING"
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args)
     except ValueError as e:

@@ -633,7 +633,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "of the same GPU and model (no engine is started), and exit")
     g.add_argument("--num-steps", type=int, default=8, help="timed steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
-    g.add_argument("--prefill-repeats", type=int, default=3)
+    g.add_argument("--prefill-repeats", type=int, default=3, help="timed runs of each prefill point (the median is kept)")
     add_engine_args(parser)
     # NOTE: decode graphs are captured again per partition up to --max-num-seqs: 128, the largest
     # default batch, not the engine's 256 (the default grid's ~3 minutes count on it).

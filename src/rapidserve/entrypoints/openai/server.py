@@ -31,6 +31,7 @@ from rapidserve.async_engine import (
 )
 from rapidserve.engine import EngineFront
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
+from rapidserve.entrypoints.openai.server_log import RequestLogMiddleware, StatsLogger, record_streams
 from rapidserve.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
@@ -61,6 +62,10 @@ class ServerConfig:
     api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
     max_queue_len: int = 1024  # requests admitted and not finished; more get 503
     graceful_shutdown_s: float = 10.0  # on SIGTERM, how long open requests may still run
+    # The names requests may use for the model (vLLM's --served-model-name A B ...); responses
+    # carry the engine's name (the first). Empty: the engine's name only.
+    served_model_names: tuple[str, ...] = ()
+    stats_interval_s: float = 5.0  # the engine-stats log line's period while busy (0: none)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -71,6 +76,10 @@ class ServerConfig:
             raise ValueError("api_key must not be empty")
         if self.graceful_shutdown_s < 0:
             raise ValueError(f"graceful_shutdown_s must be >= 0, got {self.graceful_shutdown_s}")
+        if self.stats_interval_s < 0:
+            raise ValueError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
+        if any(not n for n in self.served_model_names):
+            raise ValueError("served_model_names must not contain an empty name")
 
 
 class APIError(Exception):
@@ -257,6 +266,7 @@ class _Batch:
         for stream in self.streams:
             stream.close()
             self._server.metrics.observe_request(stream)
+        record_streams(self.streams)
         self._server.release(len(self.streams))
 
 
@@ -267,12 +277,15 @@ class OpenAIServer:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics(engine.model_name)
+        self.model_names = (engine.model_name,) + tuple(
+            n for n in config.served_model_names if n != engine.model_name)
         self._admitted = 0  # engine requests admitted and not released (the bounded queue)
+        self.stats_logger: StatsLogger | None = None  # set by build_app
 
     # ---- admission ---------------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
+        if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
 
     def release(self, n: int) -> None:
@@ -470,9 +483,9 @@ class OpenAIServer:
             raise APIError(500, str(e)) from e
         return {"prompt": text}
 
-    def model_card(self) -> ModelCard:
+    def model_card(self, name: str | None = None) -> ModelCard:
         e = self.engine
-        return ModelCard(id=e.model_name, root=e.model_root, max_model_len=e.max_model_len)
+        return ModelCard(id=name or e.model_name, root=e.model_root, max_model_len=e.max_model_len)
 
 
 def _usage(finals: list[RequestOutput]) -> UsageInfo:
@@ -507,6 +520,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     app.state.server = server
     if config.api_key is not None:
         app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
+    # Added last: the outermost, so refused requests (401) are logged too.
+    server.stats_logger = StatsLogger(engine, config.stats_interval_s)
+    app.add_middleware(RequestLogMiddleware, stats=server.stats_logger)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -538,12 +554,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[server.model_card()])
+        return ModelList(data=[server.model_card(n) for n in server.model_names])
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
         server.check_model(model_id)
-        return server.model_card()
+        return server.model_card(model_id)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
