@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from rapidserve.resources.feedback import Feedback, FeedbackConfig, FeedbackStats
 from rapidserve.resources.partition import Partition, round_to_granularity
 from rapidserve.resources.profile import Profile
 
@@ -60,6 +61,16 @@ class PartitionPolicy(Protocol):
     def decide(self, state: StepState) -> Partition:
         """The partition of the next step (called once per decode step)."""
         ...
+
+
+class ClosedLoopPolicy(Protocol):
+    """A policy that learns from measured decode steps (rapid, nexus; `closed_loop`)."""
+
+    def observe(self, partition: Partition, state: StepState, measured_s: float) -> None:
+        """A decode step decided from `state` ran in `partition` for `measured_s` on the device."""
+        ...
+
+    def feedback_stats(self) -> FeedbackStats | None: ...
 
 
 # ---- the simple ones -----------------------------------------------------------------------------
@@ -95,6 +106,44 @@ class StaticPolicy:
         return self.partition
 
 
+# ---- the closed loop (resources/feedback.py) --------------------------------------------------
+
+
+class _ClosedLoop:
+    """The prediction hook of the rapid and nexus policies: every decode prediction goes through
+    `decode_ms`, the open-loop one (`base_decode_ms`) times the measured residual; `observe` feeds
+    the residuals and the ITL guard. Without feedback (None) the policy is open loop."""
+
+    feedback: Feedback | None
+    profile: Profile
+
+    def _init_feedback(self, config: FeedbackConfig | None, slo_itl_ms: float) -> None:
+        self.feedback = None if config is None else Feedback(config, slo_itl_ms, self.profile.split_sm_counts)
+
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        """The open-loop prediction of a decode step of `state` in partition `p` (ms)."""
+        raise NotImplementedError
+
+    def decode_ms(self, p: Partition, state: StepState) -> float:
+        """The prediction the policy decides on: open loop, corrected by what was measured."""
+        ms = self.base_decode_ms(p, state)
+        if self.feedback is not None:
+            ms *= self.feedback.factor(p, state.mean_context_len, state.prefill_active)
+        return ms
+
+    def guard_allows(self, p: Partition, state: StepState) -> bool:
+        return self.feedback is None or self.feedback.allows(p, state.prefill_active)
+
+    def observe(self, partition: Partition, state: StepState, measured_s: float) -> None:
+        if self.feedback is None or state.decode_batch <= 0:
+            return
+        predicted_s = self.base_decode_ms(partition, state) / 1e3
+        self.feedback.observe(partition, state.mean_context_len, state.prefill_active, measured_s, predicted_s)
+
+    def feedback_stats(self) -> FeedbackStats | None:
+        return None if self.feedback is None else self.feedback.stats()
+
+
 # ---- rapid (the paper) ---------------------------------------------------------------------------
 
 
@@ -115,15 +164,17 @@ def overallocation_profiled(profile: Profile, state: StepState) -> bool:
     return state.waiting_prefill_tokens <= profile.metadata.prefill_tokens_beside
 
 
-class RapidPolicy:
-    """The paper's Adaptive Resource Manager, on the profile's measured splits."""
+class RapidPolicy(_ClosedLoop):
+    """The paper's Adaptive Resource Manager, on the profile's measured splits (closed loop:
+    its predictions corrected by the measured steps, and the ITL guard's floor respected)."""
 
     name = "rapid"
     partitioned = True
 
     def __init__(self, profile: Profile, slo_itl_ms: float, overalloc_max_batch: int | None = None,
-                 itl_headroom: float = 0.0) -> None:
-        """itl_headroom: the profiled decode step must fit (1 - itl_headroom) x slo_itl_ms."""
+                 itl_headroom: float = 0.0, feedback: FeedbackConfig | None = FeedbackConfig()) -> None:
+        """itl_headroom: the profiled decode step must fit (1 - itl_headroom) x slo_itl_ms.
+        feedback: the closed loop's settings (None: open loop)."""
         if slo_itl_ms <= 0:
             raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
         if overalloc_max_batch is not None and overalloc_max_batch < 0:
@@ -134,9 +185,15 @@ class RapidPolicy:
         self.overalloc_max_batch = overalloc_max_batch
         total = profile.total_sms
         self.splits = tuple(Partition.split(n, total) for n in profile.split_sm_counts)
+        self._init_feedback(feedback, slo_itl_ms)
 
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
+
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        # The paper's rule: decode beside a running prefill, as profiled.
+        return self.profile.decode_ms(p.decode_share(self.profile.total_sms), state.decode_batch,
+                                      state.mean_context_len, True)
 
     def overallocate(self, state: StepState) -> bool:
         """Both phases on the whole device: no prompt is waiting or prefilling (decode alone
@@ -147,20 +204,19 @@ class RapidPolicy:
         (`overallocation_profiled`)."""
         if state.decode_batch == 0 or not self.splits or not state.prefill_active:
             return True
+        if not self.guard_allows(Partition.FULL, state):  # the ITL guard tripped
+            return False
         if self.overalloc_max_batch is not None:
             return state.decode_batch <= self.overalloc_max_batch
         if not overallocation_profiled(self.profile, state):
             return False
-        ms = self.profile.decode_ms(self.profile.total_sms, state.decode_batch, state.mean_context_len, True)
-        return ms <= self.itl_target_ms
+        return self.decode_ms(Partition.FULL, state) <= self.itl_target_ms
 
     def decide(self, state: StepState) -> Partition:
         if self.overallocate(state):
             return Partition.FULL
         for p in self.splits:  # fewest decode SMs first
-            assert p.decode_sms is not None
-            ms = self.profile.decode_ms(p.decode_sms, state.decode_batch, state.mean_context_len, True)
-            if ms <= self.itl_target_ms:
+            if self.guard_allows(p, state) and self.decode_ms(p, state) <= self.itl_target_ms:
                 return p
         return self.splits[-1]  # none meets it: the largest decode partition
 
@@ -281,8 +337,9 @@ class CostModel:
         return ms
 
 
-class NexusPolicy:
-    """Proactive partitioning from a fitted cost model, with hysteresis."""
+class NexusPolicy(_ClosedLoop):
+    """Proactive partitioning from a fitted cost model, with hysteresis (closed loop: its decode
+    predictions corrected by the measured steps, and the ITL guard's floor respected)."""
 
     name = "nexus"
     partitioned = True
@@ -297,6 +354,7 @@ class NexusPolicy:
         confirm_steps: int = 4,
         model: CostModel | None = None,
         itl_headroom: float = 0.0,
+        feedback: FeedbackConfig | None = FeedbackConfig(),
     ) -> None:
         """slo_ttft_ms: the time the waiting prompts may take to prefill (by default 1 s, the
         goodput rule's ceiling for a prompt of up to 1000 tokens). switch_margin: a switch must
@@ -304,7 +362,8 @@ class NexusPolicy:
         switch for a gain; confirm_steps: consecutive steps the same better partition must be the
         target before it is taken (an input that swings every step never is). A switch to stop
         an ITL miss waits for neither. itl_headroom: a decode step is predicted to meet the SLO
-        when it fits (1 - itl_headroom) x slo_itl_ms."""
+        when it fits (1 - itl_headroom) x slo_itl_ms. feedback: the closed loop's settings (None:
+        open loop)."""
         if slo_itl_ms <= 0:
             raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
         if slo_ttft_ms <= 0:
@@ -325,6 +384,7 @@ class NexusPolicy:
         self._held = 0  # steps since the last switch
         self._wanted = Partition.FULL  # the target of the last steps...
         self._streak = 0  # ...for this many steps in a row
+        self._init_feedback(feedback, slo_itl_ms)
         log.info("nexus cost model: largest relative error on the profile %.1f %%",
                  100 * self.model.fit_max_rel_error)
         meta = profile.metadata
@@ -340,12 +400,14 @@ class NexusPolicy:
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
 
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        return self.model.decode_ms(p.decode_share(self.profile.total_sms), state.decode_batch,
+                                    state.mean_context_len, state.prefill_active)
+
     def predict(self, p: Partition, state: StepState) -> tuple[float, float]:
         """(decode step ms, ms to prefill the waiting prompts) in partition p."""
         total = self.profile.total_sms
-        beside = state.prefill_active
-        itl = (self.model.decode_ms(p.decode_share(total), state.decode_batch, state.mean_context_len, beside)
-               if state.decode_batch else 0.0)
+        itl = self.decode_ms(p, state) if state.decode_batch else 0.0
         drain = self.model.prefill_ms(p.prefill_share(total), state.waiting_prefill_tokens,
                                       decode_beside=state.decode_batch > 0, over_allocated=p.is_full)
         return itl, drain
@@ -358,7 +420,9 @@ class NexusPolicy:
 
     def allowed(self, p: Partition, state: StepState) -> bool:
         """Over-allocation beside a prefill only where the profile measured it (see
-        `overallocation_profiled`); every split always."""
+        `overallocation_profiled`); every split always; both only above the ITL guard's floor."""
+        if not self.guard_allows(p, state):
+            return False
         return not p.is_full or not state.prefill_active or overallocation_profiled(self.profile, state)
 
     def target(self, state: StepState) -> Partition:
@@ -438,10 +502,12 @@ def make_policy(
     slo_ttft_ms: float | None = None,
     overalloc_max_batch: int | None = None,
     itl_headroom: float = 0.0,
+    feedback: FeedbackConfig | None = FeedbackConfig(),
 ) -> PartitionPolicy:
     """The policy a spec names, on a device of `total_sms` SMs split in multiples of
     `granularity` (a partitioner's `total_sms` and `granularity`); rapid and nexus aim a decode
-    step at (1 - itl_headroom) x slo_itl_ms."""
+    step at (1 - itl_headroom) x slo_itl_ms and correct their predictions from the measured steps
+    with `feedback` (None: open loop)."""
     if isinstance(spec, str):
         spec = parse_policy(spec)
     if spec.kind == "off":
@@ -465,9 +531,9 @@ def make_policy(
         raise ValueError(f"the profile was measured on {profile.metadata.gpu_name} with {profile.total_sms} "
                          f"SMs; this device has {total_sms}: profile it here")
     if spec.kind == "rapid":
-        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom)
+        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom, feedback=feedback)
     return NexusPolicy(profile, slo_itl_ms, 1000.0 if slo_ttft_ms is None else slo_ttft_ms,
-                       itl_headroom=itl_headroom)
+                       itl_headroom=itl_headroom, feedback=feedback)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
