@@ -249,3 +249,60 @@ def test_p95():
     assert p95([1.0] * 19 + [5.0]) == 1.0
     assert p95([1.0] * 18 + [5.0, 6.0]) == 5.0
     assert p95([3.0]) == 3.0
+
+
+# ---- what the server and the sweep show ------------------------------------------------------------
+
+
+def test_closed_loop_metrics_and_sweep_summary():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from rapidserve.bench.sweep import feedback_summary, parse_partition_times
+    from rapidserve.entrypoints.openai.metrics import _PartitionCollector
+    from rapidserve.resources.feedback import FeedbackStats
+    from rapidserve.resources.policy import REACTION_BUCKETS, PartitionStats
+
+    registry, collector = CollectorRegistry(), _PartitionCollector("m")
+    registry.register(collector)
+
+    def stats(reactions, total_s, trips, residuals, buckets=None):
+        buckets = buckets or (0,) * 4 + (reactions,) * (len(REACTION_BUCKETS) - 4)
+        return PartitionStats("D32/P100", {"full": 1.0, "D32/P100": 2.0}, reactions, 0.1, 3.0, reactions, total_s,
+                              0.012, buckets, FeedbackStats(residuals, trips, 0, 48 if trips else 0, 0.041))
+
+    collector.stats = stats(2, 0.010, 1, {("D32/P100", "8K", "beside"): 1.38})
+    text = generate_latest(registry).decode()
+    assert 'rapidserve:sm_partition_decode_residual{context="8K",model_name="m",partition="D32/P100",phase="beside"} 1.38' in text
+    assert 'rapidserve:sm_partition_itl_guard_trips_total{model_name="m"} 1.0' in text
+    assert 'rapidserve:sm_partition_itl_guard_floor_sms{model_name="m"} 48.0' in text
+    assert 'rapidserve:sm_partition_reaction_seconds_bucket{le="0.025",model_name="m"} 2.0' in text
+    assert 'rapidserve:sm_partition_reaction_seconds_count{model_name="m"} 2.0' in text
+    before = parse_partition_times(text)
+    assert before.guard_trips == 1 and before.reactions == 2 and before.residuals == {"D32/P100@8K beside": 1.38}
+    collector.stats = stats(6, 0.050, 3, {("D32/P100", "8K", "beside"): 1.40, ("D48/P84", "8K", "beside"): 1.10})
+    after = parse_partition_times(generate_latest(registry).decode())
+    assert feedback_summary(before, after) == ("reaction 10.0 ms mean (4 switches), max since start 12.0 ms; "
+                                               "ITL guard 2 trips; residuals D32/P100@8K beside 1.40, "
+                                               "D48/P84@8K beside 1.10")
+    assert feedback_summary(None, None) == ""
+    collector.stats = PartitionStats("full", {"full": 1.0}, 0, 0.0, 1.0)  # open loop, no switch yet
+    open_loop = parse_partition_times(generate_latest(registry).decode())
+    assert open_loop.guard_trips is None and feedback_summary(None, open_loop) == ""
+
+
+def test_the_engine_config_turns_the_closed_loop_off(profile, tmp_path):
+    from rapidserve.config import EngineConfig
+    from rapidserve.serving.partitioning import build_policy
+
+    path = tmp_path / "profile.json"
+    profile.save(path)
+
+    class Partitioner:
+        total_sms, granularity = TOTAL, 8
+
+    for kind in ("rapid", "nexus"):
+        def config(**kw):
+            return EngineConfig(model="m", mode="rapid", partition_policy=kind, profile=str(path), slo_itl_ms=50.0, **kw)
+
+        assert build_policy(config(), Partitioner()).feedback is not None  # on by default
+        assert build_policy(config(closed_loop=False), Partitioner()).feedback is None

@@ -539,17 +539,29 @@ def make_policy(
 # ---- metrics ---------------------------------------------------------------------------------------
 
 
+# Upper bounds (s) of the reaction-time histogram: a switch decided to both sides on it.
+REACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
 class PartitionStats(NamedTuple):
     current: str  # the partition in force ("full", "D40/P92"); "" before the first step
     seconds: dict[str, float]  # time spent in each partition
     switches: int
     switches_per_s: float  # over the whole time recorded
     elapsed_s: float
+    # Reaction: from a switch's decision to the prefill worker on the new partition (the decode
+    # worker's next step is already there).
+    reactions: int = 0
+    reaction_s: float = 0.0  # their sum
+    reaction_max_s: float = 0.0
+    reaction_buckets: tuple[int, ...] = ()  # cumulative counts at REACTION_BUCKETS
+    feedback: FeedbackStats | None = None  # the closed loop's (rapid and nexus policies)
 
 
 class PartitionMetrics:
     """Which partition each step ran in: the decode worker calls `record` once per step with the
-    partition of the coming step; time is charged to a partition until the next call."""
+    partition of the coming step; time is charged to a partition until the next call. `react`
+    adds a switch's reaction time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -558,6 +570,20 @@ class PartitionMetrics:
         self.current: Partition | None = None
         self.switches = 0
         self._seconds: dict[Partition, float] = {}
+        self._reactions: list[int] = [0] * len(REACTION_BUCKETS)  # per bucket, not cumulative
+        self._reaction_n = 0
+        self._reaction_sum = 0.0
+        self._reaction_max = 0.0
+
+    def react(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self._reaction_n += 1
+        self._reaction_sum += seconds
+        self._reaction_max = max(self._reaction_max, seconds)
+        for i, bound in enumerate(REACTION_BUCKETS):
+            if seconds <= bound:
+                self._reactions[i] += 1
+                break
 
     def record(self, partition: Partition) -> None:
         now = self._clock()
@@ -579,9 +605,12 @@ class PartitionMetrics:
     def snapshot(self) -> PartitionStats:
         now = self._clock()
         seconds = {str(p): s for p, s in self._seconds.items()}
+        cumulative = tuple(sum(self._reactions[: i + 1]) for i in range(len(REACTION_BUCKETS)))
+        reactions = (self._reaction_n, self._reaction_sum, self._reaction_max, cumulative)
         if self.current is None or self._start is None:
-            return PartitionStats("", seconds, 0, 0.0, 0.0)
+            return PartitionStats("", seconds, 0, 0.0, 0.0, *reactions)
         key = str(self.current)
         seconds[key] = seconds.get(key, 0.0) + now - self._since
         elapsed = now - self._start
-        return PartitionStats(key, seconds, self.switches, self.switches / elapsed if elapsed > 0 else 0.0, elapsed)
+        return PartitionStats(key, seconds, self.switches, self.switches / elapsed if elapsed > 0 else 0.0, elapsed,
+                              *reactions)
