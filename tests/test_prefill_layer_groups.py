@@ -141,3 +141,21 @@ def test_prefill_worker_moves_between_layer_groups(tiny_model_dir, fake_mechanis
     assert got[0].partition == split and got[0].moved_s > 0.0 and [x.request_id for x in got[1:]] == ["a", "b"]
     moves = [p for side, what, p in fake_mechanism if side == "prefill" and what == "streams"]
     assert moves[-1] == split
+
+
+def test_the_step_timeline_keeps_the_switch_marks(tmp_path):
+    import time
+
+    from rapidserve.runner.timeline import StepTimeline, load_marks, load_spans
+
+    decode, prefill = StepTimeline("decode", torch.device("cpu")), StepTimeline("prefill", torch.device("cpu"))
+    decode.mark("decide", "D8/P8")
+    decided = decode.marks[0].at_s
+    time.sleep(0.002)
+    prefill.mark("follow", "D8/P8", decided)
+    decode.dump(str(tmp_path))
+    prefill.dump(str(tmp_path))
+    marks = load_marks(str(tmp_path))
+    assert [(k.role, k.kind, k.partition) for k in marks] == [("decode", "decide", "D8/P8"), ("prefill", "follow", "D8/P8")]
+    assert marks[0].reaction_s is None and marks[1].reaction_s >= 0.002
+    assert load_spans(str(tmp_path)) == []  # the spans' reader is unchanged
