@@ -16,7 +16,6 @@ reads the tokens and KV the previous one wrote).
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
