@@ -9,8 +9,9 @@ decode worker's measured step times come back (`observe`) and two mechanisms act
   an exponentially weighted moving average over about `window` steps. A prediction is multiplied by
   its residual once that has `min_samples` observations; a split not yet measured in a bucket
   borrows the mean residual of the splits that were (the misprediction is mostly the profile's
-  context model, shared by every split; a slowdown only, never a speed-up). The over-allocated full device has its own residuals only
-  (its contention is of another kind: decode competes with the prefill for SMs).
+  context model, shared by every split), a slowdown only, never a speed-up. The over-allocated
+  full device has its own residuals only (its contention is of another kind: decode competes
+  with the prefill for SMs).
 - **ITL guard.** Over the last `window` decode steps a partition ran beside a prefill, the
   measured p95 is compared with the ITL SLO. Above it, the guard *trips*: it raises a floor under
   the decode share (no over-allocation beside a prefill, and only splits larger than the one that
