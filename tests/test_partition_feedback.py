@@ -16,6 +16,7 @@ from rapidserve.resources.feedback import (
 )
 from rapidserve.resources.partition import Partition
 from rapidserve.resources.policy import NexusPolicy, RapidPolicy, StepState
+from test_rapid_partitioning import fake_mechanism  # noqa: F401 (a fixture)
 
 B, CTX, WAITING = 64, 4096, 8192  # beside prompts longer than the profile measured: rapid splits
 
@@ -306,3 +307,71 @@ def test_the_engine_config_turns_the_closed_loop_off(profile, tmp_path):
 
         assert build_policy(config(), Partitioner()).feedback is not None  # on by default
         assert build_policy(config(closed_loop=False), Partitioner()).feedback is None
+
+
+# ---- the decode worker's side: each step's measured time, paired with its decision ----------------
+
+
+def test_decode_partitioning_pairs_each_measured_step_with_its_decision(fake_mechanism, monkeypatch):  # noqa: F811
+    """Under async scheduling a step's tokens (and time) come back after the next step was decided:
+    observe() hands the policy each step's own partition and state, in launch order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rapidserve.config import EngineConfig
+    from rapidserve.serving.partitioning import DecodePartitioning
+    from test_rapid_partitioning import TOTAL as FAKE_TOTAL
+
+    seen = []
+
+    class Recording:
+        name, partitioned = "recording", True
+
+        def partitions(self):
+            return (Partition.FULL, Partition.split(8, FAKE_TOTAL))
+
+        def decide(self, st):
+            return self.partitions()[st.decode_batch % 2]
+
+        def observe(self, p, st, measured_s):
+            seen.append((p, st.decode_batch, measured_s))
+
+        def feedback_stats(self):
+            return "stats"  # not None: a closed-loop policy
+
+    monkeypatch.setattr("rapidserve.serving.partitioning.make_policy", lambda *a, **k: Recording())
+    part = DecodePartitioning(EngineConfig(mode="rapid", partition_policy="static:8"), torch.device("cpu"))
+    assert part.closed_loop
+    runner = SimpleNamespace(partition_graph_keys=set(), use_partition=lambda key, sms: None, timeline=None)
+    result = lambda batch, t: SimpleNamespace(scheduled=[0] * batch, device_s=lambda: t)  # noqa: E731
+    part.before_step(state(3, waiting=1), runner)  # step 1 launched
+    part.before_step(state(0, waiting=1), runner)  # nothing launched: no time will come back
+    part.before_step(state(2, waiting=1), runner)  # step 2 launched before step 1's tokens are taken
+    part.observe(result(3, 0.011))
+    part.observe(result(2, 0.022))
+    part.observe(result(5, 0.033))  # nothing pending: ignored
+    assert seen == [(Partition.split(8, FAKE_TOTAL), 3, 0.011), (Partition.FULL, 2, 0.022)]
+
+
+def test_step_results_carry_their_measured_time(tiny):
+    from rapidserve.config import EngineConfig
+    from rapidserve.kv.block_manager import BlockManager
+    from rapidserve.request import Request
+    from rapidserve.runner.model_runner import ModelRunner
+    from rapidserve.runner.setup import prepare_model
+    from rapidserve.sampling_params import SamplingParams
+    from rapidserve.scheduler.chunked import ScheduledRequest
+
+    prepared = prepare_model(EngineConfig(model=tiny, device="cpu", num_kv_blocks=8))
+    blocks = BlockManager(8, 16)
+    runner = ModelRunner(prepared.loaded.model, prepared.cache, blocks, prepared.device, prepared.eos_token_ids,
+                         prepared.backend, prepared.loaded.max_model_len)
+    req = Request("a", [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=2), 2)
+    assert blocks.allocate("a", 4)
+    batch = [ScheduledRequest(req, 0, 4, True)]
+    unmeasured = runner.submit(batch)
+    assert unmeasured.tokens() and unmeasured.device_s() is None
+    runner.measure_steps = True
+    measured = runner.submit(batch)
+    assert measured.tokens() == unmeasured.tokens() and 0.0 < measured.device_s() < 10.0
