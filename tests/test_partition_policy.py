@@ -14,6 +14,7 @@ from rapidserve.resources.policy import (
     NexusPolicy,
     OffPolicy,
     PartitionMetrics,
+    REACTION_BUCKETS,
     PolicySpec,
     RapidPolicy,
     StaticPolicy,
@@ -353,7 +354,7 @@ class FakeClock:
 def test_partition_metrics():
     clock = FakeClock()
     m = PartitionMetrics(clock)
-    assert m.snapshot() == ((""), {}, 0, 0.0, 0.0)
+    assert m.snapshot()[:5] == ((""), {}, 0, 0.0, 0.0)
     m.record(Partition.FULL)
     clock.t += 2.0
     m.record(Partition.FULL)  # same partition: not a switch
@@ -368,6 +369,13 @@ def test_partition_metrics():
     assert s.switches == 2
     assert s.elapsed_s == 10.0
     assert s.switches_per_s == pytest.approx(0.2)
+    assert (s.reactions, s.reaction_s, s.reaction_buckets[-1]) == (0, 0.0, 0)
+    for seconds in (0.004, 0.03, 0.3, -0.001):  # (a clock step backwards counts as 0)
+        m.react(seconds)
+    s = m.snapshot()
+    assert (s.reactions, s.reaction_s, s.reaction_max_s) == (4, pytest.approx(0.334), 0.3)
+    assert dict(zip(REACTION_BUCKETS, s.reaction_buckets))[0.005] == 2  # cumulative, as Prometheus
+    assert dict(zip(REACTION_BUCKETS, s.reaction_buckets))[0.05] == 3 and s.reaction_buckets[-1] == 4
 
 
 def test_the_engine_config_gives_the_policy_its_itl_headroom(profile, tmp_path):

@@ -85,7 +85,7 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
     ref = [o.outputs[0].token_ids for o in LLM(model=path, device="cpu").generate(prompts, params)]
     engine = create_engine(EngineConfig(model=path, device="cpu", mode="rapid", placement="thread",
                                         partition_policy="rapid", profile=_profile(tmp_path / "p.json"),
-                                        slo_itl_ms=20.0))
+                                        slo_itl_ms=20.0, prefill_max_step_ms=1e-6))  # prompts a layer at a time
     split = Partition.split(8, TOTAL)
     try:
         ids = [engine.add_request(p, params) for p in prompts[:6]]
@@ -103,7 +103,7 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
         while engine.has_unfinished_requests():
             assert time.monotonic() < deadline
             done.update({o.request_id: o for o in engine.step() if o.finished})
-        assert [done[i].outputs[0].token_ids for i in ids] == ref  # partitioning never changes tokens
+        assert [done[i].outputs[0].token_ids for i in ids] == ref  # partitioning (and layer groups) never change tokens
         stats = _wait_idle(engine, decode_sms=TOTAL)  # no decodes: the policy gives back the whole device
     finally:
         engine.shutdown()
@@ -113,6 +113,10 @@ def test_rapid_policy_switches_partitions_and_the_prefill_worker_follows(tiny_mo
     # full (batch 1 while the first requests arrive) -> split (6 decoding, 4 prompts) -> full
     assert p.switches >= 2 and set(p.seconds) == {"full", "D8/P8"} and p.current == "full"
     assert stats.decode_sms == TOTAL
+    # the prefill worker reported each move back: decision to both sides on the new partition
+    assert p.reactions >= 2 and p.reaction_buckets[-1] <= p.reactions and p.reaction_max_s >= p.reaction_s / p.reactions
+    # the closed loop measured the decode steps (wall time on CPU) against the profile's predictions
+    assert p.feedback is not None and p.feedback.residuals
     prefill_moves = [part for side, what, part in fake_mechanism if side == "prefill" and what == "streams"]
     assert prefill_moves[0] == Partition.FULL and split in prefill_moves[1:]  # it followed onto the split
     assert ("decode", "close", None) in fake_mechanism and ("prefill", "close", None) in fake_mechanism

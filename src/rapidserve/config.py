@@ -73,6 +73,15 @@ class EngineConfig:
     # at 2 req/s: aiming at the SLO itself left half the requests' p95 over it; at 0.84x, none).
     slo_itl_headroom: float = 0.15
     slo_ttft_ms: float | None = None  # nexus: the time to drain waiting prompts it aims at
+    # rapid/nexus: correct the profile's decode predictions from the measured steps and guard the
+    # measured p95 ITL (resources/feedback.py); False: open loop, as the paper
+    closed_loop: bool = True
+    # rapid mode with a policy that switches partitions: the prefill worker runs a prompt's forward
+    # in groups of layers of about this many ms, and follows a switch between two groups (0: whole
+    # steps). 20 ms: an 8K-token Llama-3.1-8B prompt on 100 of the H100's SMs took 296 ms (the
+    # 2026-11-23 profile), 9 ms a layer, so groups of 2 layers; about half a decode step at the
+    # SLOs measured (40-50 ms), so the prefill side is on a new partition within about one step.
+    prefill_max_step_ms: float = 20.0
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -124,6 +133,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive, got {v}")
+        if not self.prefill_max_step_ms >= 0 or self.prefill_max_step_ms == float("inf"):
+            raise ValueError(f"prefill_max_step_ms must be a finite number >= 0 (0: whole steps), "
+                             f"got {self.prefill_max_step_ms}")
         if not 0.0 <= self.slo_itl_headroom < 1.0:
             raise ValueError(f"slo_itl_headroom must be in [0, 1), got {self.slo_itl_headroom}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -59,7 +59,7 @@ ROW_KEYS = (
     "attainment_p95_itl", "attainment_max_itl", "attainment_itl_only", "attainment_ttft_only",
     "mean_ttft_ms", "p95_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p95_itl_ms", "p99_itl_ms",
     "mean_tpot_ms", "drain_pct", "gpu_util_pct", "gpu_util_source", "gpu_sm_occupancy_pct", "sm_partitions",
-    "error",
+    "sm_feedback", "error",
 )
 # A run whose last requests' decode takes more than this share of its duration (after the last
 # arrival) measures how long its longest outputs take, not the configuration's capacity.
@@ -331,6 +331,11 @@ class PartitionTimes(NamedTuple):
 
     seconds: dict[str, float]  # time the decode worker's steps ran in each partition
     switches: float
+    reactions: float = 0.0  # partition switches both workers followed...
+    reaction_s: float = 0.0  # ...and their reaction times' sum
+    reaction_max_s: float = 0.0
+    guard_trips: float | None = None  # the closed loop's (None: open loop, or an older server)
+    residuals: dict[str, float] = {}  # "D32/P100@8K beside" -> measured / predicted, now
 
 
 def parse_partition_times(text: str) -> PartitionTimes | None:
@@ -339,14 +344,29 @@ def parse_partition_times(text: str) -> PartitionTimes | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     seconds: dict[str, float] = {}
-    switches = 0.0
+    switches = reactions = reaction_s = reaction_max_s = 0.0
+    guard_trips: float | None = None
+    residuals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "rapidserve:sm_partition_seconds_total":
-                seconds[sample.labels["partition"]] = seconds.get(sample.labels["partition"], 0.0) + sample.value
-            elif sample.name == "rapidserve:sm_partition_switches_total":
+            name, labels = sample.name, sample.labels
+            if name == "rapidserve:sm_partition_seconds_total":
+                seconds[labels["partition"]] = seconds.get(labels["partition"], 0.0) + sample.value
+            elif name == "rapidserve:sm_partition_switches_total":
                 switches += sample.value
-    return PartitionTimes(seconds, switches) if seconds else None
+            elif name == "rapidserve:sm_partition_reaction_seconds_count":
+                reactions += sample.value
+            elif name == "rapidserve:sm_partition_reaction_seconds_sum":
+                reaction_s += sample.value
+            elif name == "rapidserve:sm_partition_reaction_max_seconds":
+                reaction_max_s = max(reaction_max_s, sample.value)
+            elif name == "rapidserve:sm_partition_itl_guard_trips_total":
+                guard_trips = (guard_trips or 0.0) + sample.value
+            elif name == "rapidserve:sm_partition_decode_residual":
+                residuals[f"{labels['partition']}@{labels['context']} {labels['phase']}"] = sample.value
+    if not seconds:
+        return None
+    return PartitionTimes(seconds, switches, reactions, reaction_s, reaction_max_s, guard_trips, residuals)
 
 
 def scrape_partition_times(base_url: str, timeout_s: float = 10.0) -> PartitionTimes | None:
@@ -374,6 +394,27 @@ def partition_shares(before: PartitionTimes | None, after: PartitionTimes | None
     parts = ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in sorted(spent.items(), key=lambda kv: -kv[1]))
     switches = after.switches - (before.switches if before is not None else 0.0)
     return f"{parts}; {switches:.0f} switches"
+
+
+def feedback_summary(before: PartitionTimes | None, after: PartitionTimes | None) -> str:
+    """What a run's closed loop did, from the counters before and after it: "reaction 4.2 ms mean
+    (12 switches), max 9.8 ms; ITL guard 1 trip; residuals D32/P100@8K beside 1.38, ..." (the
+    residuals as they stand at the end, largest first), or "" without counters."""
+    if after is None:
+        return ""
+    parts = []
+    n = after.reactions - (before.reactions if before is not None else 0.0)
+    if n > 0:
+        total = after.reaction_s - (before.reaction_s if before is not None else 0.0)
+        parts.append(f"reaction {1e3 * total / n:.1f} ms mean ({n:.0f} switches), max since start "
+                     f"{1e3 * after.reaction_max_s:.1f} ms")
+    if after.guard_trips is not None:
+        trips = after.guard_trips - ((before.guard_trips or 0.0) if before is not None else 0.0)
+        parts.append(f"ITL guard {trips:.0f} trip{'' if trips == 1 else 's'}")
+    if after.residuals:
+        ranked = sorted(after.residuals.items(), key=lambda kv: -kv[1])
+        parts.append("residuals " + ", ".join(f"{k} {v:.2f}" for k, v in ranked))
+    return "; ".join(parts)
 
 
 def _run_once(target: ServeTarget, requests: Sequence[SampleRequest], rate: float, args: argparse.Namespace,
@@ -478,9 +519,13 @@ def _sweep_config(config: SweepConfig, args: argparse.Namespace, rates: list[flo
                                           f"{config.name} @ {rate:g} req/s", records_path(out_dir, config.name, rate))
             row = make_row(config.name, rate, summary, gpu)
             row["error"] = err
-            row["sm_partitions"] = partition_shares(before, scrape_partition_times(url)) or None
+            after = scrape_partition_times(url)
+            row["sm_partitions"] = partition_shares(before, after) or None
+            row["sm_feedback"] = feedback_summary(before, after) or None
             if row["sm_partitions"]:
                 progress.write(f"[{config.name} @ {rate:g} req/s] SM partitions: {row['sm_partitions']}")
+            if row["sm_feedback"]:
+                progress.write(f"[{config.name} @ {rate:g} req/s] closed loop: {row['sm_feedback']}")
             result["rows"].append(row)
             progress.runs.update(1)
         entry["status"] = "ok" if server.alive() else "failed"

@@ -138,6 +138,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "the profile gives a step's median and the SLO is judged on each request's p95")
     g.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="nexus policy: the time to drain the waiting prompts it aims at (default 1000)")
+    g.add_argument("--closed-loop", action=argparse.BooleanOptionalAction, default=True,
+                   help="rapid/nexus policies: correct the profile's decode-step predictions from the measured "
+                        "steps (residuals per partition and context) and raise the decode share when the "
+                        "measured p95 step beside a prefill passes --slo-itl-ms (docs/partitioning.md); "
+                        "--no-closed-loop: open loop, as the paper")
+    g.add_argument("--prefill-max-step-ms", type=float, default=20.0, metavar="MS",
+                   help="rapid mode with a switching policy (rapid, nexus): the prefill worker runs a prompt in "
+                        "groups of layers of about MS ms each and follows a partition switch between two "
+                        "groups (0: whole prompts, a switch waits for the prefill step's end)")
     g.add_argument("--step-timeline", default=None, metavar="DIR",
                    help="diagnostic: each worker writes the start and end of its steps on the device "
                         "to DIR/{role}-{pid}.json at shutdown (shows prefill/decode overlap)")

@@ -172,9 +172,19 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions [T] -> hidden [T, hidden]
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(positions, h)
+        h = self.forward_layers(positions, h, 0, len(self.layers))
         return self.norm(h)
+
+    # The forward in pieces, for running a prompt in groups of layers (runner/layer_groups.py):
+    # embed_tokens, forward_layers over consecutive [start, end) ranges, then norm, computes what
+    # forward does, op for op.
+    def forward_layers(self, positions: torch.Tensor, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # h [T, hidden] (the input of layer `start`) -> [T, hidden] (the output of layer end - 1)
+        if not 0 <= start <= end <= len(self.layers):
+            raise ValueError(f"layer range [{start}, {end}) is outside the model's {len(self.layers)} layers")
+        for layer in self.layers[start:end]:
+            h = layer(positions, h)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [N, hidden] -> logits [N, vocab] in float32

@@ -33,6 +33,7 @@ from rapidserve.resources.cost_model import (
     PrefillLoad,
     StepCostModel,
 )
+from rapidserve.resources.feedback import Feedback, FeedbackConfig, FeedbackStats
 from rapidserve.resources.partition import Partition, round_to_granularity
 from rapidserve.resources.profile import Profile
 
@@ -64,6 +65,16 @@ class PartitionPolicy(Protocol):
     def decide(self, state: StepState) -> Partition:
         """The partition of the next step (called once per decode step)."""
         ...
+
+
+class ClosedLoopPolicy(Protocol):
+    """A policy that learns from measured decode steps (rapid, nexus; `closed_loop`)."""
+
+    def observe(self, partition: Partition, state: StepState, measured_s: float) -> None:
+        """A decode step decided from `state` ran in `partition` for `measured_s` on the device."""
+        ...
+
+    def feedback_stats(self) -> FeedbackStats | None: ...
 
 
 # ---- the simple ones -----------------------------------------------------------------------------
@@ -99,6 +110,44 @@ class StaticPolicy:
         return self.partition
 
 
+# ---- the closed loop (resources/feedback.py) --------------------------------------------------
+
+
+class _ClosedLoop:
+    """The prediction hook of the rapid and nexus policies: every decode prediction goes through
+    `decode_ms`, the open-loop one (`base_decode_ms`) times the measured residual; `observe` feeds
+    the residuals and the ITL guard. Without feedback (None) the policy is open loop."""
+
+    feedback: Feedback | None
+    profile: Profile
+
+    def _init_feedback(self, config: FeedbackConfig | None, slo_itl_ms: float) -> None:
+        self.feedback = None if config is None else Feedback(config, slo_itl_ms, self.profile.split_sm_counts)
+
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        """The open-loop prediction of a decode step of `state` in partition `p` (ms)."""
+        raise NotImplementedError
+
+    def decode_ms(self, p: Partition, state: StepState) -> float:
+        """The prediction the policy decides on: open loop, corrected by what was measured."""
+        ms = self.base_decode_ms(p, state)
+        if self.feedback is not None:
+            ms *= self.feedback.factor(p, state.mean_context_len, state.prefill_active)
+        return ms
+
+    def guard_allows(self, p: Partition, state: StepState) -> bool:
+        return self.feedback is None or self.feedback.allows(p, state.prefill_active)
+
+    def observe(self, partition: Partition, state: StepState, measured_s: float) -> None:
+        if self.feedback is None or state.decode_batch <= 0:
+            return
+        predicted_s = self.base_decode_ms(partition, state) / 1e3
+        self.feedback.observe(partition, state.mean_context_len, state.prefill_active, measured_s, predicted_s)
+
+    def feedback_stats(self) -> FeedbackStats | None:
+        return None if self.feedback is None else self.feedback.stats()
+
+
 # ---- rapid (the paper) ---------------------------------------------------------------------------
 
 
@@ -129,17 +178,20 @@ def overallocation_profiled(profile: Profile, state: StepState) -> bool:
     return state.waiting_prefill_tokens <= profile.metadata.prefill_tokens_beside
 
 
-class RapidPolicy:
-    """The paper's Adaptive Resource Manager, on the profile's measured splits."""
+class RapidPolicy(_ClosedLoop):
+    """The paper's Adaptive Resource Manager, on the profile's measured splits (closed loop:
+    its predictions corrected by the measured steps, and the ITL guard's floor respected)."""
 
     name = "rapid"
     partitioned = True
 
     def __init__(self, profile: Profile, slo_itl_ms: float, overalloc_max_batch: int | None = None,
-                 itl_headroom: float = 0.0, model: StepCostModel | None = None) -> None:
+                 itl_headroom: float = 0.0, model: StepCostModel | None = None,
+                 feedback: FeedbackConfig | None = FeedbackConfig()) -> None:
         """itl_headroom: the predicted decode step must fit (1 - itl_headroom) x slo_itl_ms. The
         step-cost model returns the profile's measurements inside its range, so on a measured
-        point this is the paper's lookup; past it (longer contexts) the fit's extrapolation."""
+        point this is the paper's lookup; past it (longer contexts) the fit's extrapolation.
+        feedback: the closed loop's settings (None: open loop)."""
         if slo_itl_ms <= 0:
             raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
         if overalloc_max_batch is not None and overalloc_max_batch < 0:
@@ -151,16 +203,22 @@ class RapidPolicy:
         self.model = model or StepCostModel.from_profile(profile)
         total = profile.total_sms
         self.splits = tuple(Partition.split(n, total) for n in profile.split_sm_counts)
+        self._init_feedback(feedback, slo_itl_ms)
 
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
 
-    def _meets(self, decode_sms: int | None, state: StepState) -> bool:
-        """The decode step beside the prefill meets the ITL target on these SMs (None: over-allocated).
-        NOTE: compared in seconds on both sides, so a step measured exactly at the target meets it."""
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        # The paper's rule: decode beside a running prefill (the one waiting, else the profiled one).
         beside = _prefill_beside(state) or (PrefillLoad(self.profile.metadata.prefill_tokens_beside or 1),)
-        s = self.model.decode_step_s(state.decode_batch, _kv_tokens(state), decode_sms, beside)
-        return s <= self.itl_target_ms / 1e3
+        return 1e3 * self.model.decode_step_s(state.decode_batch, _kv_tokens(state), p.decode_sms, beside)
+
+    def _meets(self, p: Partition, state: StepState) -> bool:
+        """The decode step beside the prefill meets the ITL target in partition p (closed loop:
+        the prediction corrected by what was measured).
+        NOTE: with a relative tolerance of 1e-9, so that a step measured exactly at the target
+        meets it whatever the unit conversions rounded."""
+        return self.decode_ms(p, state) <= self.itl_target_ms * (1 + 1e-9)
 
     def overallocate(self, state: StepState) -> bool:
         """Both phases on the whole device: no prompt is waiting or prefilling (decode alone
@@ -171,18 +229,19 @@ class RapidPolicy:
         (`overallocation_profiled`)."""
         if state.decode_batch == 0 or not self.splits or not state.prefill_active:
             return True
+        if not self.guard_allows(Partition.FULL, state):  # the ITL guard tripped
+            return False
         if self.overalloc_max_batch is not None:
             return state.decode_batch <= self.overalloc_max_batch
         if not overallocation_profiled(self.profile, state):
             return False
-        return self._meets(None, state)
+        return self._meets(Partition.FULL, state)
 
     def decide(self, state: StepState) -> Partition:
         if self.overallocate(state):
             return Partition.FULL
         for p in self.splits:  # fewest decode SMs first
-            assert p.decode_sms is not None
-            if self._meets(p.decode_sms, state):
+            if self.guard_allows(p, state) and self._meets(p, state):
                 return p
         return self.splits[-1]  # none meets it: the largest decode partition
 
@@ -190,8 +249,9 @@ class RapidPolicy:
 # ---- nexus (beyond the paper) --------------------------------------------------------------------
 
 
-class NexusPolicy:
-    """Proactive partitioning from a fitted cost model, with hysteresis."""
+class NexusPolicy(_ClosedLoop):
+    """Proactive partitioning from a fitted cost model, with hysteresis (closed loop: its decode
+    predictions corrected by the measured steps, and the ITL guard's floor respected)."""
 
     name = "nexus"
     partitioned = True
@@ -206,6 +266,7 @@ class NexusPolicy:
         confirm_steps: int = 4,
         model: StepCostModel | None = None,
         itl_headroom: float = 0.0,
+        feedback: FeedbackConfig | None = FeedbackConfig(),
     ) -> None:
         """slo_ttft_ms: the time the waiting prompts may take to prefill (by default 1 s, the
         goodput rule's ceiling for a prompt of up to 1000 tokens). switch_margin: a switch must
@@ -213,7 +274,8 @@ class NexusPolicy:
         switch for a gain; confirm_steps: consecutive steps the same better partition must be the
         target before it is taken (an input that swings every step never is). A switch to stop
         an ITL miss waits for neither. itl_headroom: a decode step is predicted to meet the SLO
-        when it fits (1 - itl_headroom) x slo_itl_ms."""
+        when it fits (1 - itl_headroom) x slo_itl_ms. feedback: the closed loop's settings (None:
+        open loop)."""
         if slo_itl_ms <= 0:
             raise ValueError(f"the ITL SLO must be positive, got {slo_itl_ms} ms")
         if slo_ttft_ms <= 0:
@@ -234,6 +296,7 @@ class NexusPolicy:
         self._held = 0  # steps since the last switch
         self._wanted = Partition.FULL  # the target of the last steps...
         self._streak = 0  # ...for this many steps in a row
+        self._init_feedback(feedback, slo_itl_ms)
         log.info("nexus cost model: largest relative error on the profile %.1f %% (%s)",
                  100 * max(self.model.fit_errors.values(), default=0.0),
                  ", ".join(f"{k} {100 * v:.1f} %" for k, v in self.model.fit_errors.items()))
@@ -249,10 +312,14 @@ class NexusPolicy:
     def partitions(self) -> tuple[Partition, ...]:
         return (Partition.FULL, *self.splits)
 
+    def base_decode_ms(self, p: Partition, state: StepState) -> float:
+        return 1e3 * self.model.decode_step_s(state.decode_batch, _kv_tokens(state), p.decode_sms,
+                                              _prefill_beside(state))
+
     def predict(self, p: Partition, state: StepState) -> tuple[float, float]:
         """(decode step ms, ms to prefill the waiting prompts as one load) in partition p."""
         kv = _kv_tokens(state)
-        itl = 1e3 * self.model.decode_step_s(state.decode_batch, kv, p.decode_sms, _prefill_beside(state))
+        itl = self.decode_ms(p, state) if state.decode_batch else 0.0
         waiting = (PrefillLoad(state.waiting_prefill_tokens),) if state.waiting_prefill_tokens > 0 else ()
         drain = 1e3 * self.model.prefill_step_s(waiting, p.prefill_sms,
                                                  (state.decode_batch, kv) if state.decode_batch else None)
@@ -266,7 +333,9 @@ class NexusPolicy:
 
     def allowed(self, p: Partition, state: StepState) -> bool:
         """Over-allocation beside a prefill only where the profile measured it (see
-        `overallocation_profiled`); every split always."""
+        `overallocation_profiled`); every split always; both only above the ITL guard's floor."""
+        if not self.guard_allows(p, state):
+            return False
         return not p.is_full or not state.prefill_active or overallocation_profiled(self.profile, state)
 
     def target(self, state: StepState) -> Partition:
@@ -346,10 +415,12 @@ def make_policy(
     slo_ttft_ms: float | None = None,
     overalloc_max_batch: int | None = None,
     itl_headroom: float = 0.0,
+    feedback: FeedbackConfig | None = FeedbackConfig(),
 ) -> PartitionPolicy:
     """The policy a spec names, on a device of `total_sms` SMs split in multiples of
     `granularity` (a partitioner's `total_sms` and `granularity`); rapid and nexus aim a decode
-    step at (1 - itl_headroom) x slo_itl_ms."""
+    step at (1 - itl_headroom) x slo_itl_ms and correct their predictions from the measured steps
+    with `feedback` (None: open loop)."""
     if isinstance(spec, str):
         spec = parse_policy(spec)
     if spec.kind == "off":
@@ -376,12 +447,17 @@ def make_policy(
     for note in model.limitations:
         log.info("step-cost model: %s", note)
     if spec.kind == "rapid":
-        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom, model=model)
+        return RapidPolicy(profile, slo_itl_ms, overalloc_max_batch, itl_headroom=itl_headroom, model=model,
+                           feedback=feedback)
     return NexusPolicy(profile, slo_itl_ms, 1000.0 if slo_ttft_ms is None else slo_ttft_ms,
-                       itl_headroom=itl_headroom, model=model)
+                       itl_headroom=itl_headroom, model=model, feedback=feedback)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
+
+
+# Upper bounds (s) of the reaction-time histogram: a switch decided to both sides on it.
+REACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class PartitionStats(NamedTuple):
@@ -390,11 +466,19 @@ class PartitionStats(NamedTuple):
     switches: int
     switches_per_s: float  # over the whole time recorded
     elapsed_s: float
+    # Reaction: from a switch's decision to the prefill worker on the new partition (the decode
+    # worker's next step is already there).
+    reactions: int = 0
+    reaction_s: float = 0.0  # their sum
+    reaction_max_s: float = 0.0
+    reaction_buckets: tuple[int, ...] = ()  # cumulative counts at REACTION_BUCKETS
+    feedback: FeedbackStats | None = None  # the closed loop's (rapid and nexus policies)
 
 
 class PartitionMetrics:
     """Which partition each step ran in: the decode worker calls `record` once per step with the
-    partition of the coming step; time is charged to a partition until the next call."""
+    partition of the coming step; time is charged to a partition until the next call. `react`
+    adds a switch's reaction time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -403,6 +487,20 @@ class PartitionMetrics:
         self.current: Partition | None = None
         self.switches = 0
         self._seconds: dict[Partition, float] = {}
+        self._reactions: list[int] = [0] * len(REACTION_BUCKETS)  # per bucket, not cumulative
+        self._reaction_n = 0
+        self._reaction_sum = 0.0
+        self._reaction_max = 0.0
+
+    def react(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self._reaction_n += 1
+        self._reaction_sum += seconds
+        self._reaction_max = max(self._reaction_max, seconds)
+        for i, bound in enumerate(REACTION_BUCKETS):
+            if seconds <= bound:
+                self._reactions[i] += 1
+                break
 
     def record(self, partition: Partition) -> None:
         now = self._clock()
@@ -424,9 +522,12 @@ class PartitionMetrics:
     def snapshot(self) -> PartitionStats:
         now = self._clock()
         seconds = {str(p): s for p, s in self._seconds.items()}
+        cumulative = tuple(sum(self._reactions[: i + 1]) for i in range(len(REACTION_BUCKETS)))
+        reactions = (self._reaction_n, self._reaction_sum, self._reaction_max, cumulative)
         if self.current is None or self._start is None:
-            return PartitionStats("", seconds, 0, 0.0, 0.0)
+            return PartitionStats("", seconds, 0, 0.0, 0.0, *reactions)
         key = str(self.current)
         seconds[key] = seconds.get(key, 0.0) + now - self._since
         elapsed = now - self._start
-        return PartitionStats(key, seconds, self.switches, self.switches / elapsed if elapsed > 0 else 0.0, elapsed)
+        return PartitionStats(key, seconds, self.switches, self.switches / elapsed if elapsed > 0 else 0.0, elapsed,
+                              *reactions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from rapidserve.runner.graphs import (
     token_buckets,
 )
 from rapidserve.runner.inputs import StepInputs
+from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import Sampler, SamplingBatch, make_generator
 from rapidserve.scheduler.chunked import ScheduledRequest
@@ -30,18 +31,34 @@ class StepResult:
     """A launched step: its sampled tokens live on the device until `tokens()` reads them."""
 
     def __init__(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None,
-                 rows: dict[str, int]) -> None:
+                 rows: dict[str, int], started: torch.cuda.Event | float | None = None) -> None:
+        """started: where the step's timing began (ModelRunner.measure_steps): a timing event
+        recorded before its kernels (CUDA), or the host's perf_counter (CPU: the step ran
+        synchronously, it is over now)."""
         self.scheduled = scheduled
         self.sampled = sampled  # [S] int64 on the device, one per sampling request
         self.rows = rows  # request id -> its row in `sampled`
         self._host: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self._started = started if isinstance(started, torch.cuda.Event) else None
+        self._elapsed_s = time.perf_counter() - started if isinstance(started, float) else None
         if sampled is not None and sampled.device.type == "cuda":
             # Start the copy back now, behind the step's kernels; tokens() waits for it only.
             self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
             self._host.copy_(sampled, non_blocking=True)
-            self._ready = torch.cuda.Event()
+            self._ready = torch.cuda.Event(enable_timing=self._started is not None)
             self._ready.record()
+
+    def device_s(self) -> float | None:
+        """The step's time on the device in seconds (CUDA: between events around its kernels;
+        CPU: the host's time), or None if it was not measured. On CUDA call it after tokens():
+        it then reads the events without another wait."""
+        if self._elapsed_s is not None:
+            return self._elapsed_s
+        if self._started is None or self._ready is None:
+            return None
+        self._ready.synchronize()
+        return self._started.elapsed_time(self._ready) / 1e3
 
     def tokens(self) -> list[int]:
         """The sampled token of each sampling request, in order (waits for the step)."""
@@ -85,6 +102,8 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
         self.timeline: StepTimeline | None = None  # set to record when each step ran
+        self.measure_steps = False  # time each step (StepResult.device_s): the closed-loop policies' input
+        self.layer_groups: LayerGroups | None = None  # eager steps run in layer groups (the rapid prefill worker)
         self._decode_graph_sets: dict[Hashable, DecodeGraphs] = {}  # per SM partition; None: the first
         self._graph_pool: object = None
 
@@ -181,23 +200,34 @@ class ModelRunner:
                 "num_splits": decode_num_splits(nd, self.model.config.num_kv_heads, self.num_sms)}
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> list[int]:
+    def execute(self, scheduled: list[ScheduledRequest],
+                between_groups: Callable[[], None] | None = None) -> list[int]:
         """Run one step and wait for it; returns the sampled token of each sampling request,
-        in order."""
-        return self.submit(scheduled).tokens()
+        in order. between_groups: with `layer_groups`, called between two groups of layers."""
+        return self.submit(scheduled, between_groups=between_groups).tokens()
 
     @torch.inference_mode()
-    def submit(self, scheduled: list[ScheduledRequest], prev: StepResult | None = None) -> StepResult:
+    def submit(self, scheduled: list[ScheduledRequest], prev: StepResult | None = None,
+               between_groups: Callable[[], None] | None = None) -> StepResult:
         """Launch one step without waiting for it (on CUDA the host returns as soon as the work
         is queued). Tokens still pending from `prev` (the step in flight) are fed to this one
-        from device memory."""
+        from device memory. An eager step runs in groups of layers when `layer_groups` is set,
+        calling `between_groups` (if given) between two of them."""
         rows = [s for s in scheduled if s.samples]
         start = self.timeline.begin() if self.timeline is not None else None
-        logits = self._logits(scheduled, prev)
+        started = self._start_timing() if self.measure_steps else None
+        logits = self._logits(scheduled, prev, between_groups)
         sampled = None if not rows else self.sampler(logits, self._sampling_batch(rows))  # [S] int64
         if self.timeline is not None:
             self.timeline.end(start, sum(s.num_new_tokens for s in scheduled), len(scheduled))
-        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)})
+        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)}, started)
+
+    def _start_timing(self) -> torch.cuda.Event | float:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()  # NOTE: on the worker's current stream, the one the step's kernels go to
+            return ev
+        return time.perf_counter()
 
     def _fill_pending(self, input_ids: torch.Tensor, inp: StepInputs, prev: StepResult | None) -> None:
         """Write the tokens the step in flight samples into this step's input ids (device to
@@ -213,7 +243,8 @@ class ModelRunner:
         where = self._tensor(np.stack([inp.pending_index, np.array(src, dtype=np.int64)]))  # [2, P]: one copy
         input_ids.index_copy_(0, where[0], prev.sampled.index_select(0, where[1]))
 
-    def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None) -> torch.Tensor | None:
+    def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None,
+                between_groups: Callable[[], None] | None = None) -> torch.Tensor | None:
         b = len(scheduled)
         t = sum(s.num_new_tokens for s in scheduled)
         if self.decode_graphs is not None and t == b:
@@ -247,8 +278,46 @@ class ModelRunner:
         input_ids = self._tensor(inp.input_ids)
         self._fill_pending(input_ids, inp, prev)
         with forward_context(self._metadata(inp)):
-            hidden = self.model(input_ids, self._tensor(inp.positions))
+            if self.layer_groups is None:
+                hidden = self.model(input_ids, self._tensor(inp.positions))
+            else:
+                hidden = self._forward_in_groups(input_ids, self._tensor(inp.positions), self.layer_groups,
+                                                 between_groups)
         return self._select_logits(hidden, inp)
+
+    def _forward_in_groups(self, input_ids: torch.Tensor, positions: torch.Tensor, groups: LayerGroups,
+                           between: Callable[[], None] | None) -> torch.Tensor:
+        """The model's forward, a group of layers at a time (the same ops as forward, so the same
+        tokens), calling `between` after each group but the last, and timing the groups."""
+        model = self.model
+        num_layers, tokens = len(model.layers), int(input_ids.shape[0])
+        cuda = self.device.type == "cuda"
+        h = model.embed_tokens(input_ids)  # [T, hidden]
+        in_flight: tuple[torch.cuda.Event, torch.cuda.Event, int] | None = None  # (begin, end, layers)
+        start = 0
+        while start < num_layers:
+            end = min(num_layers, start + groups.size(tokens))
+            if cuda:
+                begin = torch.cuda.Event(enable_timing=True)
+                begin.record()
+                h = model.forward_layers(positions, h, start, end)
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
+                # NOTE: the host waits for the group before this one, so it stays at most one group
+                # ahead of the device: a partition switch between groups then takes effect once the
+                # group in flight is done, not after every queued layer of the prompt.
+                if in_flight is not None:
+                    in_flight[1].synchronize()
+                    groups.measured(tokens, in_flight[2], in_flight[0].elapsed_time(in_flight[1]) / 1e3)
+                in_flight = (begin, done, end - start)
+            else:
+                t0 = time.perf_counter()
+                h = model.forward_layers(positions, h, start, end)
+                groups.measured(tokens, end - start, time.perf_counter() - t0)
+            if end < num_layers and between is not None:
+                between()
+            start = end
+        return model.norm(h)
 
     def _select_logits(self, hidden: torch.Tensor, inp: StepInputs) -> torch.Tensor | None:
         if len(inp.logits_indices) == 0:

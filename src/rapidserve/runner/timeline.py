@@ -26,12 +26,29 @@ class StepSpan(NamedTuple):
     end_s: float
 
 
+class Mark(NamedTuple):
+    """A moment of a partition switch on the host's monotonic clock: the decode worker's
+    decision ("decide") or the prefill worker's move ("follow", with the decision's time)."""
+
+    role: str
+    kind: str  # "decide" or "follow"
+    partition: str
+    at_s: float  # time.monotonic() seconds
+    decided_s: float | None = None  # follow: when the decode worker decided the switch
+
+    @property
+    def reaction_s(self) -> float | None:
+        """follow: decision to both sides on the new partition (the decode side moves at once)."""
+        return None if self.decided_s is None else self.at_s - self.decided_s
+
+
 class StepTimeline:
     def __init__(self, role: str, device: torch.device) -> None:
         self.role = role
         self.cuda = device.type == "cuda"
         self._open: list[tuple[int, int, Any, Any]] = []  # (tokens, seqs, start, end) not converted yet
         self.spans: list[StepSpan] = []
+        self.marks: list[Mark] = []
         if self.cuda:
             torch.cuda.synchronize(device)
             self._ref = torch.cuda.Event(enable_timing=True)
@@ -52,6 +69,11 @@ class StepTimeline:
         if len(self._open) >= 256:
             self.flush()
 
+    def mark(self, kind: str, partition: str, decided_s: float | None = None) -> None:
+        """A partition switch now (host time: the moment the worker's next kernels go to the new
+        partition; on CUDA the device follows once the work queued before it is done)."""
+        self.marks.append(Mark(self.role, kind, partition, time.monotonic(), decided_s))
+
     def flush(self) -> None:
         """Convert the finished steps' events to host times (waits for the last one)."""
         for tokens, seqs, start, end in self._open:
@@ -69,7 +91,8 @@ class StepTimeline:
         self.flush()
         path = Path(directory) / f"{self.role}-{os.getpid()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"role": self.role, "spans": [s._asdict() for s in self.spans]}))
+        path.write_text(json.dumps({"role": self.role, "spans": [s._asdict() for s in self.spans],
+                                    "marks": [k._asdict() for k in self.marks]}))
         return path
 
 
@@ -80,6 +103,14 @@ def load_spans(directory: str) -> list[StepSpan]:
         data = json.loads(path.read_text())
         spans.extend(StepSpan(**s) for s in data["spans"])
     return sorted(spans, key=lambda s: s.start_s)
+
+
+def load_marks(directory: str) -> list[Mark]:
+    """Every partition-switch mark written to a timeline directory, sorted by time."""
+    marks = []
+    for path in sorted(Path(directory).glob("*.json")):
+        marks.extend(Mark(**k) for k in json.loads(path.read_text()).get("marks", []))
+    return sorted(marks, key=lambda k: k.at_s)
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -59,6 +59,7 @@ class SetPartition:
     step (onto the remainder of the same split)."""
 
     partition: Any  # resources.partition.Partition
+    decided_s: float = 0.0  # time.monotonic() when the decode worker decided it (reaction time)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,15 @@ class PrefillDone:
     request_id: str
     token: int
     generator_state: Any = None
+
+
+@dataclass(frozen=True)
+class PartitionFollowed:
+    """The prefill worker runs on a SetPartition's partition now (its next kernels go there)."""
+
+    partition: Any  # resources.partition.Partition
+    decided_s: float  # the SetPartition's decided_s
+    moved_s: float  # time.monotonic() when the prefill worker moved
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ reads the tokens and KV the previous one wrote).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
 
+from rapidserve.resources.feedback import FeedbackConfig
 from rapidserve.resources.partition import Granted, Partition, Partitioner, make_partitioner
 from rapidserve.resources.policy import (
     OffPolicy,
@@ -34,7 +36,7 @@ from rapidserve.resources.profile import load_profile
 
 if TYPE_CHECKING:
     from rapidserve.config import EngineConfig
-    from rapidserve.runner.model_runner import ModelRunner
+    from rapidserve.runner.model_runner import ModelRunner, StepResult
 
 log = logging.getLogger("rapidserve.engine")
 
@@ -54,7 +56,8 @@ def build_policy(config: EngineConfig, partitioner: Partitioner) -> PartitionPol
     for note in profile.limitations() if profile is not None else ():
         log.warning("%s: %s", config.profile, note)
     return make_policy(spec, partitioner.total_sms, partitioner.granularity, profile, config.slo_itl_ms,
-                       config.slo_ttft_ms, itl_headroom=config.slo_itl_headroom)
+                       config.slo_ttft_ms, itl_headroom=config.slo_itl_headroom,
+                       feedback=FeedbackConfig() if config.closed_loop else None)
 
 
 class _Side:
@@ -118,6 +121,12 @@ class DecodePartitioning:
         self.policy, self._side = _open_side(config, device, "decode")
         self.partitions = self.policy.partitions()
         self.metrics = PartitionMetrics()
+        # The closed loop's input: each launched step's partition and state, until its measured
+        # time comes back with its tokens (in launch order).
+        self._observe = getattr(self.policy, "observe", None)
+        self._feedback_stats = getattr(self.policy, "feedback_stats", lambda: None)
+        self.closed_loop = self._observe is not None and self._feedback_stats() is not None
+        self._launched: deque[tuple[Partition, StepState]] = deque()
         for g in self._side.granted:
             log.info("decode: partition %s gives decode %d SMs, prefill %d", g.partition, g.decode_sms, g.prefill_sms)
 
@@ -151,13 +160,33 @@ class DecodePartitioning:
         changed (the prefill worker is to follow), else None."""
         p = self.policy.decide(state)
         self.metrics.record(p)
+        if self.closed_loop and state.decode_batch > 0:  # a step is launched: its time will come back
+            self._launched.append((p, state))
         if not self._side.move_to(p):
             return None
         self.use(runner, p)
+        if runner.timeline is not None:
+            runner.timeline.mark("decide", str(p))
         return p
 
+    def observe(self, result: StepResult) -> None:
+        """A launched step's tokens were taken: hand its measured time to the policy (once per
+        step, in launch order; after result.tokens())."""
+        if not self._launched:
+            return
+        p, state = self._launched.popleft()
+        # NOTE: the step of this decision, unless launches and takes fell out of step
+        assert state.decode_batch == len(result.scheduled), "decode steps observed out of launch order"
+        measured = result.device_s()
+        if measured is not None and self._observe is not None:
+            self._observe(p, state, measured)
+
+    def followed(self, decided_s: float, moved_s: float) -> None:
+        """The prefill worker moved to a partition decided at decided_s (both monotonic)."""
+        self.metrics.react(moved_s - decided_s)
+
     def stats(self) -> PartitionStats:
-        return self.metrics.snapshot()
+        return self.metrics.snapshot()._replace(feedback=self._feedback_stats())
 
     def decode_sms(self) -> int:
         """SMs decode runs on now (0: no partitioning)."""
@@ -172,18 +201,19 @@ class PrefillPartitioning:
     config, so it names the same ones); it follows the decode worker at its next step."""
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        policy, self._side = _open_side(config, device, "prefill")
-        self.partitioned = policy.partitioned
-        self.pending: Partition | None = None
+        self.policy, self._side = _open_side(config, device, "prefill")
+        self.partitioned = self.policy.partitioned
+        # Whether a prefill step may have to move mid-way (the policy can pick more than one).
+        self.switching = self.partitioned and len(self.policy.partitions()) > 1
 
-    def follow(self, partition: Partition) -> None:
-        """The decode worker moved: move too, before the next prefill step."""
-        self.pending = partition
+    def follow(self, partition: Partition) -> bool:
+        """The decode worker moved: move too, now (between steps, or between a step's layer
+        groups): the next prefill kernels run on the new partition. False if already there."""
+        return self._side.move_to(partition)
 
-    def before_step(self) -> None:
-        if self.pending is not None:
-            self._side.move_to(self.pending)
-            self.pending = None
+    def prefill_sms(self) -> int:
+        assert self._side.current is not None
+        return self._side.sms(self._side.current)
 
     def close(self) -> None:
         self._side.close()

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from rapidserve.kv.block_manager import BlockManager
 from rapidserve.kv.cache import KVCache
 from rapidserve.request import Request
 from rapidserve.resources.policy import StepState
+from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.model_runner import ModelRunner, StepResult
 from rapidserve.runner.setup import PreparedModel, device_memory_bytes, prepare_model, resolve_device
 from rapidserve.runner.timeline import StepTimeline
@@ -105,6 +107,7 @@ class DecodeWorker:
         )
         if self.partitioning is not None:
             self.partitioning.use(self.runner, self.partitioning.current)
+            self.runner.measure_steps = self.partitioning.closed_loop  # the policy learns from its steps' times
         if prepared.use_graphs:  # its steps are pure decodes
             self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, piecewise=False)
             if self.partitioning is not None:
@@ -138,6 +141,9 @@ class DecodeWorker:
                         self._take(req, msg.token, events)
                 elif isinstance(msg, m.PrefillDropped):
                     sched.prefill_dropped(msg.request_id)
+                elif isinstance(msg, m.PartitionFollowed):
+                    if self.partitioning is not None:
+                        self.partitioning.followed(msg.decided_s, msg.moved_s)
                 elif isinstance(msg, m.PrefillFailed):
                     self._prefill_failed(msg)
                 elif isinstance(msg, m.Abort):
@@ -163,9 +169,10 @@ class DecodeWorker:
         out = self.scheduler.schedule()
         moved = None
         if self.partitioning is not None and self.partitioning.partitioned:  # `off`: nothing to decide
+            decided_s = time.monotonic()
             moved = self.partitioning.before_step(self._step_state(out.scheduled), self.runner)
             if moved is not None:
-                self.to_prefill.put(m.SetPartition(moved))
+                self.to_prefill.put(m.SetPartition(moved, decided_s))
         # NOTE: after the partition message: a prompt handed over now is prefilled in the partition
         # decided with it in view (the prefill worker reads its inbox in order), never in the one
         # before, when no prompt was there (e.g. over-allocated, beside this decode step).
@@ -195,6 +202,8 @@ class DecodeWorker:
                 req.num_pending -= 1
             if not req.status.finished:  # else it stopped or was aborted meanwhile: discarded
                 self._take(req, token, events)
+        if self.partitioning is not None and self.partitioning.closed_loop:
+            self.partitioning.observe(result)  # its measured time, read now that its tokens are in
         self.blocks.retire(step)
         return True
 
@@ -270,13 +279,43 @@ class PrefillWorker:
             # budget run eagerly. Not with SM partitions: a graph keeps the partition it was
             # captured in, and a set per partition costs more than launching long prompts.
             self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, decode=False)
+        elif config.prefill_max_step_ms > 0 and self.partitioning.switching:
+            # Prompts in groups of layers: a partition switch is followed between two groups.
+            self.runner.layer_groups = LayerGroups(config.prefill_max_step_ms / 1e3, len(shared.model.layers),
+                                                   self._profiled_prefill_s())
         self.timeline_dir = _start_timeline(self.runner, config, "prefill")
+        self._held: list[Any] = []  # messages read between layer groups, handled after the step
+
+    def _profiled_prefill_s(self) -> Callable[[int], float] | None:
+        """A prompt's prefill time on the SMs the prefill side has now, from the policy's profile
+        (None without one): the layer groups' size until they have measured their own."""
+        profile = getattr(self.partitioning.policy, "profile", None)
+        if profile is None:
+            return None
+        return lambda tokens: profile.prefill_ms(self.partitioning.prefill_sms(), tokens) / 1e3
+
+    def _follow(self, msg: m.SetPartition) -> None:
+        """Move to the decode worker's new partition now and tell it when (its reaction time)."""
+        self.partitioning.follow(msg.partition)
+        if self.runner.timeline is not None:
+            self.runner.timeline.mark("follow", str(msg.partition), msg.decided_s)
+        self.to_decode.put(m.PartitionFollowed(msg.partition, msg.decided_s, time.monotonic()))
+
+    def _between_groups(self) -> None:
+        """Between two layer groups of a prefill step: follow a partition switch at once; every
+        other message waits for the step's end (in order)."""
+        for msg in _drain(self.inbox, block=False):
+            if isinstance(msg, m.SetPartition):
+                self._follow(msg)
+            else:
+                self._held.append(msg)
 
     def run(self) -> None:
         log = logging.getLogger("rapidserve.prefill")
         sched = self.scheduler
         while True:
-            for msg in _drain(self.inbox, block=not sched.waiting):
+            held, self._held = self._held, []
+            for msg in held + _drain(self.inbox, block=not sched.waiting and not held):
                 if isinstance(msg, m.PrefillWork):
                     sched.add(PrefillJob(request_of(msg, self.runner), msg.block_ids))
                 elif isinstance(msg, m.CancelPrefill):
@@ -286,7 +325,7 @@ class PrefillWorker:
                         self.runner.release(msg.request_id)
                         self.to_decode.put(m.PrefillDropped(msg.request_id))
                 elif isinstance(msg, m.SetPartition):
-                    self.partitioning.follow(msg.partition)
+                    self._follow(msg)
                 elif isinstance(msg, m.Shutdown):
                     log.info("prefill worker stopping")
                     _dump_timeline(self.runner, self.timeline_dir)
@@ -296,8 +335,7 @@ class PrefillWorker:
             batch = sched.schedule()
             if not batch:
                 continue
-            self.partitioning.before_step()
-            tokens = self.runner.execute(batch)
+            tokens = self.runner.execute(batch, self._between_groups if self.runner.layer_groups else None)
             for s, token in zip(batch, tokens):
                 rid = s.request.request_id
                 sched.finish(rid)

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from rapidserve.async_engine import RequestStream
 from rapidserve.engine import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
-from rapidserve.resources.policy import PartitionStats
+from rapidserve.resources.policy import REACTION_BUCKETS, PartitionStats
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -70,6 +70,47 @@ class _PartitionCollector:
                                  "per second since the first step (rapid mode).", labels=["model_name"])
         rate.add_metric([self.model_name], s.switches_per_s)
         yield from (seconds, current, switches, rate)
+        yield from self._reaction(s)
+        if s.feedback is not None:
+            yield from self._feedback(s)
+
+    def _reaction(self, s: PartitionStats) -> Iterator[Metric]:
+        reaction = HistogramMetricFamily(
+            "rapidserve:sm_partition_reaction_seconds", "Time from a partition switch's decision to both "
+            "workers on the new partition (the prefill worker moves between layer groups; rapid mode).",
+            labels=["model_name"])
+        counts = s.reaction_buckets or (0,) * len(REACTION_BUCKETS)
+        buckets = [(str(b), c) for b, c in zip(REACTION_BUCKETS, counts)]
+        reaction.add_metric([self.model_name], buckets + [("+Inf", s.reactions)], s.reaction_s)
+        longest = GaugeMetricFamily("rapidserve:sm_partition_reaction_max_seconds", "The longest reaction to "
+                                    "a partition switch so far (rapid mode).", labels=["model_name"])
+        longest.add_metric([self.model_name], s.reaction_max_s)
+        yield from (reaction, longest)
+
+    def _feedback(self, s: PartitionStats) -> Iterator[Metric]:
+        f = s.feedback
+        assert f is not None
+        residual = GaugeMetricFamily(
+            "rapidserve:sm_partition_decode_residual", "Measured / predicted decode step time (EWMA) per "
+            "partition, context bucket and phase (beside a prefill or alone): the closed loop's correction.",
+            labels=["model_name", "partition", "context", "phase"])
+        for (partition, context, phase), value in sorted(f.residuals.items()):
+            residual.add_metric([self.model_name, partition, context, phase], value)
+        trips = CounterMetricFamily("rapidserve:sm_partition_itl_guard_trips", "Times the measured p95 decode "
+                                    "step beside a prefill passed the ITL SLO (the guard raised the decode "
+                                    "share).", labels=["model_name"])
+        trips.add_metric([self.model_name], f.guard_trips)
+        releases = CounterMetricFamily("rapidserve:sm_partition_itl_guard_releases", "Times the ITL guard "
+                                       "lowered its floor again.", labels=["model_name"])
+        releases.add_metric([self.model_name], f.guard_releases)
+        floor = GaugeMetricFamily("rapidserve:sm_partition_itl_guard_floor_sms", "Decode SMs a step beside a "
+                                  "prefill needs at least while the ITL guard holds (0: no floor).",
+                                  labels=["model_name"])
+        floor.add_metric([self.model_name], f.guard_floor_sms)
+        p95 = GaugeMetricFamily("rapidserve:sm_partition_itl_guard_p95_seconds", "The p95 decode step time "
+                                "of the ITL guard's last full window.", labels=["model_name"])
+        p95.add_metric([self.model_name], f.guard_p95_s)
+        yield from (residual, trips, releases, floor, p95)
 
 
 class ServerMetrics:
