@@ -1,0 +1,218 @@
+"""Mixture-of-experts models (rapidserve.model.moe) on CPU: HF-equal greedy tokens in every
+mode and checkpoint layout, chunking and preemption, loading errors, the config's MoE fields.
+
+The HF-oracle test over the three tiny MoE architectures in hybrid mode lives with the dense
+ones in test_hf_equivalence.py; here the other modes and layouts run on tiny Mixtral.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import hf_greedy
+
+from rapidserve import LLM, SamplingParams
+from rapidserve.config import EngineConfig
+from rapidserve.engine import create_engine
+from rapidserve.model.config import ModelConfig
+from rapidserve.model.loader import load_model
+from rapidserve.model.moe import experts_reference, route
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _prompts(n: int = 4, seed: int = 5) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(length)] for length in (1, 9, 33, 70)[:n]]
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_model_dir):
+    """(checkpoint dir, HF model, prompts, HF's greedy tokens for them)."""
+    path, hf = tiny_model_dir("mixtral")
+    prompts = _prompts()
+    return path, hf, prompts, [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+
+
+def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def _run(engine, prompts: list[list[int]], timeout_s: float = 120.0) -> list[list[int]]:
+    done: dict[str, list[int]] = {}
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    deadline = time.monotonic() + timeout_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish in time"
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[i] for i in ids]
+
+
+# ---------------------------------------------------------------------------- every mode
+
+
+def test_chunked_prefill_and_preemption_match_hf(mixtral):
+    path, _, prompts, ref = mixtral
+    assert _tokens(LLM(model=path, device="cpu", max_num_batched_tokens=16), prompts) == ref
+    small = LLM(model=path, device="cpu", num_kv_blocks=7, block_size=16, max_num_batched_tokens=32)
+    assert _tokens(small, prompts) == ref
+    assert small.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize(
+    "mode, placement", [("rapid", "thread"), ("rapid", "process"), ("disagg", "thread"), ("disagg", "process")]
+)
+def test_every_mode_matches_hf(mixtral, mode, placement):
+    path, _, prompts, ref = mixtral
+    engine = create_engine(EngineConfig(model=path, device="cpu", mode=mode, placement=placement))
+    try:
+        assert _run(engine, prompts) == ref
+    finally:
+        engine.shutdown()
+
+
+# ------------------------------------------------------------------------ checkpoint layouts
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
+def test_fused_expert_layout_matches_hf(kind, tiny_model_dir, tmp_path):
+    # Newer transformers keep (and may write) experts stacked: experts.gate_up_proj
+    # [E, 2I, H] and experts.down_proj [E, H, I]: the in-memory state dict is that layout.
+    src, hf = tiny_model_dir(kind)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(Path(src, "config.json").read_text())
+    prompts = _prompts(3)
+    got = _tokens(LLM(model=str(tmp_path), device="cpu"), prompts)
+    assert got == [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+
+
+def _per_expert_copy(src: str, dst: Path, edit) -> Path:
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(src, "model.safetensors")))
+    assert "model.layers.0.block_sparse_moe.experts.2.w1.weight" in state  # the original layout
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(Path(src, "config.json").read_text())
+    return dst
+
+
+def _load(path: Path) -> None:
+    load_model(str(path), "auto", "float32", torch.device("cpu"))
+
+
+def test_missing_expert_names_the_tensor(mixtral, tmp_path):
+    path = _per_expert_copy(mixtral[0], tmp_path, lambda s: s.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(ValueError, match=r"lacks 1 weights: model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight"):
+        _load(path)
+
+
+def test_wrong_expert_shape_names_the_tensor(mixtral, tmp_path):
+    def edit(state):
+        name = "model.layers.0.block_sparse_moe.experts.3.w2.weight"
+        state[name] = state[name][:, :-1].contiguous()
+
+    path = _per_expert_copy(mixtral[0], tmp_path, edit)
+    with pytest.raises(ValueError, match=r"block_sparse_moe\.experts\.3\.w2\.weight' has shape \(64, 127\)"):
+        _load(path)
+
+
+def test_extra_expert_is_unexpected(mixtral, tmp_path):
+    def edit(state):
+        state["model.layers.0.block_sparse_moe.experts.4.w1.weight"] = torch.zeros(128, 64)
+
+    with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.0\.block_sparse_moe\.experts\.4\.w1"):
+        _load(_per_expert_copy(mixtral[0], tmp_path, edit))
+
+
+def test_wrong_fused_expert_shape_names_the_tensor(tiny_model_dir, tmp_path):
+    src, hf = tiny_model_dir("qwen3-moe")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    state["model.layers.0.mlp.experts.down_proj"] = state["model.layers.0.mlp.experts.down_proj"][:3].contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(Path(src, "config.json").read_text())
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj' has shape \(3, 64, 48\)"):
+        _load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ the config
+
+
+def _qwen2_moe_config(**kw) -> ModelConfig:
+    cfg = {
+        "architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 96, **kw,
+    }
+    return ModelConfig.from_hf(cfg)
+
+
+def test_config_moe_fields_and_sparse_layers():
+    cfg = _qwen2_moe_config(decoder_sparse_step=2, mlp_only_layers=[3])
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (60, 4, 32)
+    assert cfg.shared_expert_intermediate_size == 96 and cfg.norm_topk_prob is False
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+    assert cfg.num_moe_layers == 2 and cfg.expert_params == 3 * 64 * 32
+    dense = ModelConfig.from_hf({**json.loads(json.dumps(_LLAMA)), "architectures": ["LlamaForCausalLM"]})
+    assert not dense.is_moe and dense.expected_experts_touched(100) == 0.0
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        _qwen2_moe_config(num_experts_per_tok=61)
+    with pytest.raises(ValueError, match="moe_intermediate_size"):
+        ModelConfig.from_hf({**_LLAMA, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8})
+
+
+_LLAMA = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def test_expected_experts_touched():
+    cfg = _qwen2_moe_config()  # 60 experts, top-4
+    assert cfg.expected_experts_touched(0) == 0.0
+    assert cfg.expected_experts_touched(1) == pytest.approx(4.0)
+    # two tokens: 4 + 4 * (56 / 60) expected distinct
+    assert cfg.expected_experts_touched(2) == pytest.approx(4 + 4 * 56 / 60)
+    assert cfg.expected_experts_touched(10_000) == pytest.approx(60.0)
+    # against a simulation of uniform routing
+    gen = torch.Generator().manual_seed(0)
+    sims = [len(torch.rand(32, 60, generator=gen).topk(4).indices.unique()) for _ in range(400)]
+    assert sum(sims) / len(sims) == pytest.approx(cfg.expected_experts_touched(32), rel=0.02)
+    assert cfg.expert_bytes_read(1, 2) == pytest.approx(6 * 4 * 3 * 64 * 32 * 2)
+    with pytest.raises(ValueError, match="num_tokens"):
+        cfg.expected_experts_touched(-1)
+
+
+def test_routing_normalisation():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    w, ids = route(logits, 2, renormalize=False)
+    probs = torch.softmax(logits, -1)[0]
+    assert ids.tolist() == [[0, 1]] and torch.allclose(w[0], probs[:2])
+    w, _ = route(logits, 2, renormalize=True)
+    assert torch.allclose(w[0], probs[:2] / probs[:2].sum())
+
+
+def test_experts_reference_against_a_dense_loop():
+    gen = torch.Generator().manual_seed(1)
+    t, h, i, e, k = 7, 16, 24, 5, 2
+    x = torch.randn(t, h, generator=gen)
+    w13, w2 = torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen)
+    weights, ids = route(torch.randn(t, e, generator=gen), k, True)
+    want = torch.zeros(t, h)
+    for tok in range(t):
+        for j in range(k):
+            ex = int(ids[tok, j])
+            g, u = (w13[ex] @ x[tok]).split(i)
+            want[tok] += weights[tok, j] * (w2[ex] @ (torch.nn.functional.silu(g) * u))
+    torch.testing.assert_close(experts_reference(x, w13, w2, weights, ids), want, rtol=1e-5, atol=1e-5)
