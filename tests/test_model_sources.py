@@ -470,7 +470,7 @@ def test_hf_truncated_safetensors(hf_single: Path, keep: float) -> None:
 
 
 def test_presets() -> None:
-    assert list_presets() == ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b"]
+    assert list_presets() == ["llama-3.1-8b", "mixtral-8x7b", "qwen2.5-7b", "qwen3-30b-a3b", "qwen3-8b"]
     llama = load_preset("llama-3.1-8b")
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (32, 8)
     assert llama["rope_scaling"] == {
@@ -489,8 +489,25 @@ def test_presets() -> None:
     # Callers get their own copy.
     llama["vocab_size"] = 1
     assert load_preset("llama-3.1-8b")["vocab_size"] == 128256
-    with pytest.raises(ValueError, match="available: llama-3.1-8b, qwen2.5-7b, qwen3-8b"):
+    with pytest.raises(ValueError, match="available: llama-3.1-8b, mixtral-8x7b, qwen2.5-7b, qwen3-30b-a3b, qwen3-8b"):
         load_preset("gpt-5")
+
+
+def test_moe_presets_have_the_published_sizes() -> None:
+    from rapidserve.bench.floors import model_cost
+    from rapidserve.model.config import ModelConfig
+
+    mixtral = ModelConfig.from_hf(load_preset("mixtral-8x7b"))
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.moe_intermediate_size) == (8, 2, 14336)
+    assert mixtral.norm_topk_prob and mixtral.num_moe_layers == 32
+    qwen = ModelConfig.from_hf(load_preset("qwen3-30b-a3b"))
+    assert (qwen.num_experts, qwen.experts_per_token, qwen.moe_intermediate_size) == (128, 8, 768)
+    assert qwen.norm_topk_prob and qwen.qk_norm and qwen.num_moe_layers == 48
+    # The published totals (46.7B, 30.5B) and active parameters per token (12.9B, 3.3B).
+    for cfg, total, active in ((mixtral, 46.7e9, 12.9e9), (qwen, 30.5e9, 3.3e9)):
+        cost = model_cost(cfg, torch.bfloat16)
+        assert cost.num_params == pytest.approx(total, rel=0.01)
+        assert cost.active_params_per_token == pytest.approx(active, rel=0.03)
 
 
 # ----------------------------------------------------------------- resolve / load_source

@@ -216,3 +216,21 @@ def test_experts_reference_against_a_dense_loop():
             g, u = (w13[ex] @ x[tok]).split(i)
             want[tok] += weights[tok, j] * (w2[ex] @ (torch.nn.functional.silu(g) * u))
     torch.testing.assert_close(experts_reference(x, w13, w2, weights, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_floor_reads_only_the_touched_experts():
+    from rapidserve.bench.floors import DeviceRates, decode_step_floor_s, model_cost, step_weight_bytes_read
+    from rapidserve.model.presets import load_preset
+
+    cfg = ModelConfig.from_hf(load_preset("mixtral-8x7b"))
+    cost = model_cost(cfg, torch.bfloat16)
+    assert cost.routed_expert_bytes == 32 * 8 * 3 * 4096 * 14336 * 2
+    dense_part = cost.step_weight_bytes - cost.routed_expert_bytes
+    # batch 1 reads 2 of 8 experts per layer; a large batch reads (nearly) all of them
+    assert step_weight_bytes_read(cost, 1) == pytest.approx(dense_part + cost.routed_expert_bytes / 4)
+    assert step_weight_bytes_read(cost, 128) == pytest.approx(cost.step_weight_bytes, rel=1e-9)
+    assert step_weight_bytes_read(cost) == cost.step_weight_bytes
+    rates = DeviceRates.given(4.0, 700.0)
+    assert decode_step_floor_s(cost, rates, 0, 1) < decode_step_floor_s(cost, rates, 0, 32)
+    # the prefill's matmul FLOPs count the active experts only (2 of 8)
+    assert cost.linear_flops_per_token < 2 * cost.active_params_per_token < 2 * cost.num_params / 3

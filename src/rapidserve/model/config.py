@@ -105,19 +105,9 @@ class ModelConfig:
         return 3 * self.hidden_size * self.moe_intermediate_size
 
     def expected_experts_touched(self, num_tokens: int) -> float:
-        """Expected distinct experts one MoE layer reads for a batch of `num_tokens` tokens.
-
-        Assumes uniform, independent routing: each token picks experts_per_token distinct
-        experts, so a given expert is missed by one token with probability 1 - k/E and by the
-        whole batch with (1 - k/E)^n. Real routers are skewed, so this is an upper estimate of
-        the experts a batch reads (a skewed batch reuses more). 0 for dense models.
-        """
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        if not self.num_experts or num_tokens == 0:
-            return 0.0
-        miss = 1.0 - self.experts_per_token / self.num_experts
-        return self.num_experts * (1.0 - miss**num_tokens)
+        """Expected distinct experts one MoE layer reads for a batch of `num_tokens` tokens
+        (uniform routing, see expected_distinct_experts); 0 for dense models."""
+        return expected_distinct_experts(self.num_experts, self.experts_per_token, num_tokens)
 
     def expert_bytes_read(self, num_tokens: int, itemsize: int) -> float:
         """Expected bytes of routed-expert weights one forward over `num_tokens` tokens reads,
@@ -196,6 +186,22 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             config_dtype=str(dtype).replace("torch.", ""),
         )
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Expected number of distinct experts `num_tokens` tokens route to, top_k each.
+
+    Assumes uniform, independent routing: each token picks top_k distinct experts, so a given
+    expert is missed by one token with probability 1 - k/E and by the whole batch with
+    (1 - k/E)^n. Trained routers are skewed, so a real batch tends to touch fewer (it reuses
+    the popular experts): this is the upper estimate of the expert bytes a step reads.
+    """
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if num_experts <= 0 or num_tokens == 0:
+        return 0.0
+    miss = 1.0 - top_k / num_experts
+    return num_experts * (1.0 - miss**num_tokens)
 
 
 def _moe_fields(arch: str, cfg: dict[str, Any], intermediate: int) -> dict[str, Any]:
