@@ -234,3 +234,119 @@ def test_decode_floor_reads_only_the_touched_experts():
     assert decode_step_floor_s(cost, rates, 0, 1) < decode_step_floor_s(cost, rates, 0, 32)
     # the prefill's matmul FLOPs count the active experts only (2 of 8)
     assert cost.linear_flops_per_token < 2 * cost.active_params_per_token < 2 * cost.num_params / 3
+
+
+# ------------------------------------------------------------------------------------- GGUF
+
+_GGUF_ARCH = {"mixtral": "llama", "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
+
+
+def _write_moe_gguf(hf, kind: str, path: Path) -> None:
+    """What llama.cpp's converter writes for a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint:
+    stacked *_exps expert tensors, llama's q/k rows permuted, F32."""
+    import gguf
+    import numpy as np
+
+    cfg, arch = hf.config, _GGUF_ARCH[kind]
+    state = {k.removeprefix("model."): v.float().numpy() for k, v in hf.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def permute(w: np.ndarray, n: int) -> np.ndarray:  # HF rotate-half -> llama.cpp interleaved
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    if arch != "llama":
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if kind == "qwen2-moe":
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    tensors = {"token_embd.weight": state["embed_tokens.weight"], "output_norm.weight": state["norm.weight"],
+               "output.weight": state["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        attn = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                "attn_k_norm": "self_attn.k_norm", "ffn_gate_inp": "mlp.gate",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+        for g, h in attn.items():
+            for suffix in ("weight", "bias"):
+                if p + h + "." + suffix in state:
+                    w = state[p + h + "." + suffix]
+                    if arch == "llama" and g in ("attn_q", "attn_k"):
+                        w = permute(w, heads if g == "attn_q" else kv_heads)
+                    tensors[f"{b}{g}.{suffix}"] = w
+        if p + "mlp.shared_expert_gate.weight" in state:
+            tensors[b + "ffn_gate_inp_shexp.weight"] = state[p + "mlp.shared_expert_gate.weight"].reshape(-1)
+        if p + "mlp.experts.gate_up_proj" in state:
+            gate_up = state[p + "mlp.experts.gate_up_proj"]
+            half = gate_up.shape[1] // 2
+            tensors[b + "ffn_gate_exps.weight"] = gate_up[:, :half]
+            tensors[b + "ffn_up_exps.weight"] = gate_up[:, half:]
+            tensors[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
+    for name, array in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_gguf_experts_load_as_the_hf_checkpoint(kind, tiny_model_dir, tmp_path):
+    from rapidserve.model.gguf_file import read_gguf
+    from rapidserve.model.llama import CausalLM
+
+    src, hf = tiny_model_dir(kind)
+    path = tmp_path / f"tiny-{kind}.gguf"
+    _write_moe_gguf(hf, kind, path)
+    config, weights = read_gguf(path)
+    cfg = ModelConfig.from_hf(config)
+    want = load_model(src, "auto", "float32", torch.device("cpu"))
+    for field in ("architecture", "num_experts", "experts_per_token", "moe_intermediate_size",
+                  "norm_topk_prob", "shared_expert_intermediate_size", "mlp_only_layers", "qkv_bias", "qk_norm"):
+        assert getattr(cfg, field) == getattr(want.config, field), field
+    model = CausalLM(cfg, max_positions=64)
+    model.load_weights(weights)
+    got = dict(model.named_parameters())
+    for name, param in want.model.named_parameters():
+        assert torch.equal(got[name], param), name
+
+
+def test_gguf_old_per_expert_mixtral_is_refused(tiny_model_dir, tmp_path):
+    import gguf
+    import numpy as np
+
+    from rapidserve.model.gguf_file import read_gguf_config
+
+    path = tmp_path / "old.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 8),
+                       (writer.add_feed_forward_length, 16), (writer.add_head_count, 2), (writer.add_expert_count, 2),
+                       (writer.add_expert_used_count, 1)):
+        add(value)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_token_list(["a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((2, 8), np.float32))
+    writer.add_tensor("blk.0.ffn_gate.0.weight", np.zeros((16, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="per-expert ffn_"):
+        read_gguf_config(path)
