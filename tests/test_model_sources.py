@@ -367,7 +367,7 @@ def test_gguf_unknown_architecture_is_rejected(tmp_path: Path) -> None:
     tensors = _tiny_tensors(np.random.default_rng(5), heads=4, kv_heads=2, head_dim=4)
     path = tmp_path / "g.gguf"
     _write_gguf(path, "gemma", tensors)
-    with pytest.raises(ValueError, match=r"'gemma'.*supported: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"'gemma'.*supported: llama, qwen2, qwen2moe, qwen3, qwen3moe"):
         read_gguf_config(path)
 
 
@@ -379,7 +379,9 @@ def test_gguf_bad_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing.gguf.*not found"):
         read_gguf_config(tmp_path / "missing.gguf")
     with pytest.raises(ValueError, match="unsupported GGUF tensor"):
-        hf_tensor_name("blk.0.ffn_gate_exps.weight")
+        hf_tensor_name("blk.0.ffn_gate_exps.bias")
+    with pytest.raises(ValueError, match="unsupported GGUF tensor"):
+        hf_tensor_name("blk.0.ssm_conv1d.weight")
 
 
 # ----------------------------------------------------------------------- HF directories
