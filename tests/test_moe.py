@@ -350,3 +350,24 @@ def test_gguf_old_per_expert_mixtral_is_refused(tiny_model_dir, tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="per-expert ffn_"):
         read_gguf_config(path)
+
+
+# --------------------------------------------------------------------------------- profiler
+
+
+@pytest.mark.slow
+def test_profile_command_runs_an_moe_model(tiny_model_dir, tmp_path, capsys):
+    from rapidserve.entrypoints.cli import main
+    from rapidserve.resources.profile import load_profile
+
+    path, _ = tiny_model_dir("qwen2-moe")
+    out = tmp_path / "profile.json"
+    rc = main(["profile", "--model", path, "--dtype", "float32", "--device", "cpu",
+               "--kv-cache-memory-bytes", "16MiB", "--batch-sizes", "3", "--context-lens", "8",
+               "--prompt-tokens", "8", "--beside-prefill-tokens", "8", "--beside-decode-batch", "2",
+               "--num-steps", "1", "--warmup-steps", "1", "--prefill-repeats", "1", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    profile = load_profile(out)
+    assert profile.decode.batch_sizes == (3,) and profile.prefill.prompt_tokens == (8,)
+    assert all(ms > 0 for ctx in profile.decode.alone_ms[0] for ms in ctx)
+    assert all(ms > 0 for ms in profile.prefill.latency_ms[0])
