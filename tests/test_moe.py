@@ -371,3 +371,37 @@ def test_profile_command_runs_an_moe_model(tiny_model_dir, tmp_path, capsys):
     assert profile.decode.batch_sizes == (3,) and profile.prefill.prompt_tokens == (8,)
     assert all(ms > 0 for ctx in profile.decode.alone_ms[0] for ms in ctx)
     assert all(ms > 0 for ms in profile.prefill.latency_ms[0])
+
+
+# -------------------------------------------------------------------------------- benchmarks
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The `paged|` prefix:FutureWarning")
+def test_bench_commands_run_an_moe_model(mixtral, tmp_path):
+    """bench latency reports decode floors over the experts a batch touches; bench throughput
+    runs the transformers peer on the MoE config (both with given device rates on CPU)."""
+    from rapidserve.bench.floors import DeviceRates, decode_step_floor_s, model_cost
+    from rapidserve.entrypoints.cli import main
+
+    path = mixtral[0]
+    engine = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory-bytes", "16MiB"]
+    rates = ["--bandwidth-tbps", "2.0", "--matmul-tflops", "500"]
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--model", path, *engine, "--batch-sizes", "1,8", "--context-lens", "16",
+                 "--num-steps", "2", "--warmup-steps", "1", "--prefill-len", "32", "--prefill-repeats", "1",
+                 *rates, "--output-json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    cost = model_cost(ModelConfig.from_hf(json.loads(Path(path, "config.json").read_text())), torch.float32)
+    given = DeviceRates.given(2.0, 500.0)
+    for point in res["decode"]:
+        kv = round(point["mean_context"] * point["batch_size"])
+        assert point["floor_s"] == pytest.approx(decode_step_floor_s(cost, given, kv, point["batch_size"]), rel=1e-3)
+    one, eight = res["decode"]
+    assert one["floor_s"] < eight["floor_s"]  # 2 of 4 experts per layer against (nearly) all 4
+    out = tmp_path / "tp.json"
+    assert main(["bench", "throughput", "--model", path, *engine, "--num-prompts", "3", "--input-len-min", "8",
+                 "--input-len-max", "16", "--output-len", "3", *rates, "--output-json", str(out),
+                 "--peer", "transformers", "--peer-num-blocks", "16", "--peer-max-batch-tokens", "64"]) == 0
+    res = json.loads(out.read_text())
+    assert res["peer"]["output_tokens"] == res["rapidserve"]["output_tokens"] == 9
