@@ -63,6 +63,14 @@ def test_fused_experts_match_reference(tokens, experts, top_k, hidden, inter, dt
     _check(_case(tokens, experts, top_k, hidden, inter, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routing_weights_in_the_activation_dtype(dtype):
+    # Qwen's routers round the weights to the activation dtype: the scaled pairs are rounded
+    # too (Mixtral's fp32 weights keep them fp32 until the slot sum).
+    x, w13, w2, weights, ids = _case(9, 4, 2, 32, 48, dtype, seed=4)
+    _check((x, w13, w2, weights.to(dtype), ids), dtype)
+
+
 def test_one_token_per_expert_and_no_tokens():
     # Every expert exactly one pair: each row tile holds one valid row and 15 padding rows.
     ids = torch.arange(6).view(6, 1)

@@ -405,3 +405,22 @@ def test_bench_commands_run_an_moe_model(mixtral, tmp_path):
                  "--peer", "transformers", "--peer-num-blocks", "16", "--peer-max-batch-tokens", "64"]) == 0
     res = json.loads(out.read_text())
     assert res["peer"]["output_tokens"] == res["rapidserve"]["output_tokens"] == 9
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe"])
+def test_bf16_routing_and_experts_equal_transformers(kind, tiny_model_dir):
+    """In bf16 too, the router's weights (fp32 for Mixtral, rounded to bf16 for Qwen) and the
+    CPU experts loop give HF's bits exactly (same per-expert matmuls, same adding order)."""
+    import copy
+
+    src, hf = tiny_model_dir(kind)
+    hf_block = copy.deepcopy(hf.model.layers[1].mlp).to(torch.bfloat16)  # the session's model stays fp32
+    ours = load_model(src, "auto", "bfloat16", torch.device("cpu")).model.layers[1].mlp
+    x = torch.randn(13, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    _, hf_weights, hf_ids = hf_block.gate(x)
+    weights, ids = route(torch.nn.functional.linear(x, ours.gate.weight), ours.top_k, ours.renormalize)
+    if ours.round_weights:
+        weights = weights.to(x.dtype)
+    assert weights.dtype == hf_weights.dtype == (torch.float32 if kind == "mixtral" else torch.bfloat16)
+    assert torch.equal(ids, hf_ids) and torch.equal(weights, hf_weights)
+    assert torch.equal(ours(x), hf_block(x[None])[0])

@@ -33,6 +33,10 @@ from rapidserve.model.config import ModelConfig
 _PER_EXPERT_RE = re.compile(
     r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight"
 )
+# NOTE: transformers' Qwen MoE routers round the top-k weights to the activation dtype before
+# scaling the experts' outputs; Mixtral's keep them in fp32 (the product is rounded after).
+# Both are reproduced so that bf16 outputs match HF's, not only fp32 ones.
+_WEIGHTS_IN_ACTIVATION_DTYPE = frozenset({"Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 # proj -> (stacked parameter, row shard within the expert: 0 gate, 1 up, -1 the whole)
 _PER_EXPERT_TARGET = {
     "w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
@@ -65,17 +69,22 @@ def experts_reference(
     """The routed experts in plain torch (the CPU path and the kernels' oracle).
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/ids [T, k] -> [T, H] in x's dtype.
-    Experts run in ascending order and add into the output as transformers' loop does, so
-    fp32 results match HF's to the last bits. Reads expert ids on the host: CPU only.
+    As transformers' default ("grouped_mm") experts: each (token, slot) pair's expert output
+    is scaled by its weight in the promoted dtype of the two (fp32 for Mixtral's fp32 weights,
+    the activation dtype for Qwen's rounded ones), then the k slots are summed in fp32 and
+    rounded once, so bf16 results equal HF's bit for bit. Reads expert ids on the host: CPU only.
     """
-    out = torch.zeros_like(x)
+    num_tokens, top_k = topk_ids.shape
     inter = w2.shape[2]
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = torch.where(topk_ids == e)
-        gate, up = F.linear(x[tok], w13[e]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e]) * topk_weights[tok, slot, None]
-        out.index_add_(0, tok, y.to(out.dtype))
-    return out
+    flat_ids = topk_ids.reshape(-1)
+    flat_weights = topk_weights.reshape(-1, 1)
+    pair_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
+    per_pair = torch.empty(flat_ids.numel(), x.shape[1], dtype=pair_dtype, device=x.device)  # [T*k, H]
+    for e in torch.unique(flat_ids).tolist():
+        pairs = torch.nonzero(flat_ids == e).squeeze(1)
+        gate, up = F.linear(x[pairs // top_k], w13[e]).split(inter, dim=-1)
+        per_pair[pairs] = F.linear(F.silu(gate) * up, w2[e]) * flat_weights[pairs]
+    return per_pair.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
 class _Projection(nn.Module):
@@ -110,6 +119,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None = None) -> None:
         super().__init__()
         self.top_k, self.renormalize = cfg.experts_per_token, cfg.norm_topk_prob
+        self.round_weights = cfg.architecture in _WEIGHTS_IN_ACTIVATION_DTYPE
         # The router: transformers names it `mlp.gate.weight` [E, H].
         self.gate = _Projection(cfg.num_experts, cfg.hidden_size)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
@@ -120,6 +130,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        if self.round_weights:
+            weights = weights.to(x.dtype)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             gate = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight))  # [T, 1]

@@ -16,11 +16,12 @@ the padded pair count is its upper bound T*k + E*(BLOCK_M - 1), and tiles past a
 padded end (or past the last expert) return at once. So a captured decode graph replays
 whatever the routing. The wrappers allocate only temporaries of those static shapes.
 
-Rounding follows the torch reference (rapidserve.model.moe.experts_reference): products
-accumulate in fp32; gate and up are rounded to the activation dtype before silu, silu and the
-product each rounded, as torch does op by op; the down output is rounded, then scaled by
-the fp32 routing weight and rounded again. Left to differ: the matmuls' fp32 summation order,
-and the k slots summed in fp32 once (torch's index_add rounds after each expert).
+Rounding follows the torch reference (rapidserve.model.moe.experts_reference, which does
+what transformers' default experts do): products accumulate in fp32; gate and up are rounded
+to the activation dtype before silu, silu and the product each rounded, as torch does op by
+op; the down output is rounded, then scaled by the routing weight in the promoted dtype of
+the two (Mixtral's fp32 weights: kept fp32; Qwen's rounded weights: rounded again); the k
+slots are summed in fp32 and rounded once. Left to differ: the matmuls' fp32 summation order.
 """
 
 from __future__ import annotations
@@ -141,10 +142,10 @@ def _down_kernel(
     a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ptr, block_expert_ptr,
     num_pairs, num_experts, hidden, inter,
     stride_at, stride_we, stride_wn, stride_wk, stride_ot,
-    DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n])
+    # out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n]), in OUT_DTYPE
     num_n = tl.cdiv(hidden, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
     pid_n = tl.program_id(0) % num_n
@@ -171,10 +172,10 @@ def _down_kernel(
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    routing = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+    routing = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
     y = _cast(acc, DTYPE).to(tl.float32) * routing[:, None]
     out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-    tl.store(out_ptrs, _cast(y, DTYPE), mask=valid[:, None] & mask_n[None, :])
+    tl.store(out_ptrs, _cast(y, OUT_DTYPE), mask=valid[:, None] & mask_n[None, :])
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -205,7 +206,9 @@ def fused_experts(
     x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     align = align_by_expert(topk_ids, num_experts, cfg.block_m)
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [N]
+    weights = topk_weights.reshape(-1).contiguous()  # [N]
+    # Pairs scaled by fp32 weights stay fp32 until the slot sum (as torch's type promotion).
+    pair_dtype = torch.promote_types(x.dtype, topk_weights.dtype)
     dtype = _TL_DTYPES[x.dtype]
     # NOTE: fp32 products stay fp32 ("ieee"): tf32 would break the HF equivalence in fp32.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -224,12 +227,12 @@ def fused_experts(
         DTYPE=dtype, PRECISION=precision, UPCAST=upcast,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
     )
-    per_pair = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [N, H]
+    per_pair = torch.empty(num_pairs, hidden, dtype=pair_dtype, device=x.device)  # [N, H]
     _down_kernel[(num_blocks * triton.cdiv(hidden, cfg.block_n),)](
         act, w2, per_pair, weights, align.sorted_pairs, align.block_expert,
         num_pairs, num_experts, hidden, inter,
         act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), per_pair.stride(0),
-        DTYPE=dtype, PRECISION=precision, UPCAST=upcast,
+        DTYPE=dtype, OUT_DTYPE=_TL_DTYPES[pair_dtype], PRECISION=precision, UPCAST=upcast,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
     )
     # [T, k, H] -> [T, H]: the k slots summed in fp32, rounded once.
