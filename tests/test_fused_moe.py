@@ -171,3 +171,40 @@ def test_gpu_fused_experts_replay_in_a_cuda_graph():
         want = experts_reference(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
         rtol, atol = TOL[torch.bfloat16]
         torch.testing.assert_close(out.cpu(), want, rtol=rtol, atol=atol * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "qwen3-moe"])
+def test_gpu_tiny_moe_models_with_graphs_match_hf(kind, tiny_model_dir):
+    """The fused kernel inside the decode and piecewise CUDA graphs: fp32 greedy tokens equal
+    HF's (the fp32 kernels do ieee fp32 products)."""
+    from conftest import hf_greedy, random_prompts
+
+    from rapidserve import LLM, SamplingParams
+
+    path, hf = tiny_model_dir(kind)
+    prompts = random_prompts(6, seed=5, max_len=90)
+    llm = LLM(model=path, device="cuda", dtype="float32", max_num_batched_tokens=64, kv_cache_memory_bytes="64MiB")
+    assert llm.engine.runner.decode_graphs is not None and llm.engine.runner.piecewise is not None
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_gpu_rapid_mode_runs_moe(placement, tiny_model_dir):
+    from conftest import random_prompts
+
+    from rapidserve import LLM, SamplingParams
+
+    path, _ = tiny_model_dir("qwen2-moe")
+    prompts = random_prompts(8, seed=3, max_len=90)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(model=path, device="cuda", dtype="bfloat16", kv_cache_memory_bytes="128MiB")
+    ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
+    llm = LLM(mode="rapid", placement=placement, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
+    finally:
+        llm.engine.shutdown()
