@@ -201,7 +201,7 @@ def test_gpu_rapid_mode_runs_moe(placement, tiny_model_dir):
     path, _ = tiny_model_dir("qwen2-moe")
     prompts = random_prompts(8, seed=3, max_len=90)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    kw = dict(model=path, device="cuda", dtype="bfloat16", kv_cache_memory_bytes="128MiB")
+    kw = dict(model=path, device="cuda", dtype="float32", kv_cache_memory_bytes="128MiB")
     ref = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
     llm = LLM(mode="rapid", placement=placement, **kw)
     try:
