@@ -116,10 +116,17 @@ def test_align_by_expert(tokens, experts, top_k, block_m):
             assert tile.tolist() == sorted(tile.tolist())  # stable: pair order kept
 
 
-def test_tile_config_grows_with_rows_per_expert():
+def test_tile_config_grows_with_rows_per_expert_and_fits_hopper():
     small, large = tile_config(2, 8), tile_config(8 * 4096, 8)
     assert small.block_m == 16 and large.block_m > small.block_m
-    assert all(c.block_m >= 16 and c.block_n >= 16 and c.block_k >= 16 for c in (small, large))
+    for pairs in (1, 64, 256, 4096, 8 * 4096):
+        for itemsize in (2, 4):
+            c = tile_config(pairs, 8, itemsize)
+            assert min(c.block_m, c.block_n, c.block_k) >= 16  # tl.dot's minimum
+            # per pipeline stage: an A tile and the gate and up weight tiles
+            smem = c.num_stages * (c.block_m * c.block_k + 2 * c.block_k * c.block_n) * itemsize
+            assert smem <= 160 * 1024, (pairs, itemsize, c)  # Hopper: 227 KB per block
+            assert 2 * c.block_m * c.block_n // (32 * c.num_warps) <= 64  # accumulator registers
 
 
 def _tiny_moe_config(shared: int = 0) -> ModelConfig:

@@ -43,22 +43,29 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-def tile_config(num_pairs: int, num_experts: int) -> TileConfig:
+def tile_config(num_pairs: int, num_experts: int, itemsize: int = 2) -> TileConfig:
     """The tile shape for T*k = num_pairs routed pairs over num_experts experts.
 
-    Chosen for Hopper (H100/H200: 228 KB shared memory per SM, wgmma wants 64-row tiles at
-    scale) from the expected rows per expert: decode batches give an expert a handful of rows,
-    so a 16-row tile wastes least and wide K tiles stream the weights; prefills fill 64- or
-    128-row tiles. NOTE: not yet swept on the GPU (owed); the table is the place to do it.
+    Chosen for Hopper (H100/H200: 227 KB of shared memory per block) from the expected rows
+    per expert: decode batches give an expert a handful of rows, so a 16-row tile wastes least
+    and a deep K tile streams the weights; prefills fill 64- or 128-row tiles. Budgets:
+    the gate/up kernel holds two BLOCK_M x BLOCK_N fp32 accumulators (<= 64 registers a
+    thread here) and stages an A tile plus two weight tiles per pipeline stage (<= 144 KB in
+    all); fp32 operands halve BLOCK_K to stay within it.
+    NOTE: not yet swept on the GPU (owed); this table is the place to tune.
     """
     rows = num_pairs / max(1, num_experts)
     if rows <= 16:
-        return TileConfig(16, 64, 128, 4, 4)
-    if rows <= 128:
-        return TileConfig(32, 128, 64, 4, 4)
-    if rows <= 1024:
-        return TileConfig(64, 128, 64, 4, 3)
-    return TileConfig(128, 128, 64, 8, 3)
+        cfg = TileConfig(16, 64, 128, 4, 4)
+    elif rows <= 128:
+        cfg = TileConfig(32, 128, 64, 4, 4)
+    elif rows <= 1024:
+        cfg = TileConfig(64, 64, 64, 4, 3)
+    else:
+        cfg = TileConfig(128, 64, 64, 8, 3)
+    if itemsize >= 4:
+        cfg = cfg._replace(block_k=max(32, cfg.block_k // 2))
+    return cfg
 
 
 class ExpertAlignment(NamedTuple):
@@ -202,7 +209,7 @@ def fused_experts(
     if num_tokens == 0:
         return torch.empty_like(x)
     num_pairs = num_tokens * top_k
-    cfg = config or tile_config(num_pairs, num_experts)
+    cfg = config or tile_config(num_pairs, num_experts, x.element_size())
     x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     align = align_by_expert(topk_ids, num_experts, cfg.block_m)
