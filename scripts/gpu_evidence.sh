@@ -109,7 +109,9 @@ for stage in "$@"; do
         # Mixtral-8x7B (bf16, dummy weights, 93 GB: ~35 GB of KV left on an H200): decode steps at
         # batch 1 / 32 / 128 against their floor (the experts the batch is expected to touch +
         # attention weights + KV, over the copy bandwidth), a 2K-token prefill against the matmul
-        # rate on the active parameters (docs/models.md).
+        # rate on the active parameters (docs/models.md). First the fused MoE kernel alone (one
+        # layer's experts in a CUDA graph against bytes-touched / FLOP floors, and the torch loop).
+        python3 scripts/moe_kernel_bench.py --output-json "$OUT/moe_kernel.json" 2>&1
         $RS bench latency --model preset:mixtral-8x7b --load-format dummy --batch-sizes 1,32,128 \
             --context-lens 1024 --prefill-len 2048 --output-json "$OUT/moe_latency.json" 2>&1 ;;
     moe-throughput)

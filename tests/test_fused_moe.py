@@ -215,3 +215,20 @@ def test_gpu_rapid_mode_runs_moe(placement, tiny_model_dir):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
     finally:
         llm.engine.shutdown()
+
+
+def test_kernel_bench_script_runs(tmp_path, monkeypatch, capsys):
+    """scripts/moe_kernel_bench.py (run by gpu_evidence.sh's moe stage), tiny on CPU."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "k.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "moe_kernel_bench.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--dtype", "float32", "--hidden", "32",
+                                      "--inter", "16", "--tokens", "3", "--repeats", "1", "--output-json", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["tokens"] == 3 and 2 <= point["experts_touched"] <= 6 and point["fused_ms"] > 0
+    assert "T     3:" in capsys.readouterr().out
