@@ -92,7 +92,7 @@ def test_bad_expert_shapes_are_refused():
         fused_experts(x, w13, w2[:, :, :8], weights, ids)
 
 
-@pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 4, 2, 16), (50, 8, 2, 16), (7, 3, 3, 4), (0, 4, 2, 16)])
+@pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 4, 2, 16), (50, 8, 2, 16), (7, 3, 3, 4), (0, 4, 2, 16), (600, 8, 2, 64)])
 def test_align_by_expert(tokens, experts, top_k, block_m):
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]) if tokens else (

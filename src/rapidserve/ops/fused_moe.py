@@ -5,7 +5,7 @@
          e = topk_ids[t, j]
 
 The T*k (token, slot) pairs are grouped by expert, each expert's group padded to a multiple of
-the kernels' BLOCK_M (`align_by_expert`), so every row tile of a kernel reads one expert's
+the kernels' BLOCK_M (`align_by_expert`, a third small kernel), so every row tile of a kernel reads one expert's
 weights: a decode batch reads each touched expert once per tile of its tokens, not once per
 token. Kernel 1 multiplies a tile of pairs by the expert's gate and up rows in one pass and
 writes silu(gate) * up; kernel 2 multiplies that by the expert's down projection and scales
@@ -76,25 +76,42 @@ class ExpertAlignment(NamedTuple):
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
     """Group the (token, slot) pairs by expert, each group padded to a multiple of block_m.
 
-    Torch ops only, no host sync (see the module NOTE); ties keep pair order (stable sort).
+    Counts and offsets are torch ops; the scatter is `_align_kernel`, one program per expert
+    (no sort: CUB's sorts can fail inside CUDA graph capture at some sizes). Pairs keep their
+    order within an expert. No host sync (see the module NOTE).
     """
-    flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
+    flat = topk_ids.reshape(-1)  # [N]
     n = flat.numel()
     device = flat.device
     padded_len = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, flat.to(torch.int64), torch.ones(n, dtype=torch.int32, device=device))
     padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)  # [E]
-    order = torch.sort(flat, stable=True).indices  # [N] pairs in expert order
-    expert = flat[order]
-    rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[expert]
-    dest = (padded_end - padded)[expert] + rank
+    padded_end = padded.cumsum(0, dtype=torch.int32)  # [E]
     sorted_pairs = torch.full((padded_len,), n, dtype=torch.int32, device=device)
-    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
-    starts = torch.arange(0, padded_len, block_m, device=device)
+    if n:
+        _align_kernel[(num_experts,)](
+            flat.to(torch.int32), padded_end - padded, sorted_pairs, n, BLOCK=_ALIGN_BLOCK
+        )
+    starts = torch.arange(0, padded_len, block_m, dtype=torch.int32, device=device)
     block_expert = torch.searchsorted(padded_end, starts, right=True).to(torch.int32)
     return ExpertAlignment(sorted_pairs, block_expert)
+
+
+_ALIGN_BLOCK = 1024  # pairs one align program scans per step
+
+
+@triton.jit
+def _align_kernel(ids_ptr, start_ptr, sorted_ptr, num_pairs, BLOCK: tl.constexpr):
+    # Program e writes the indices of the pairs routed to expert e, in order, from start[e].
+    expert = tl.program_id(0)
+    dest = tl.load(start_ptr + expert)
+    for i0 in range(0, num_pairs, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        hit = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1) == expert
+        rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(sorted_ptr + dest + rank, offs, mask=hit)
+        dest += tl.sum(hit.to(tl.int32), axis=0)
 
 
 @triton.jit
