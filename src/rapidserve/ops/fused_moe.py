@@ -5,9 +5,9 @@
          e = topk_ids[t, j]
 
 The T*k (token, slot) pairs are grouped by expert, each expert's group padded to a multiple of
-the kernels' BLOCK_M (`align_by_expert`, a third small kernel), so every row tile of a kernel reads one expert's
-weights: a decode batch reads each touched expert once per tile of its tokens, not once per
-token. Kernel 1 multiplies a tile of pairs by the expert's gate and up rows in one pass and
+the kernels' BLOCK_M (`align_by_expert`, a third small kernel), so every row tile of a kernel
+reads one expert's weights: a decode batch reads each touched expert once per tile of its
+tokens, not once per token. Kernel 1 multiplies a tile of pairs by the expert's gate and up rows in one pass and
 writes silu(gate) * up; kernel 2 multiplies that by the expert's down projection and scales
 each row by its routing weight; a torch sum over the k slots gives the output.
 
