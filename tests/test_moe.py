@@ -424,3 +424,14 @@ def test_bf16_routing_and_experts_equal_transformers(kind, tiny_model_dir):
     assert weights.dtype == hf_weights.dtype == (torch.float32 if kind == "mixtral" else torch.bfloat16)
     assert torch.equal(ids, hf_ids) and torch.equal(weights, hf_weights)
     assert torch.equal(ours(x), hf_block(x[None])[0])
+
+
+def test_a_layer_without_experts_names_both_layouts(mixtral, tmp_path):
+    def edit(state):
+        for name in [n for n in state if n.startswith("model.layers.1.block_sparse_moe.experts.")]:
+            del state[name]
+
+    # the fused layout's name, then the per-expert tensors (either layout would do)
+    with pytest.raises(ValueError, match=r"lacks 14 weights: model\.layers\.1\.mlp\.experts\.gate_up_proj, "
+                                         r"model\.layers\.1\.block_sparse_moe\.experts\.0\.w1\.weight"):
+        _load(_per_expert_copy(mixtral[0], tmp_path, edit))

@@ -253,10 +253,12 @@ class CausalLM(nn.Module):
             got, want = filled.get(name, set()), self._shards(name)
             if got == want or (got == {-1} and moe.is_expert_param(name)):
                 continue
-            if moe.is_expert_param(name) and got and -1 not in got:
-                # Per-expert layout with a hole: name the checkpoint tensors that are absent.
+            if moe.is_expert_param(name) and -1 not in got:
+                # Name the absent checkpoint tensors in the per-expert layout (all of a
+                # layer's, when it has none: the fused layout's name comes first then).
                 arch = self.config.architecture
-                missing += sorted(moe.per_expert_name(name, s, arch) for s in want - got)
+                absent = sorted(moe.per_expert_name(name, s, arch) for s in want - got)
+                missing += absent if got else [f"model.{name}", *absent]
             else:
                 missing.append(name)
         if missing:
