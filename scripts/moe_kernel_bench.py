@@ -25,7 +25,7 @@ from rapidserve.bench.floors import measure_device_rates
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.moe import experts_reference, route
 from rapidserve.model.presets import load_preset
-from rapidserve.ops.fused_moe import fused_experts, tile_config
+from rapidserve.ops.fused_moe import fused_experts
 
 
 def _time_s(fn, device: torch.device, repeats: int) -> float:
