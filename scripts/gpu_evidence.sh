@@ -12,6 +12,7 @@
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
 #   bash scripts/gpu_evidence.sh frontier                # ~10 min: the SLO frontier, in parts (env: see the stage)
+#   bash scripts/gpu_evidence.sh moe moe-throughput      # Mixtral-8x7B: latency vs floors (~4 min), then vs the peer
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
@@ -124,8 +125,23 @@ for stage in "$@"; do
             --itl-slos "${FRONTIER_SLOS:-2x,50}" --profile "$frontier_profile" --output-dir "$OUT/frontier" $resume 2>&1
         pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null
         tar czf "$OUT/frontier.tgz" -C "$OUT" frontier && rm -rf "$OUT/frontier" ;;
+    moe)
+        # Mixtral-8x7B (bf16, dummy weights, 93 GB: ~35 GB of KV left on an H200): decode steps at
+        # batch 1 / 32 / 128 against their floor (the experts the batch is expected to touch +
+        # attention weights + KV, over the copy bandwidth), a 2K-token prefill against the matmul
+        # rate on the active parameters (docs/models.md). First the fused MoE kernel alone (one
+        # layer's experts in a CUDA graph against bytes-touched / FLOP floors, and the torch loop).
+        python3 scripts/moe_kernel_bench.py --output-json "$OUT/moe_kernel.json" 2>&1
+        $RS bench latency --model preset:mixtral-8x7b --load-format dummy --batch-sizes 1,32,128 \
+            --context-lens 1024 --prefill-len 2048 --output-json "$OUT/moe_latency.json" 2>&1 ;;
+    moe-throughput)
+        # Offline throughput against transformers' continuous batching on the same random weights'
+        # shape, in the same command (the engine's memory is freed before the peer loads).
+        # MOE_PROMPTS: requests (default 64: the peer's MoE forward is slow).
+        $RS bench throughput --model preset:mixtral-8x7b --load-format dummy --num-prompts "${MOE_PROMPTS:-64}" \
+            --peer transformers --output-json "$OUT/moe_throughput.json" 2>&1 ;;
     *)
-        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep frontier)"; exit 2 ;;
+        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep frontier moe moe-throughput)"; exit 2 ;;
     esac
 done
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ] && [ -d "$TRITON_CACHE_DIR" ]; then

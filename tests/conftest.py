@@ -90,9 +90,47 @@ def tiny_hf_model(kind: str, seed: int = 0):
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
                 layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    elif kind in TINY_MOE:
+        model = tiny_moe_model(kind)
     else:
         raise ValueError(kind)
     return model.eval()
+
+
+# Tiny MoE checkpoints: 4 experts, top-2, every architecture's routing variant.
+TINY_MOE = ("mixtral", "qwen2-moe", "qwen3-moe")
+
+
+def tiny_moe_model(kind: str):
+    import transformers
+
+    common = {**TINY_COMMON, "tie_word_embeddings": False}
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                         sliding_window=None)
+        model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "qwen2-moe":
+        # A shared expert with its sigmoid gate, top-k not renormalised, and layer 0 dense
+        # (mlp_only_layers): the dense and the sparse MLP in one model.
+        cfg = transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                          norm_topk_prob=False, mlp_only_layers=[0])
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    elif kind == "qwen3-moe":
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=48, norm_topk_prob=True)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    else:
+        raise ValueError(kind)
+    return model
 
 
 def random_prompts(n: int, seed: int = 3, max_len: int = 100, min_len: int = 1) -> list[list[int]]:

@@ -11,7 +11,7 @@ from conftest import hf_greedy
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "mixtral", "qwen2-moe", "qwen3-moe"])
 def test_tiny_random_models_match_hf(kind, tiny_model_dir):
     path, hf = tiny_model_dir(kind)
     rng = random.Random(1)

@@ -362,7 +362,7 @@ def test_gguf_unknown_architecture_is_rejected(tmp_path: Path) -> None:
     tensors = _tiny_tensors(np.random.default_rng(5), heads=4, kv_heads=2, head_dim=4)
     path = tmp_path / "g.gguf"
     _write_gguf(path, "gemma", tensors)
-    with pytest.raises(ValueError, match=r"'gemma'.*supported: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"'gemma'.*supported: llama, qwen2, qwen2moe, qwen3, qwen3moe"):
         read_gguf_config(path)
 
 
@@ -374,7 +374,9 @@ def test_gguf_bad_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing.gguf.*not found"):
         read_gguf_config(tmp_path / "missing.gguf")
     with pytest.raises(ValueError, match="unsupported GGUF tensor"):
-        hf_tensor_name("blk.0.ffn_gate_exps.weight")
+        hf_tensor_name("blk.0.ffn_gate_exps.bias")
+    with pytest.raises(ValueError, match="unsupported GGUF tensor"):
+        hf_tensor_name("blk.0.ssm_conv1d.weight")
 
 
 # ----------------------------------------------------------------------- HF directories
@@ -465,7 +467,7 @@ def test_hf_truncated_safetensors(hf_single: Path, keep: float) -> None:
 
 
 def test_presets() -> None:
-    assert {"llama-3.1-8b", "qwen2.5-7b", "qwen2.5-32b", "qwen3-8b"} <= set(list_presets())
+    assert {"llama-3.1-8b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-32b", "qwen3-30b-a3b", "qwen3-8b"} <= set(list_presets())
     assert list_presets() == sorted(list_presets())
     llama = load_preset("llama-3.1-8b")
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (32, 8)
@@ -494,6 +496,23 @@ def test_presets() -> None:
     assert load_preset("llama-3.1-8b")["vocab_size"] == 128256
     with pytest.raises(ValueError, match=r"available: llama-3.1-8b, .*qwen2.5-7b"):
         load_preset("gpt-5")
+
+
+def test_moe_presets_have_the_published_sizes() -> None:
+    from rapidserve.bench.floors import model_cost
+    from rapidserve.model.config import ModelConfig
+
+    mixtral = ModelConfig.from_hf(load_preset("mixtral-8x7b"))
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.moe_intermediate_size) == (8, 2, 14336)
+    assert mixtral.norm_topk_prob and mixtral.num_moe_layers == 32
+    qwen = ModelConfig.from_hf(load_preset("qwen3-30b-a3b"))
+    assert (qwen.num_experts, qwen.experts_per_token, qwen.moe_intermediate_size) == (128, 8, 768)
+    assert qwen.norm_topk_prob and qwen.qk_norm and qwen.num_moe_layers == 48
+    # The published totals (46.7B, 30.5B) and active parameters per token (12.9B, 3.3B).
+    for cfg, total, active in ((mixtral, 46.7e9, 12.9e9), (qwen, 30.5e9, 3.3e9)):
+        cost = model_cost(cfg, torch.bfloat16)
+        assert cost.num_params == pytest.approx(total, rel=0.01)
+        assert cost.active_params_per_token == pytest.approx(active, rel=0.03)
 
 
 # ----------------------------------------------------------------- resolve / load_source

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from rapidserve.model.config import ModelConfig
+from rapidserve.model.config import ModelConfig, expected_distinct_experts
 
 log = logging.getLogger("rapidserve.bench")
 
@@ -47,33 +47,71 @@ class ModelCost(NamedTuple):
     linear_flops_per_token: int  # 2 × the decoder layers' matmul parameters
     lm_head_flops_per_token: int  # 2 × hidden × vocab, paid only for tokens that sample
     attention_flops_per_pair: int  # QK^T and PV for one (query, key) pair, all layers and heads
+    # Mixture of experts (all 0 for a dense model). A step reads only the routed experts its
+    # tokens touch: step_weight_bytes counts them all, step_weight_bytes_read() the expected.
+    routed_expert_bytes: int = 0  # every routed expert of every MoE layer, at the run's dtype
+    num_experts: int = 0
+    experts_per_token: int = 0
+    # As model cards count "active" parameters: all but the routed experts a token skips.
+    active_params_per_token: int = 0
 
 
 def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
     itemsize = torch.empty((), dtype=dtype).element_size()
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    linear = h * (q + 2 * kv) + q * h + 3 * h * inter  # qkv, o, gate/up, down
+    attention = h * (q + 2 * kv) + q * h  # qkv, o
+    linear = attention + 3 * h * inter  # + gate/up, down
     biases = (q + 2 * kv if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
     biases += 2 * inter + h if cfg.mlp_bias else 0
     norms = 2 * h + (2 * cfg.head_dim if cfg.qk_norm else 0)
     embed = cfg.vocab_size * h
     lm_head = 0 if cfg.tie_word_embeddings else embed
     num_params = embed + cfg.num_layers * (linear + biases + norms) + h + lm_head
+    active_linear = cfg.num_layers * linear  # matmul parameters one token uses, all layers
+    routed = 0
+    if cfg.is_moe:
+        shared = cfg.shared_expert_intermediate_size
+        # A sparse layer: router [E, h], E experts, the shared expert and its gate.
+        sparse_dense = h * cfg.num_experts + (3 * h * shared + h if shared else 0)
+        n_sparse = cfg.num_moe_layers
+        routed = n_sparse * cfg.num_experts * cfg.expert_params
+        num_params += n_sparse * (sparse_dense - 3 * h * inter - (2 * inter + h if cfg.mlp_bias else 0)) + routed
+        active_linear += n_sparse * (
+            sparse_dense + cfg.experts_per_token * cfg.expert_params - 3 * h * inter
+        )
     return ModelCost(
         num_params=num_params,
         weight_bytes=num_params * itemsize,
         step_weight_bytes=(num_params - (embed if lm_head else 0)) * itemsize,
         kv_bytes_per_token=cfg.num_layers * 2 * kv * itemsize,
-        linear_flops_per_token=2 * cfg.num_layers * linear,
+        linear_flops_per_token=2 * active_linear,
         lm_head_flops_per_token=2 * embed,
         attention_flops_per_pair=4 * cfg.num_layers * q,
+        routed_expert_bytes=routed * itemsize,
+        num_experts=cfg.num_experts,
+        experts_per_token=cfg.experts_per_token,
+        active_params_per_token=num_params - routed + routed * cfg.experts_per_token // max(1, cfg.num_experts),
     )
 
 
-def decode_step_floor_s(cost: ModelCost, rates: DeviceRates, kv_tokens: int) -> float:
+def step_weight_bytes_read(cost: ModelCost, num_tokens: float | None = None) -> float:
+    """Weight bytes a forward over `num_tokens` tokens reads: step_weight_bytes, less the
+    routed experts no token is expected to touch (MoE; uniform routing). None: all of them."""
+    if not cost.num_experts or num_tokens is None:
+        return float(cost.step_weight_bytes)
+    n = max(0, round(num_tokens))
+    share = expected_distinct_experts(cost.num_experts, cost.experts_per_token, n) / cost.num_experts
+    return cost.step_weight_bytes - cost.routed_expert_bytes * (1.0 - share)
+
+
+def decode_step_floor_s(
+    cost: ModelCost, rates: DeviceRates, kv_tokens: int, batch: float | None = None
+) -> float:
     """A decode step over a batch whose sequences hold `kv_tokens` KV entries in all: the
-    weights and that KV must be read once (activations and the new KV are noise)."""
-    return (cost.step_weight_bytes + kv_tokens * cost.kv_bytes_per_token) / rates.copy_bytes_per_s
+    weights and that KV must be read once (activations and the new KV are noise). For an MoE
+    model give `batch`: only the experts its tokens touch are read (see step_weight_bytes_read)."""
+    weights = step_weight_bytes_read(cost, batch)
+    return (weights + kv_tokens * cost.kv_bytes_per_token) / rates.copy_bytes_per_s
 
 
 def prefill_flops(cost: ModelCost, prompt_len: int, context: int = 0) -> int:

@@ -29,6 +29,7 @@ from rapidserve.bench.floors import (
     model_cost,
     prefill_flops,
     prefill_floor_s,
+    step_weight_bytes_read,
 )
 from rapidserve.bench.throughput import (
     BENCH_ENGINE_DEFAULTS,
@@ -152,8 +153,8 @@ def measure_decode(
             engine.abort_request(rid)
     median = statistics.median(times)
     mean_kv = sum(kv) / len(kv)
-    floor = decode_step_floor_s(cost, rates, round(mean_kv)) if rates is not None else None
-    moved = cost.step_weight_bytes + mean_kv * cost.kv_bytes_per_token
+    floor = decode_step_floor_s(cost, rates, round(mean_kv), batch) if rates is not None else None
+    moved = step_weight_bytes_read(cost, batch) + mean_kv * cost.kv_bytes_per_token
     return DecodePoint(
         batch, context, mean_kv / batch, median, _p90(times), floor,
         median / floor if floor else None, moved / median, None,

@@ -30,6 +30,7 @@ from rapidserve.bench.floors import (
     measure_device_rates,
     model_cost,
     prefill_flops,
+    step_weight_bytes_read,
 )
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 
@@ -50,6 +51,9 @@ _MODEL_TYPES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -341,8 +345,8 @@ def _decode_figures(steps: Sequence[StepRecord], cost: ModelCost, rates: DeviceR
     mean_s = sum(s.seconds for s in dec) / len(dec)
     batch = sum(s.num_decode_tokens for s in dec) / len(dec)
     kv = sum(s.num_decode_kv_tokens for s in dec) / len(dec)
-    moved = cost.step_weight_bytes + kv * cost.kv_bytes_per_token
-    floor = decode_step_floor_s(cost, rates, round(kv)) if rates is not None else None
+    moved = step_weight_bytes_read(cost, batch) + kv * cost.kv_bytes_per_token
+    floor = decode_step_floor_s(cost, rates, round(kv), batch) if rates is not None else None
     return DecodeFigures(
         len(dec), mean_s, batch, kv / batch, moved / mean_s, floor,
         mean_s / floor if floor else None,
@@ -389,7 +393,7 @@ def _serial_floor(
 
     def decode_s(b: float) -> float:
         # Weights once per decode step; the KV each decode reads, once, whatever the batching.
-        return (decode_tokens / b * cost.step_weight_bytes + kv_bytes) / rates.copy_bytes_per_s
+        return (decode_tokens / b * step_weight_bytes_read(cost, b) + kv_bytes) / rates.copy_bytes_per_s
 
     return SerialFloor(
         prefill_s, decode_s(batch), batch, prefill_s + decode_s(batch), full, prefill_s + decode_s(full)

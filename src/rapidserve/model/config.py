@@ -14,6 +14,11 @@ _ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    # Sparse mixture-of-experts models (rapidserve.model.moe): the same attention as their
+    # dense relatives, an MoE block in place of the MLP.
+    "MixtralForCausalLM": (False, False),
+    "Qwen2MoeForCausalLM": (True, False),
+    "Qwen3MoeForCausalLM": (False, True),
 }
 
 
@@ -44,6 +49,18 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     config_dtype: str
+    # ---- mixture of experts (num_experts == 0: a dense model) ----
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # one expert's intermediate size
+    # Renormalise the top-k router probabilities to sum to 1 (Mixtral always; Qwen: the
+    # config's norm_topk_prob).
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
+    # Layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    # (transformers' Qwen rule; Mixtral: every layer). Other layers keep a dense MLP.
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -54,6 +71,48 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.num_experts:
+            if not 0 < self.experts_per_token <= self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in [1, {self.num_experts}], "
+                    f"got {self.experts_per_token}"
+                )
+            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+                raise ValueError(
+                    "moe_intermediate_size and decoder_sparse_step must be positive, got "
+                    f"{self.moe_intermediate_size} and {self.decoder_sparse_step}"
+                )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has the sparse MoE block (else a dense MLP)."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def expected_experts_touched(self, num_tokens: int) -> float:
+        """Expected distinct experts one MoE layer reads for a batch of `num_tokens` tokens
+        (uniform routing, see expected_distinct_experts); 0 for dense models."""
+        return expected_distinct_experts(self.num_experts, self.experts_per_token, num_tokens)
+
+    def expert_bytes_read(self, num_tokens: int, itemsize: int) -> float:
+        """Expected bytes of routed-expert weights one forward over `num_tokens` tokens reads,
+        all MoE layers together (the shared expert and the router are dense weights)."""
+        return self.num_moe_layers * self.expected_experts_touched(num_tokens) * self.expert_params * itemsize
 
     @property
     def q_size(self) -> int:
@@ -104,6 +163,7 @@ class ModelConfig:
             window = None
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         return cls(
+            **_moe_fields(arch, cfg, inter),
             architecture=arch,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -126,3 +186,51 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             config_dtype=str(dtype).replace("torch.", ""),
         )
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Expected number of distinct experts `num_tokens` tokens route to, top_k each.
+
+    Assumes uniform, independent routing: each token picks top_k distinct experts, so a given
+    expert is missed by one token with probability 1 - k/E and by the whole batch with
+    (1 - k/E)^n. Trained routers are skewed, so a real batch tends to touch fewer (it reuses
+    the popular experts): this is the upper estimate of the expert bytes a step reads.
+    """
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    if num_experts <= 0 or num_tokens == 0:
+        return 0.0
+    miss = 1.0 - top_k / num_experts
+    return num_experts * (1.0 - miss**num_tokens)
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any], intermediate: int) -> dict[str, Any]:
+    """The MoE fields of ModelConfig from an HF config (empty for a dense architecture)."""
+    # NOTE: transformers aliases num_experts and num_local_experts; its Qwen3-MoE config
+    # writes the latter although the published checkpoints say num_experts.
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if arch == "MixtralForCausalLM":
+        # Mixtral's experts use intermediate_size; every layer is sparse, top-k renormalised.
+        return {
+            "num_experts": int(experts if experts is not None else 8),
+            "experts_per_token": int(cfg.get("num_experts_per_tok", 2)),
+            "moe_intermediate_size": intermediate,
+            "norm_topk_prob": True,
+        }
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        if "moe_intermediate_size" not in cfg or experts is None:
+            missing = "moe_intermediate_size" if experts is not None else "num_experts"
+            raise ValueError(f"config.json is missing the field {missing!r}")
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        if arch == "Qwen3MoeForCausalLM" and shared:
+            raise ValueError("shared_expert_intermediate_size: Qwen3-MoE has no shared expert")
+        return {
+            "num_experts": int(experts),
+            "experts_per_token": int(cfg.get("num_experts_per_tok", 1)),
+            "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+            "shared_expert_intermediate_size": shared,
+            "decoder_sparse_step": int(cfg.get("decoder_sparse_step", 1)),
+            "mlp_only_layers": tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+        }
+    return {}

@@ -21,12 +21,25 @@ if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
     from transformers import PreTrainedTokenizerBase
 
-# GGUF `general.architecture` -> HF `architectures[0]`.
+# GGUF `general.architecture` -> HF `architectures[0]`. llama.cpp files Mixtral under
+# "llama" (with `llama.expert_count`): see _MOE_ARCHITECTURES.
 SUPPORTED_ARCHITECTURES: Mapping[str, str] = MappingProxyType(
     {
         "llama": "LlamaForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "qwen2moe": "Qwen2MoeForCausalLM",
+        "qwen3moe": "Qwen3MoeForCausalLM",
+    }
+)
+# GGUF architecture of an MoE file -> (HF architecture, top-k renormalised by default).
+# NOTE: llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights, not Qwen2-MoE's;
+# `{arch}.expert_weights_norm`, when a file has it, overrides.
+_MOE_ARCHITECTURES: Mapping[str, tuple[str, bool]] = MappingProxyType(
+    {
+        "llama": ("MixtralForCausalLM", True),
+        "qwen2moe": ("Qwen2MoeForCausalLM", False),
+        "qwen3moe": ("Qwen3MoeForCausalLM", True),
     }
 )
 
@@ -55,8 +68,20 @@ _LAYER_TENSORS: Mapping[str, str] = MappingProxyType(
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
+        # MoE: the router, and Qwen2-MoE's shared expert with its gate.
+        "ffn_gate_inp": "mlp.gate",
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
     }
 )
+# Stacked expert tensors [experts, rows, cols] -> the per-expert HF projection. Each is
+# yielded as one HF tensor per expert (model.layers.L.mlp.experts.E.<proj>.weight).
+_EXPERT_TENSORS: Mapping[str, str] = MappingProxyType(
+    {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+)
+_PER_EXPERT = "*"  # the expert-index placeholder in hf_tensor_name's answer
 
 _LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_TENSOR_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -131,12 +156,16 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase
 def hf_tensor_name(gguf_name: str, path: str = "<gguf>") -> str:
     """HF parameter name of a GGUF tensor.
 
-    `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`.
+    `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; a stacked expert
+    tensor `blk.3.ffn_up_exps.weight` -> `model.layers.3.mlp.experts.*.up_proj.weight`
+    (`*`: each expert's slice is yielded under its own index).
     """
     if match := _LAYER_TENSOR_RE.fullmatch(gguf_name):
         layer, kind, suffix = match.groups()
         if kind in _LAYER_TENSORS:
             return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+        if kind in _EXPERT_TENSORS and suffix == "weight":
+            return f"model.layers.{layer}.mlp.experts.{_PER_EXPERT}.{_EXPERT_TENSORS[kind]}.weight"
     elif match := _GLOBAL_TENSOR_RE.fullmatch(gguf_name):
         kind, suffix = match.groups()
         if kind in _GLOBAL_TENSORS:
@@ -270,6 +299,42 @@ def _config_from_reader(reader: GGUFReader, path: str) -> dict[str, Any]:
     rope_scaling = _rope_scaling(reader, arch, path)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    config.update(_moe_config(reader, arch, tensors, int(config["num_hidden_layers"]), path))
+    return config
+
+
+def _moe_config(
+    reader: GGUFReader, arch: str, tensors: Mapping[str, ReaderTensor], layers: int, path: str
+) -> dict[str, Any]:
+    """The HF config keys of an MoE file (Mixtral under "llama", qwen2moe, qwen3moe); {} if dense."""
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if arch not in _MOE_ARCHITECTURES or (arch == "llama" and experts == 0):
+        return {}
+    if experts == 0:
+        raise ValueError(f"{path}: GGUF metadata lacks required key {arch + '.expert_count'!r}")
+    if any(re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight", name) for name in tensors):
+        raise ValueError(
+            f"{path}: per-expert ffn_*.N tensors (an old Mixtral GGUF) are unsupported; "
+            "reconvert with a current llama.cpp (stacked *_exps tensors)"
+        )
+    hf_arch, renormalise = _MOE_ARCHITECTURES[arch]
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "num_experts": experts,
+        "num_experts_per_tok": int(_require(reader, f"{arch}.expert_used_count", path)),
+        "norm_topk_prob": bool(_field(reader, f"{arch}.expert_weights_norm", renormalise)),
+        # Layers without a router keep a dense MLP (Qwen's mlp_only_layers).
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+    }
+    if arch == "llama":
+        config["num_local_experts"] = config.pop("num_experts")
+        return config
+    config["moe_intermediate_size"] = int(_require(reader, f"{arch}.expert_feed_forward_length", path))
+    shared = _field(reader, f"{arch}.expert_shared_feed_forward_length")
+    if shared is None and "blk.0.ffn_gate_shexp.weight" in tensors:
+        shared = int(tensors["blk.0.ffn_gate_shexp.weight"].shape[-1])
+    if shared:
+        config["shared_expert_intermediate_size"] = int(shared)
     return config
 
 
@@ -318,6 +383,15 @@ def _dequantized(
         layer_match = _LAYER_TENSOR_RE.fullmatch(tensor.name)
         if layer_match and layer_match.group(2) in heads_of:
             array = unpermute_qk_rows(array, heads_of[layer_match.group(2)])
+        if layer_match and layer_match.group(2) == "ffn_gate_inp_shexp":
+            array = array.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as [hidden]
+        if _PER_EXPERT in hf_name:
+            if array.ndim != 3:
+                raise ValueError(f"{path}: expert tensor {tensor.name} has shape {shape}, expected 3 dims")
+            for expert in range(array.shape[0]):
+                part = np.require(array[expert], dtype=np.float32, requirements=["C", "W"])
+                yield hf_name.replace(_PER_EXPERT, str(expert)), torch.from_numpy(part)
+            continue
         # F32 tensors come back as views of the read-only memmap: copy those only.
         array = np.require(array, dtype=np.float32, requirements=["C", "W"])
         yield hf_name, torch.from_numpy(array)

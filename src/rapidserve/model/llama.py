@@ -1,5 +1,8 @@
 """The decoder of the Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3), one class.
 
+Mixtral and Qwen2/3-MoE are the same decoder with a sparse MoE block (rapidserve.model.moe)
+in place of the MLP of their sparse layers.
+
 Runs on a flattened batch: `forward(input_ids [T], positions [T]) -> hidden [T, hidden]`;
 attention reads the batch layout from the forward context (rapidserve.attention.metadata).
 q/k/v and gate/up projections are fused into one matmul each; the loader splits HF weights in.
@@ -16,6 +19,7 @@ from torch import nn
 
 from rapidserve import ops
 from rapidserve.attention.layer import PagedAttention
+from rapidserve.model import moe
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.rope import RotaryEmbedding
 
@@ -87,11 +91,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+        inter = self.intermediate_size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias)
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
@@ -103,13 +107,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward block: the sparse MoE block or a dense MLP."""
+    if not cfg.is_moe_layer(layer):
+        return MLP(cfg)
+    shared = cfg.shared_expert_intermediate_size
+    return moe.SparseMoeBlock(cfg, MLP(cfg, shared) if shared else None)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self._add_attention(self.self_attn(positions, self.input_layernorm(h)), h)
@@ -148,7 +160,17 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", 2),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "mlp.shared_expert.gate_proj": ("mlp.shared_expert.gate_up_proj", 0),
+    "mlp.shared_expert.up_proj": ("mlp.shared_expert.gate_up_proj", 1),
 }
+
+
+def _fused_target(name: str) -> tuple[str, int]:
+    """(our parameter, shard index; -1: the whole) of a dense checkpoint tensor."""
+    for hf_part, (ours, idx) in _FUSED.items():
+        if f".{hf_part}." in f".{name}":
+            return name.replace(hf_part, ours), idx
+    return name, -1
 
 
 class CausalLM(nn.Module):
@@ -159,7 +181,7 @@ class CausalLM(nn.Module):
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size), _freeze=True
         )
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -199,8 +221,16 @@ class CausalLM(nn.Module):
         if module.endswith("qkv_proj"):
             return [cfg.q_size, cfg.kv_size, cfg.kv_size]
         if module.endswith("gate_up_proj"):
-            return [cfg.intermediate_size, cfg.intermediate_size]
+            # The dense MLP's, or Qwen2-MoE's shared expert's (another intermediate size).
+            inter = self.get_parameter(param_name).shape[0] // 2
+            return [inter, inter]
         return []
+
+    def _shards(self, param_name: str) -> set:
+        """The shard keys that together fill a parameter ({-1}: it loads whole)."""
+        if moe.is_expert_param(param_name):
+            return moe.expert_shards(param_name, self.config.num_experts)
+        return set(range(len(self._shard_sizes(param_name)))) or {-1}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the model; every parameter must be covered exactly."""
@@ -208,21 +238,20 @@ class CausalLM(nn.Module):
         tied = self.config.tie_word_embeddings
         if tied:
             del params["lm_head.weight"]
-        filled: dict[str, set[int]] = {}  # parameter -> shard indices written (-1: whole)
+        filled: dict[str, set] = {}  # parameter -> shard keys written (-1: whole)
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
+            name = moe.normalize_name(hf_name.removeprefix("model."))
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
                 continue
-            target, shard = name, -1
-            for hf_part, (ours, idx) in _FUSED.items():
-                if f".{hf_part}." in f".{name}":
-                    target, shard = name.replace(hf_part, ours), idx
-                    break
+            expert = moe.expert_target(name, self.config.num_experts)
+            target, shard = expert if expert is not None else _fused_target(name)
             param = params.get(target)
             if param is None:
                 raise ValueError(f"unexpected weight {hf_name!r} in the checkpoint")
             dst = param.data
-            if shard >= 0:
+            if expert is not None:
+                dst = moe.expert_shard_view(dst, shard)
+            elif shard >= 0:
                 sizes = self._shard_sizes(target)
                 dst = dst.narrow(0, sum(sizes[:shard]), sizes[shard])
             if tuple(dst.shape) != tuple(tensor.shape):
@@ -232,11 +261,19 @@ class CausalLM(nn.Module):
                 )
             dst.copy_(tensor)
             filled.setdefault(target, set()).add(shard)
-        missing = [
-            name
-            for name in params
-            if filled.get(name, set()) != (set(range(len(self._shard_sizes(name)))) or {-1})
-        ]
+        missing: list[str] = []
+        for name in params:
+            got, want = filled.get(name, set()), self._shards(name)
+            if got == want or (got == {-1} and moe.is_expert_param(name)):
+                continue
+            if moe.is_expert_param(name) and -1 not in got:
+                # Name the absent checkpoint tensors in the per-expert layout (all of a
+                # layer's, when it has none: the fused layout's name comes first then).
+                arch = self.config.architecture
+                absent = sorted(moe.per_expert_name(name, s, arch) for s in want - got)
+                missing += absent if got else [f"model.{name}", *absent]
+            else:
+                missing.append(name)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"the checkpoint lacks {len(missing)} weights: {shown}")
