@@ -16,6 +16,7 @@ from rapidserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from rapidserve.async_engine import AsyncEngine
     from rapidserve.entrypoints.openai.server import ServerConfig
 
 
@@ -101,11 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     engine = AsyncEngine(create_engine(engine_config_from_args(args)))
     try:
-        _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level)
+        _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level,
+                     engine)
     finally:
         engine.shutdown()  # and the rapid mode's workers
     if engine.error is not None:
-        print(f"error: the engine failed: {engine.error!r}", file=sys.stderr)
+        # A supervisor restarts a server that exits non-zero; one that lingered half-dead would
+        # only answer 503.
+        print(f"error: {engine.dead_reason}", file=sys.stderr)
         return 1
     return 0
 
@@ -114,17 +118,36 @@ def _exit_on_sigterm(sig: int, _frame: object) -> None:
     raise SystemExit(128 + sig)
 
 
-def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
+# After the engine fails, the server keeps answering (503 on /health, the failed requests' error
+# bodies) this long, then shuts down and exits 1.
+_EXIT_AFTER_FAILURE_S = 1.0
+
+
+def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str,
+                 engine: AsyncEngine | None = None) -> None:
     import uvicorn
 
     log = logging.getLogger("rapidserve.server")
 
     class Server(uvicorn.Server):
+        dead_since: float | None = None
+
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 port = self.servers[0].sockets[0].getsockname()[1]  # the real one, for --port 0
                 print(f"rapidserve: serving {model_name} at http://{config.host}:{port}/v1", flush=True)
+
+        async def on_tick(self, counter: int) -> bool:  # every 0.1 s
+            if engine is not None and not engine.healthy and not self.should_exit:
+                now = time.monotonic()
+                if self.dead_since is None:
+                    self.dead_since = now
+                    log.error("%s; exiting in %.0f s", engine.dead_reason,
+                              _EXIT_AFTER_FAILURE_S)
+                elif now - self.dead_since >= _EXIT_AFTER_FAILURE_S:
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level.lower(),

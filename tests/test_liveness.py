@@ -1,0 +1,323 @@
+"""Worker liveness and shutdown (serving/liveness.py): heartbeats, parent-death handling, and
+chaos tests against a real `rapidserve serve` (rapid and disagg topologies, process placement,
+the tiny llama on CPU): under load, kill a worker, stop one (SIGSTOP), kill the server. Each
+time the pending requests must end within seconds (an error, not a hang), the server must exit
+non-zero (or, killed, leave nothing behind), and no process or /dev/shm entry of the server's
+may survive.
+
+Run with -s to see each chaos run's figures (CHAOS lines: time to detect, requests lost, leaks).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rapidserve.config import EngineConfig
+from rapidserve.serving.liveness import Heartbeats, beat_interval, worker_entry
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+HEARTBEAT_TIMEOUT_S = 2.0  # what the chaos servers run with (the default is 5)
+
+
+# ---- /proc helpers -------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session `sid` (a server started with start_new_session: its workers and
+    multiprocessing's resource tracker stay in it, even once orphaned)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            fields = _stat(int(d))
+            if fields is not None and fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+                out.append(int(d))
+    return out
+
+
+def _shm_mapped(pids: list[int]) -> set[str]:
+    """The named /dev/shm entries (semaphores sem.mp-*, segments psm_* ...) the processes map."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.split(None, 5)[5].strip() if len(line.split(None, 5)) == 6 else ""
+                    if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                        out.add(path)
+        except OSError:
+            pass
+    return out
+
+
+def _wait_until(cond, timeout_s: float, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+# ---- heartbeats (unit) ---------------------------------------------------------------------------
+
+
+def test_heartbeats_flag_a_silent_worker_once_armed():
+    hb = Heartbeats(mp.get_context("spawn"), ["decode", "prefill"], timeout_s=1.0)
+    assert hb.interval == beat_interval(1.0) == 0.25
+    now = time.monotonic()
+    hb.slots["decode"].value = now - 100  # silent for long, but not armed: start-up has its own bound
+    hb.slots["prefill"].value = now
+    assert hb.silent() is None
+    hb.arm()
+    assert hb.silent() is None  # armed just now: the bound counts from arming
+    hb._armed_at = now - 3
+    role, age = hb.silent()
+    assert role == "decode" and 2.9 < age < 10
+    hb.slots["decode"].value = time.monotonic()
+    assert hb.silent() is None
+
+
+def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
+    off = Heartbeats(mp.get_context("spawn"), ["decode"], timeout_s=0)
+    off.arm()
+    off.slots["decode"].value = 1.0
+    assert off.silent() is None
+    with pytest.raises(ValueError, match="worker_heartbeat_timeout_s"):
+        EngineConfig(worker_heartbeat_timeout_s=-1)
+    from rapidserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--worker-heartbeat-timeout-s", "3"])
+    assert args.worker_heartbeat_timeout_s == 3.0
+
+
+@linux_only
+def test_a_worker_beats_while_its_main_thread_is_busy_and_not_while_stopped():
+    ctx = mp.get_context("spawn")
+    hb = Heartbeats(ctx, ["decode"], timeout_s=0.8)
+    # time.sleep stands for a long step: the main thread is busy, the pulse thread beats.
+    p = ctx.Process(target=worker_entry, args=("decode", hb.slots["decode"], hb.interval, True, time.sleep, (60,)),
+                    daemon=True)
+    p.start()
+    try:
+        assert _wait_until(lambda: hb.slots["decode"].value > 0, 60), "the worker never beat"
+        hb.arm()
+        time.sleep(1.5)
+        assert hb.silent() is None and hb.age("decode") < 0.8
+        os.kill(p.pid, signal.SIGSTOP)
+        assert _wait_until(lambda: hb.silent() is not None, 5), "a stopped worker still looks alive"
+    finally:
+        p.kill()
+        p.join(10)
+
+
+_PARENT = """
+import multiprocessing as mp, sys, time
+from rapidserve.serving.liveness import worker_entry
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    slot = ctx.RawValue("d", 0.0)
+    p = ctx.Process(target=worker_entry, args=("decode", slot, 0.2, {pdeathsig}, time.sleep, (120,)), daemon=True)
+    p.start()
+    while slot.value == 0:
+        time.sleep(0.01)
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "pipe-watchdog"])
+def test_a_worker_dies_with_its_killed_parent(pdeathsig):
+    """SIGKILL of the parent: the worker goes within a second, by the kernel's parent-death
+    signal or (without it: another platform, a front spawned from a thread) by its watchdog on
+    the parent's pipe."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(pdeathsig=pdeathsig)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        parent.wait(10)
+        assert _wait_until(lambda: not _alive(child), 5), "the worker outlived its parent"
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.wait(10)
+
+
+# ---- chaos: a real server under load ----------------------------------------------------------------
+
+
+class _Load:
+    """`n` streaming completions in threads; each records how it ended and when."""
+
+    def __init__(self, url: str, n: int, max_tokens: int) -> None:
+        self.url, self.max_tokens = url, max_tokens
+        self.first_token = [threading.Event() for _ in range(n)]
+        self.ended: list[tuple[str, float] | None] = [None] * n
+        self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i: int) -> None:
+        import httpx
+
+        body = {"prompt": [1 + i, 2, 3], "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True}
+        outcome = "cut"  # the stream closed without [DONE]
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as r:
+                if r.status_code != 200:
+                    outcome = f"http {r.status_code}"
+                else:
+                    for line in r.iter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        if line == "data: [DONE]":
+                            outcome = outcome if outcome == "error" else "finished"
+                            break
+                        if "error" in json.loads(line[6:]):
+                            outcome = "error"
+                        self.first_token[i].set()
+        except Exception:  # noqa: BLE001 - a broken connection is an outcome too
+            outcome = "broken"
+        self.first_token[i].set()
+        self.ended[i] = (outcome, time.monotonic())
+
+
+def _poll_health(url: str, seen: list[tuple[float, int, str]], stop: threading.Event) -> None:
+    import httpx
+
+    while not stop.is_set():
+        try:
+            r = httpx.get(url + "/health", timeout=1)
+            seen.append((time.monotonic(), r.status_code, r.text))
+        except Exception:  # noqa: BLE001 - the server has gone
+            seen.append((time.monotonic(), 0, ""))
+        time.sleep(0.05)
+
+
+def _start_server(model: str, mode: str, log_path: str) -> tuple[subprocess.Popen, str, dict[str, int]]:
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
+         "--device", "cpu", "--port", "0", "--num-kv-blocks", "128", "--mode", mode, "--placement", "process",
+         "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)],
+        stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    line = ""
+    deadline = time.monotonic() + 120
+    while "serving" not in line:
+        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        line = proc.stdout.readline()
+    url = re.search(r"http://\S+/v1", line).group(0)[: -len("/v1")]
+    up = re.search(r"topology up \(process placement; decode pid (\d+), prefill pid (\d+)\)", open(log_path).read())
+    assert up, open(log_path).read()[-3000:]
+    return proc, url, {"decode": int(up.group(1)), "prefill": int(up.group(2))}
+
+
+CHAOS = [  # (mode, fault, target)
+    ("rapid", signal.SIGKILL, "decode"),
+    ("rapid", signal.SIGKILL, "prefill"),
+    ("rapid", signal.SIGSTOP, "decode"),
+    ("rapid", signal.SIGKILL, "server"),
+    ("disagg", signal.SIGSTOP, "prefill"),
+    ("disagg", signal.SIGKILL, "server"),
+]
+
+
+@linux_only
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,fault,target", CHAOS, ids=[f"{m}-{f.name}-{t}" for m, f, t in CHAOS])
+def test_chaos(tiny, tmp_path, mode, fault, target):
+    proc, url, pids = _start_server(tiny, mode, str(tmp_path / "server.log"))
+    stop_polling = threading.Event()
+    try:
+        everyone = _session(proc.pid)
+        assert set(pids.values()) <= set(everyone)
+        shm = _shm_mapped(everyone)
+        assert any("sem.mp-" in p for p in shm), f"expected the queues' semaphores, found {shm}"
+
+        load = _Load(url, n=6, max_tokens=400)
+        assert all(e.wait(60) for e in load.first_token), "the load did not start"
+        health: list[tuple[float, int, str]] = []
+        poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
+        poller.start()
+
+        t_fault = time.monotonic()
+        os.kill(proc.pid if target == "server" else pids[target], fault)
+
+        # Every request ends within seconds: finished, or failed with an error (never a hang).
+        for t in load.threads:
+            t.join(max(0.0, t_fault + 20 - time.monotonic()))
+        lost = [i for i, e in enumerate(load.ended) if e is None]
+        outcomes = [e[0] for e in load.ended if e is not None]
+        end_s = max((e[1] for e in load.ended if e is not None), default=t_fault) - t_fault
+
+        code = proc.wait(30)
+        stop_polling.set()
+        poller.join(5)
+        t_exit = time.monotonic() - t_fault
+        assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
+        t_clean = time.monotonic() - t_fault
+        leaked = sorted(p for p in shm if os.path.exists(p))
+
+        detect = next((t - t_fault for t, status, _ in health if status == 503), None)
+        print(f"\nCHAOS {mode} {fault.name} {target}: detected {detect if detect is None else round(detect, 2)} s, "
+              f"requests {len(load.threads)} ended within {end_s:.2f} s {sorted(outcomes)}, lost {len(lost)}, "
+              f"exit code {code} at {t_exit:.2f} s, no process left at {t_clean:.2f} s, "
+              f"shm leaked {len(leaked)} of {len(shm)}")
+        assert not lost, f"requests that never ended: {lost}"
+        assert not leaked, leaked
+        if target == "server":
+            assert code == -signal.SIGKILL
+        else:
+            # The engine failed: the pending requests got an error (or had finished), /health said
+            # why in one short line, and the server exited 1 for a supervisor to restart it.
+            assert set(outcomes) <= {"error", "finished"} and "error" in outcomes, outcomes
+            assert detect is not None, health[-3:]
+            assert detect < (1.5 if fault == signal.SIGKILL else HEARTBEAT_TIMEOUT_S + 1.5)
+            body = next(text for _, status, text in health if status == 503)
+            reason = json.loads(body)["error"]
+            assert target in reason and "\n" not in reason and "Traceback" not in reason
+            assert ("heartbeat" in reason) == (fault == signal.SIGSTOP), reason
+            assert code == 1
+            assert end_s < detect + 2.0
+            assert t_exit < detect + 10.0
+    finally:
+        stop_polling.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
