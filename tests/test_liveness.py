@@ -246,20 +246,22 @@ def _start_server(model: str, mode: str, log_path: str) -> tuple[subprocess.Pope
     return proc, url, {"decode": int(up.group(1)), "prefill": int(up.group(2))}
 
 
-CHAOS = [  # (mode, fault, target)
-    ("rapid", signal.SIGKILL, "decode"),
-    ("rapid", signal.SIGKILL, "prefill"),
-    ("rapid", signal.SIGSTOP, "decode"),
-    ("rapid", signal.SIGKILL, "server"),
-    ("disagg", signal.SIGSTOP, "prefill"),
-    ("disagg", signal.SIGKILL, "server"),
+CHAOS = [  # (mode, fault, target, requests in flight)
+    ("rapid", signal.SIGKILL, "decode", 6),
+    ("rapid", signal.SIGKILL, "prefill", 6),
+    ("rapid", signal.SIGKILL, "prefill", 0),  # while idle: noticed without a request
+    ("rapid", signal.SIGSTOP, "decode", 6),
+    ("rapid", signal.SIGKILL, "server", 6),
+    ("disagg", signal.SIGSTOP, "prefill", 6),
+    ("disagg", signal.SIGKILL, "server", 6),
 ]
 
 
 @linux_only
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,fault,target", CHAOS, ids=[f"{m}-{f.name}-{t}" for m, f, t in CHAOS])
-def test_chaos(tiny, tmp_path, mode, fault, target):
+@pytest.mark.parametrize("mode,fault,target,n", CHAOS,
+                         ids=[f"{m}-{f.name}-{t}" + ("" if n else "-idle") for m, f, t, n in CHAOS])
+def test_chaos(tiny, tmp_path, mode, fault, target, n):
     proc, url, pids = _start_server(tiny, mode, str(tmp_path / "server.log"))
     stop_polling = threading.Event()
     try:
@@ -268,8 +270,10 @@ def test_chaos(tiny, tmp_path, mode, fault, target):
         shm = _shm_mapped(everyone)
         assert any("sem.mp-" in p for p in shm), f"expected the queues' semaphores, found {shm}"
 
-        load = _Load(url, n=6, max_tokens=400)
+        load = _Load(url, n=n, max_tokens=400)
         assert all(e.wait(60) for e in load.first_token), "the load did not start"
+        if not n:
+            time.sleep(1.5)  # the engine thread has settled and sleeps on its inbox
         health: list[tuple[float, int, str]] = []
         poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
         poller.start()
@@ -293,7 +297,7 @@ def test_chaos(tiny, tmp_path, mode, fault, target):
         leaked = sorted(p for p in shm if os.path.exists(p))
 
         detect = next((t - t_fault for t, status, _ in health if status == 503), None)
-        print(f"\nCHAOS {mode} {fault.name} {target}: detected {detect if detect is None else round(detect, 2)} s, "
+        print(f"\nCHAOS {mode} {fault.name} {target}{'' if n else ' (idle)'}: detected {detect if detect is None else round(detect, 2)} s, "
               f"requests {len(load.threads)} ended within {end_s:.2f} s {sorted(outcomes)}, lost {len(lost)}, "
               f"exit code {code} at {t_exit:.2f} s, no process left at {t_clean:.2f} s, "
               f"shm leaked {len(leaked)} of {len(shm)}")
@@ -304,7 +308,7 @@ def test_chaos(tiny, tmp_path, mode, fault, target):
         else:
             # The engine failed: the pending requests got an error (or had finished), /health said
             # why in one short line, and the server exited 1 for a supervisor to restart it.
-            assert set(outcomes) <= {"error", "finished"} and "error" in outcomes, outcomes
+            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n), outcomes
             assert detect is not None, health[-3:]
             assert detect < (1.5 if fault == signal.SIGKILL else HEARTBEAT_TIMEOUT_S + 1.5)
             body = next(text for _, status, text in health if status == 503)
@@ -321,3 +325,55 @@ def test_chaos(tiny, tmp_path, mode, fault, target):
         except ProcessLookupError:
             pass
         proc.wait(10)
+
+
+# ---- shutdown escalation (no model: RapidEngine's shutdown over stand-in worker processes) ------------
+
+
+def _stand_in_engine(pids: list[int], stopped: bool):
+    """A RapidEngine with only what shutdown() touches: two spawned processes that never read
+    their queues (as a stopped or wedged worker would not), optionally SIGSTOPped."""
+    from rapidserve.serving.rapid import RapidEngine
+
+    ctx = mp.get_context("spawn")
+    eng = RapidEngine.__new__(RapidEngine)
+    eng.placement, eng.mps, eng._hung = "process", None, set()
+    eng.to_decode, eng.to_prefill, eng.to_front = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    eng.workers = {role: ctx.Process(target=worker_entry, args=(role, None, 0.2, True, time.sleep, (120,)),
+                                     daemon=True, name=f"rapidserve-{role}") for role in ("decode", "prefill")}
+    for w in eng.workers.values():
+        w.start()
+        pids.append(w.pid)
+    if stopped:
+        time.sleep(0.5)
+        for w in eng.workers.values():
+            os.kill(w.pid, signal.SIGSTOP)
+    return eng
+
+
+@linux_only
+@pytest.mark.parametrize("known_hung", [False, True], ids=["unresponsive", "known-silent"])
+def test_shutdown_escalates_to_sigkill(monkeypatch, known_hung):
+    """A worker that does not stop when asked is SIGTERMed, then SIGKILLed (a stopped one only
+    dies of SIGKILL); one the heartbeat check found silent is SIGKILLed without waiting."""
+    import rapidserve.serving.rapid as rapid
+
+    monkeypatch.setattr(rapid, "_JOIN_S", 1.0)
+    monkeypatch.setattr(rapid, "_KILL_S", 0.5)
+    pids: list[int] = []
+    try:
+        eng = _stand_in_engine(pids, stopped=True)
+        if known_hung:
+            eng._hung = {"decode", "prefill"}
+        t0 = time.monotonic()
+        eng.shutdown()
+        took = time.monotonic() - t0
+        assert all(not w.is_alive() for w in eng.workers.values())
+        assert [w.exitcode for w in eng.workers.values()] == [-signal.SIGKILL] * 2
+        assert took < (1.0 if known_hung else 1.0 + 2 * 0.5 + 2 * 0.5 + 1.0), took
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

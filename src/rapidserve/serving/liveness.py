@@ -44,6 +44,9 @@ log = logging.getLogger("rapidserve.engine")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BEAT_INTERVAL_S = 0.5  # the most often a worker beats (the front's bound is several of these)
 PARENT_GONE_EXIT_CODE = 70  # what a worker exits with when its front has died (EX_SOFTWARE)
+# A worker that has returned exits once its queues' feeder threads have flushed; one writing to
+# a peer that is stopped or dead never would (its pipe is full), so it is cut short after this.
+EXIT_FLUSH_S = 2.0
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -80,8 +83,9 @@ class Pulse:
         self._thread.start()
 
     def stop(self) -> None:
+        """No more beats (not joined: a daemon thread ends with the process, and waiting out its
+        current interval would only delay the worker's exit)."""
         self._stop.set()
-        self._thread.join(timeout=2 * self.interval + 1.0)
 
     def beat(self) -> None:
         if self.slot is not None:
@@ -115,6 +119,13 @@ def worker_entry(
         target(*args)
     finally:
         pulse.stop()
+        threading.Thread(target=_exit_after, args=(EXIT_FLUSH_S,), name=f"rapidserve-{role}-exit",
+                         daemon=True).start()
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    os._exit(0)  # still here: a feeder thread is stuck on a full pipe to a peer that reads no more
 
 
 class Heartbeats:
