@@ -115,12 +115,23 @@ def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
     assert args.worker_heartbeat_timeout_s == 3.0
 
 
+def _long_step(seconds: float) -> None:
+    """A worker's main thread inside one long step (matmuls, as a CPU prefill of a big prompt)."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        a = torch.tanh(a @ a)
+
+
 @linux_only
 def test_a_worker_beats_while_its_main_thread_is_busy_and_not_while_stopped():
     ctx = mp.get_context("spawn")
     hb = Heartbeats(ctx, ["decode"], timeout_s=0.8)
-    # time.sleep stands for a long step: the main thread is busy, the pulse thread beats.
-    p = ctx.Process(target=worker_entry, args=("decode", hb.slots["decode"], hb.interval, True, time.sleep, (60,)),
+    # busy in one step far longer than the bound: busy, not hung, so it must keep beating
+    p = ctx.Process(target=worker_entry, args=("decode", hb.slots["decode"], hb.interval, True, _long_step, (60,)),
                     daemon=True)
     p.start()
     try:

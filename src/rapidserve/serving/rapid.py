@@ -142,8 +142,8 @@ class RapidEngine(EngineFront):
         return msg
 
     def check_liveness(self) -> None:
-        """Raise WorkerError (after failing and stopping everything) if a worker died or went
-        silent. Cheap (no message is read): an idle AsyncEngine calls it every liveness_poll_s."""
+        """Raise WorkerError (the engine failed; the workers told to stop) if a worker died or
+        went silent. Cheap (no message is read): an idle AsyncEngine calls it every liveness_poll_s."""
         self._check_alive()
         self._check_workers()
 
