@@ -236,12 +236,12 @@ def _poll_health(url: str, seen: list[tuple[float, int, str]], stop: threading.E
         time.sleep(0.05)
 
 
-def _start_server(model: str, mode: str, log_path: str) -> tuple[subprocess.Popen, str, dict[str, int]]:
+def _start_server(model: str, mode: str, log_path: str, *extra: str) -> tuple[subprocess.Popen, str, dict[str, int]]:
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
          "--device", "cpu", "--port", "0", "--num-kv-blocks", "128", "--mode", mode, "--placement", "process",
-         "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)],
+         "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S), *extra],
         stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -388,3 +388,37 @@ def test_shutdown_escalates_to_sigkill(monkeypatch, known_hung):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@linux_only
+@pytest.mark.slow
+def test_sigterm_with_a_stopped_worker_and_no_heartbeat_check_ends_in_bounded_time(tiny, tmp_path):
+    """The issue's hang: a stopped worker, nothing watching it (--worker-heartbeat-timeout-s 0),
+    then SIGTERM. The requests wait out the graceful period, the stopped worker is SIGTERMed and
+    then SIGKILLed (a stopped process dies of nothing else), and the server exits 0."""
+    import rapidserve.serving.rapid as rapid
+
+    proc, url, pids = _start_server(tiny, "rapid", str(tmp_path / "server.log"),
+                                    "--worker-heartbeat-timeout-s", "0", "--graceful-shutdown-timeout", "1")
+    try:
+        load = _Load(url, n=2, max_tokens=400)
+        assert all(e.wait(60) for e in load.first_token), "the load did not start"
+        os.kill(pids["decode"], signal.SIGSTOP)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        bound = 1 + rapid._JOIN_S + 2 * rapid._KILL_S + 15  # graceful, asked, SIGTERM, SIGKILL, exit
+        code = proc.wait(bound)
+        took = time.monotonic() - t0
+        assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
+        for t in load.threads:
+            t.join(10)
+        print(f"\nSIGTERM with a stopped worker: exit {code} after {took:.1f} s; requests {load.ended}")
+        assert code == 0 and all(e is not None for e in load.ended)
+        assert "ignored SIGTERM; killing it" in open(tmp_path / "server.log").read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
