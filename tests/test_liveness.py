@@ -10,13 +10,16 @@ Run with -s to see each chaos run's figures (CHAOS lines: time to detect, reques
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -72,6 +75,11 @@ def _shm_mapped(pids: list[int]) -> set[str]:
         except OSError:
             pass
     return out
+
+
+def _tmp_dirs(server_pid: int) -> list[str]:
+    """The workers' temporary directory the server made (multiprocessing's pymp-* inside)."""
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"rapidserve-{server_pid}-*"))
 
 
 def _wait_until(cond, timeout_s: float, every: float = 0.05) -> bool:
@@ -306,17 +314,19 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
         assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
         t_clean = time.monotonic() - t_fault
         leaked = sorted(p for p in shm if os.path.exists(p))
+        tmp_left = _tmp_dirs(proc.pid)
 
         detect = next((t - t_fault for t, status, _ in health if status == 503), None)
         print(f"\nCHAOS {mode} {fault.name} {target}{'' if n else ' (idle)'}: detected {detect if detect is None else round(detect, 2)} s, "
               f"requests {len(load.threads)} ended within {end_s:.2f} s {sorted(outcomes)}, lost {len(lost)}, "
               f"exit code {code} at {t_exit:.2f} s, no process left at {t_clean:.2f} s, "
-              f"shm leaked {len(leaked)} of {len(shm)}")
+              f"shm leaked {len(leaked)} of {len(shm)}, temp dirs left {len(tmp_left)}")
         assert not lost, f"requests that never ended: {lost}"
         assert not leaked, leaked
         if target == "server":
-            assert code == -signal.SIGKILL
+            assert code == -signal.SIGKILL  # (its workers' temp directory stays: documented)
         else:
+            assert not tmp_left, tmp_left
             # The engine failed: the pending requests got an error (or had finished), /health said
             # why in one short line, and the server exited 1 for a supervisor to restart it.
             assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n), outcomes
@@ -336,6 +346,8 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
         except ProcessLookupError:
             pass
         proc.wait(10)
+        for d in _tmp_dirs(proc.pid):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- shutdown escalation (no model: RapidEngine's shutdown over stand-in worker processes) ------------

@@ -34,6 +34,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -97,22 +98,31 @@ class Pulse:
             if sentinels and multiprocessing.connection.wait(sentinels, timeout=self.interval):
                 # The parent is gone: nobody will read our output or stop us. End at once, without
                 # Python's exit handlers: they could block on queues whose reader is dead.
-                print(f"rapidserve {self.role} worker: the engine process is gone; exiting", file=sys.stderr,
-                      flush=True)
-                os._exit(PARENT_GONE_EXIT_CODE)
+                try:  # (stderr may have been a pipe to the dead parent)
+                    print(f"rapidserve {self.role} worker: the engine process is gone; exiting",
+                          file=sys.stderr, flush=True)
+                finally:
+                    os._exit(PARENT_GONE_EXIT_CODE)
             if not sentinels:
                 self._stop.wait(self.interval)
             self.beat()
 
 
 def worker_entry(
-    role: str, slot: Any, interval: float, pdeathsig: bool, target: Callable[..., None], args: tuple[Any, ...]
+    role: str, slot: Any, interval: float, pdeathsig: bool, target: Callable[..., None], args: tuple[Any, ...],
+    tmpdir: str | None = None,
 ) -> None:
     """A worker process's entry point: its liveness first (parent-death signal, watchdog,
-    heartbeat), then `target(*args)`. Under thread placement the front calls `target` directly."""
+    heartbeat), then `target(*args)`. Under thread placement the front calls `target` directly.
+
+    `tmpdir`: a directory the front owns and removes after the workers are gone; the worker's
+    temporary files go there (multiprocessing's `pymp-*` socket directory, which passing a
+    tensor's file descriptor creates), so a worker that is killed leaves none behind."""
     parent = multiprocessing.parent_process()
     if parent is not None and pdeathsig and set_parent_death_signal() and os.getppid() != parent.pid:
         os._exit(PARENT_GONE_EXIT_CODE)  # the parent died before the signal was armed
+    if tmpdir is not None:
+        tempfile.tempdir = tmpdir
     pulse = Pulse(role, slot, interval)
     pulse.start()
     try:

@@ -9,7 +9,10 @@ decides stop strings (text) and then aborts the request in the decode worker.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any
@@ -93,9 +96,10 @@ class RapidEngine(EngineFront):
             # NOTE: the parent-death signal is tied to the spawning *thread*: only ask for it
             # from the main thread (which ends only with the process); see serving/liveness.py.
             pdeathsig = threading.current_thread() is threading.main_thread()
+            self._tmpdir = tempfile.mkdtemp(prefix=f"rapidserve-{os.getpid()}-")  # the workers' temp files
             self.workers = {
                 role: ctx.Process(target=worker_entry, name=f"rapidserve-{role}", daemon=True,
-                                  args=(role, hb.slots[role], hb.interval, pdeathsig, target, args))
+                                  args=(role, hb.slots[role], hb.interval, pdeathsig, target, args, self._tmpdir))
                 for role, (target, args) in targets.items()
             }
         else:
@@ -225,6 +229,9 @@ class RapidEngine(EngineFront):
         for w in workers.values():
             if w.is_alive():
                 log.error("%s did not stop", w.name)
+        tmpdir = getattr(self, "_tmpdir", None)
+        if tmpdir is not None and not any(w.is_alive() for w in workers.values()):
+            shutil.rmtree(tmpdir, ignore_errors=True)
         if self.placement == "process":
             for name in ("to_decode", "to_prefill", "to_front"):
                 q = getattr(self, name, None)
