@@ -110,13 +110,32 @@ def test_heartbeats_flag_a_silent_worker_once_armed():
     assert hb.silent() is None
 
 
+def test_heartbeats_do_not_blame_workers_for_the_fronts_own_absence():
+    """Ctrl-Z stops the server and its workers together; after `fg` every beat is old, but the
+    front was not looking either: the workers get a fresh bound, and a truly silent one is
+    caught after it."""
+    hb = Heartbeats(mp.get_context("spawn"), ["decode"], timeout_s=1.0)
+    hb.arm()
+    assert hb.poll_s == 0.25
+    hb.slots["decode"].value = time.monotonic() - 30
+    hb._armed_at = hb._checked_at = time.monotonic() - 30  # the front's last look: 30 s ago
+    assert hb.silent() is None and hb.age("decode") < 0.1  # re-armed
+    time.sleep(0.6)
+    assert hb.silent() is None  # looked 0.6 s ago (> half the bound): re-armed again
+    for _ in range(6):  # looking every 0.2 s: the bound runs out
+        time.sleep(0.2)
+        found = hb.silent()
+    assert found is not None and found[0] == "decode"
+
+
 def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
     off = Heartbeats(mp.get_context("spawn"), ["decode"], timeout_s=0)
     off.arm()
     off.slots["decode"].value = 1.0
     assert off.silent() is None
-    with pytest.raises(ValueError, match="worker_heartbeat_timeout_s"):
-        EngineConfig(worker_heartbeat_timeout_s=-1)
+    for bad in (-1, 0.1, float("nan")):
+        with pytest.raises(ValueError, match="worker_heartbeat_timeout_s"):
+            EngineConfig(worker_heartbeat_timeout_s=bad)
     from rapidserve.entrypoints.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--worker-heartbeat-timeout-s", "3"])
@@ -293,6 +312,15 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
         assert all(e.wait(60) for e in load.first_token), "the load did not start"
         if not n:
             time.sleep(1.5)  # the engine thread has settled and sleeps on its inbox
+            # A terminal's Ctrl-Z, then `fg`: the server and its workers stop together for longer
+            # than the bound. Nobody is to blame: still healthy afterwards.
+            os.killpg(proc.pid, signal.SIGSTOP)
+            time.sleep(HEARTBEAT_TIMEOUT_S + 1.5)
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(HEARTBEAT_TIMEOUT_S)
+            import httpx
+
+            assert httpx.get(url + "/health", timeout=10).status_code == 200, open(tmp_path / "server.log").read()[-2000:]
         health: list[tuple[float, int, str]] = []
         poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
         poller.start()

@@ -92,8 +92,9 @@ class EngineConfig:
             raise ValueError(f"unknown placement {self.placement!r}; available: {', '.join(PLACEMENTS)}")
         if self.mps not in ("auto", "on", "off"):
             raise ValueError(f"unknown mps setting {self.mps!r}; available: auto, on, off")
-        if not self.worker_heartbeat_timeout_s >= 0:
-            raise ValueError(f"worker_heartbeat_timeout_s must be >= 0 (0: off), got {self.worker_heartbeat_timeout_s}")
+        from rapidserve.serving.liveness import check_heartbeat_timeout
+
+        check_heartbeat_timeout(self.worker_heartbeat_timeout_s)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

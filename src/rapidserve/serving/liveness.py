@@ -138,6 +138,14 @@ def _exit_after(seconds: float) -> None:
     os._exit(0)  # still here: a feeder thread is stuck on a full pipe to a peer that reads no more
 
 
+MIN_TIMEOUT_S = 0.5  # below this the front's own polls (every 50 ms while busy) are too coarse
+
+
+def check_heartbeat_timeout(timeout_s: float) -> None:
+    if not (timeout_s == 0 or timeout_s >= MIN_TIMEOUT_S):
+        raise ValueError(f"worker_heartbeat_timeout_s must be 0 (off) or at least {MIN_TIMEOUT_S} s, got {timeout_s}")
+
+
 class Heartbeats:
     """The front's view of its workers' beats: one shared double per worker, written by the
     worker's `Pulse`, read here. Enforced only once `arm()` is called (the workers are up:
@@ -145,18 +153,20 @@ class Heartbeats:
     bound)."""
 
     def __init__(self, ctx: Any, roles: list[str], timeout_s: float) -> None:
-        if timeout_s < 0:
-            raise ValueError(f"worker_heartbeat_timeout_s must be >= 0 (0: off), got {timeout_s}")
+        check_heartbeat_timeout(timeout_s)
         self.timeout_s = timeout_s
         self.interval = beat_interval(timeout_s) if timeout_s > 0 else BEAT_INTERVAL_S
         # NOTE: RawValue: no lock (one writer, an aligned 8-byte store), and its memory is an
         # unlinked temporary file, so nothing is left in /dev/shm whatever happens.
         self.slots = {role: ctx.RawValue("d", 0.0) for role in roles}
+        # How often the front must look for silence to be judged fairly (see silent()).
+        self.poll_s = min(BEAT_INTERVAL_S, self.timeout_s / 4) if timeout_s > 0 else BEAT_INTERVAL_S
         self._armed_at: float | None = None
+        self._checked_at: float | None = None
 
     def arm(self) -> None:
         if self.timeout_s > 0:
-            self._armed_at = time.monotonic()
+            self._armed_at = self._checked_at = time.monotonic()
 
     def age(self, role: str) -> float:
         """Seconds since the worker's last beat (counted from arm() if it is later)."""
@@ -167,6 +177,15 @@ class Heartbeats:
         """The first worker whose last beat is older than the bound, with its age; None if all
         beat (or the check is not armed)."""
         if self._armed_at is None:
+            return None
+        now = time.monotonic()
+        last_check, self._checked_at = self._checked_at, now
+        if last_check is not None and now - last_check > self.timeout_s / 2:
+            # NOTE: the front itself was not looking for a while: stopped with its workers (a
+            # terminal's Ctrl-Z stops the whole process group; then `fg`), starved, or an offline
+            # caller between two generate() calls. The workers' silence may be ours: they get a
+            # fresh bound rather than the blame (a truly stopped one is caught one bound later).
+            self._armed_at = now
             return None
         for role in self.slots:
             age = self.age(role)

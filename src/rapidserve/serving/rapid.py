@@ -46,7 +46,7 @@ class WorkerError(RuntimeError):
 
 class RapidEngine(EngineFront):
     mode = "rapid"  # the topology's workers: see _worker_targets
-    liveness_poll_s = 0.5  # an idle AsyncEngine calls check_liveness() this often
+    liveness_poll_s: float | None = 0.5  # an idle AsyncEngine calls check_liveness() this often
 
     def __init__(self, config: EngineConfig) -> None:
         if config.mode != self.mode:
@@ -79,6 +79,7 @@ class RapidEngine(EngineFront):
             self._start_workers()
             if self.heartbeats is not None:
                 self.heartbeats.arm()  # every worker is up: from now on, silence is a failure
+                self.liveness_poll_s = self.heartbeats.poll_s
         except BaseException:  # a failure, or SIGTERM/Ctrl-C while starting: no worker outlives us
             self.shutdown()
             raise
