@@ -191,6 +191,7 @@ class AsyncEngine:
         self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
         self._stats = engine.stats()
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
+        self._liveness_poll_s = engine.liveness_poll_s  # idle: wake this often to check workers
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
         self._thread.start()
 
@@ -199,6 +200,15 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return not self._dead and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> str:
+        """Why the engine is not running, in one short line ("" while it runs): for /health and
+        supervisors; the whole story (a worker's traceback) is in the log."""
+        if not self._dead and self._thread.is_alive():
+            return ""
+        line = (self._dead_message or "the engine is not running").splitlines()[0]
+        return line if len(line) <= 300 else line[:297] + "..."
 
     @property
     def error(self) -> BaseException | None:
@@ -322,7 +332,8 @@ class AsyncEngine:
                 if time.monotonic() < self._settle_until:
                     items.append(self._inbox.get(timeout=_SETTLE_POLL_S))
                 else:
-                    items.append(self._inbox.get())  # idle: sleep until there is something to do
+                    # idle: sleep until there is something to do (waking to check the workers)
+                    items.append(self._inbox.get(timeout=self._liveness_poll_s))
             except queue.Empty:
                 return items
         while True:
@@ -355,6 +366,8 @@ class AsyncEngine:
                     outputs = engine.step()
                     if outputs:
                         self._post(self._deliver, outputs, time.monotonic())
+                else:
+                    engine.check_liveness()  # no step checks the workers while idle
                 if had_requests and not engine.has_unfinished_requests():
                     self._settle_until = time.monotonic() + _SETTLE_S
                 self._stats = engine.stats()
@@ -374,10 +387,8 @@ class AsyncEngine:
             self._post(_set_result, command.future, result)
 
     def _stop(self, message: str, error: BaseException | None) -> None:
-        try:
-            self._engine.shutdown()  # its workers, if the topology has any
-        except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report
-            log.exception("engine shutdown failed")
+        # NOTE: dead and every pending request failed first, the engine's shutdown (its workers:
+        # seconds, bounded) after, so that /health and the clients learn at once.
         with self._lock:
             self._dead = True
             self._error = error
@@ -392,6 +403,10 @@ class AsyncEngine:
             if isinstance(item, _Command) and item.future is not None:
                 self._post(_set_exception, item.future, EngineDeadError(message))
         self._post(self._fail_all, message)
+        try:
+            self._engine.shutdown()  # its workers, if the topology has any
+        except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report
+            log.exception("engine shutdown failed")
 
 
 def _cuda_index(device: Any) -> int | None:

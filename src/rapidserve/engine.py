@@ -151,6 +151,14 @@ class EngineFront:
     def shutdown(self) -> None:
         """Stop workers, if the topology has any."""
 
+    # How often an idle AsyncEngine calls check_liveness() (None: never; a topology without
+    # worker processes has nothing that can die on its own).
+    liveness_poll_s: float | None = None
+
+    def check_liveness(self) -> None:
+        """Raise if the engine can no longer serve (a worker died or went silent), failing what
+        is pending. Called while idle, between steps; step() checks on its own."""
+
     def stats(self) -> EngineStats:
         raise NotImplementedError
 

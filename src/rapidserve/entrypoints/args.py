@@ -89,6 +89,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="rapid mode, process placement on NVIDIA: auto uses a running MPS daemon or "
                         "starts a private one (falling back to thread placement if it cannot); on "
                         "requires one; off runs without (the two processes are then time-sliced)")
+    g.add_argument("--worker-heartbeat-timeout-s", type=float, default=5.0,
+                   help="rapid and disagg modes, process placement: a worker silent this long (dead, "
+                        "stopped or hung) fails the engine and its requests; 0 turns the check off")
     g.add_argument("--disagg-decode-sms", type=int, default=None,
                    help="disagg mode on one GPU: SMs of the decode instance's static split (default: half, "
                         "rounded to the granularity); the prefill instance gets the rest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -18,6 +19,7 @@ from rapidserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from rapidserve.async_engine import AsyncEngine
     from rapidserve.entrypoints.openai.server import ServerConfig
 
 
@@ -112,13 +114,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(engine, server_config)
     started = time.monotonic()
     try:
-        _run_uvicorn(app, server_config, engine.model_name, args.log_level)
+        _run_uvicorn(app, server_config, engine.model_name, args.log_level, engine)
     finally:
         engine.shutdown()  # and the rapid mode's workers
         log.info("shut down: %d request(s) answered in %.0f s", app.state.server.stats_logger.num_requests,
                  time.monotonic() - started)
+        # The interpreter's last garbage collection over a torch-laden heap takes seconds (seen:
+        # 3 s on CPU) and frees nothing the OS would not; a supervisor waits for our exit code.
+        gc.freeze()
     if engine.error is not None:
-        print(f"error: the engine failed: {engine.error!r}", file=sys.stderr)
+        # A supervisor restarts a server that exits non-zero; one that lingered half-dead would
+        # only answer 503.
+        print(f"error: {engine.dead_reason}", file=sys.stderr)
         return 1
     return 0
 
@@ -127,17 +134,36 @@ def _exit_on_sigterm(sig: int, _frame: object) -> None:
     raise SystemExit(128 + sig)
 
 
-def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
+# After the engine fails, the server keeps answering (503 on /health, the failed requests' error
+# bodies) this long, then shuts down and exits 1.
+_EXIT_AFTER_FAILURE_S = 1.0
+
+
+def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str,
+                 engine: AsyncEngine | None = None) -> None:
     import uvicorn
 
     log = logging.getLogger("rapidserve.server")
 
     class Server(uvicorn.Server):
+        dead_since: float | None = None
+
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 port = self.servers[0].sockets[0].getsockname()[1]  # the real one, for --port 0
                 print(f"rapidserve: serving {model_name} at http://{config.host}:{port}/v1", flush=True)
+
+        async def on_tick(self, counter: int) -> bool:  # every 0.1 s
+            if engine is not None and not engine.healthy and not self.should_exit:
+                now = time.monotonic()
+                if self.dead_since is None:
+                    self.dead_since = now
+                    log.error("%s; exiting in %.0f s", engine.dead_reason,
+                              _EXIT_AFTER_FAILURE_S)
+                elif now - self.dead_since >= _EXIT_AFTER_FAILURE_S:
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level.lower(),

@@ -9,7 +9,10 @@ decides stop strings (text) and then aborts the request in the decode worker.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any
@@ -26,13 +29,15 @@ from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.mps import MpsDaemon, ensure_mps
 from rapidserve.runner.setup import resolve_device
 from rapidserve.serving import messages as m
+from rapidserve.serving.liveness import Heartbeats, worker_entry
 from rapidserve.serving.workers import decode_main, prefill_main
 
 log = logging.getLogger("rapidserve.engine")
 
 _START_TIMEOUT_S = 900.0  # loading a large model can take minutes
 _POLL_S = 0.05  # step() waits this long for events before returning none
-_JOIN_S = 10.0
+_JOIN_S = 10.0  # shutdown: how long the workers may take to stop when asked
+_KILL_S = 2.0  # then: how long SIGTERM may take before SIGKILL
 
 
 class WorkerError(RuntimeError):
@@ -41,6 +46,7 @@ class WorkerError(RuntimeError):
 
 class RapidEngine(EngineFront):
     mode = "rapid"  # the topology's workers: see _worker_targets
+    liveness_poll_s: float | None = 0.5  # an idle AsyncEngine calls check_liveness() this often
 
     def __init__(self, config: EngineConfig) -> None:
         if config.mode != self.mode:
@@ -67,8 +73,13 @@ class RapidEngine(EngineFront):
                 self.placement = "thread"
         self.failed: str | None = None
         self.worker_stats: m.WorkerStats | None = None  # the decode worker's latest report
+        self.heartbeats: Heartbeats | None = None  # process placement only
+        self._hung: set[str] = set()  # roles that went silent: shutdown does not wait for them
         try:
             self._start_workers()
+            if self.heartbeats is not None:
+                self.heartbeats.arm()  # every worker is up: from now on, silence is a failure
+                self.liveness_poll_s = self.heartbeats.poll_s
         except BaseException:  # a failure, or SIGTERM/Ctrl-C while starting: no worker outlives us
             self.shutdown()
             raise
@@ -81,14 +92,23 @@ class RapidEngine(EngineFront):
             self.to_decode: Any = ctx.Queue()
             self.to_prefill: Any = ctx.Queue()
             self.to_front: Any = ctx.Queue()
-            make = ctx.Process
+            targets = self._worker_targets()
+            hb = self.heartbeats = Heartbeats(ctx, list(targets), self.config.worker_heartbeat_timeout_s)
+            # NOTE: the parent-death signal is tied to the spawning *thread*: only ask for it
+            # from the main thread (which ends only with the process); see serving/liveness.py.
+            pdeathsig = threading.current_thread() is threading.main_thread()
+            self._tmpdir = tempfile.mkdtemp(prefix=f"rapidserve-{os.getpid()}-")  # the workers' temp files
+            self.workers = {
+                role: ctx.Process(target=worker_entry, name=f"rapidserve-{role}", daemon=True,
+                                  args=(role, hb.slots[role], hb.interval, pdeathsig, target, args, self._tmpdir))
+                for role, (target, args) in targets.items()
+            }
         else:
             self.to_decode, self.to_prefill, self.to_front = queue.Queue(), queue.Queue(), queue.Queue()
-            make = threading.Thread  # type: ignore[assignment]
-        self.workers = {
-            role: make(target=target, name=f"rapidserve-{role}", daemon=True, args=args)
-            for role, (target, args) in self._worker_targets().items()
-        }
+            self.workers = {
+                role: threading.Thread(target=target, name=f"rapidserve-{role}", daemon=True, args=args)
+                for role, (target, args) in self._worker_targets().items()
+            }
         for w in self.workers.values():
             w.start()
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -101,8 +121,9 @@ class RapidEngine(EngineFront):
             if msg is None and time.monotonic() > deadline:
                 self.shutdown()
                 raise WorkerError("the rapid topology's workers did not start in time")
-        log.info("%s topology up (%s placement): KV %d blocks of %d", self.mode, self.placement,
-                 self.num_kv_blocks, self.block_size)
+        pids = ", ".join(f"{role} pid {w.pid}" for role, w in self.workers.items() if hasattr(w, "pid"))
+        log.info("%s topology up (%s placement%s): KV %d blocks of %d", self.mode, self.placement,
+                 f"; {pids}" if pids else "", self.num_kv_blocks, self.block_size)
 
     def _worker_targets(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
         """Each worker's entry point and arguments, by role (the queues exist by now)."""
@@ -122,34 +143,96 @@ class RapidEngine(EngineFront):
             msg = None
         if isinstance(msg, m.WorkerFailed):
             self._fail(f"the {msg.role} worker failed: {msg.message}")
-        if msg is None:
-            for role, w in self.workers.items():
-                if not w.is_alive():
-                    self._fail(f"the {role} worker exited unexpectedly"
-                               + (f" (exit code {w.exitcode})" if hasattr(w, "exitcode") else ""))
+        self._check_workers()
         return msg
 
-    def _fail(self, reason: str) -> None:
-        self.failed = reason
-        log.error("%s", reason.splitlines()[0])
-        self.shutdown()
-        raise WorkerError(reason)
+    def check_liveness(self) -> None:
+        """Raise WorkerError (the engine failed; the workers told to stop) if a worker died or
+        went silent. Cheap (no message is read): an idle AsyncEngine calls it every liveness_poll_s."""
+        self._check_alive()
+        self._check_workers()
 
-    def shutdown(self) -> None:
-        """Stop both workers (idempotent); leaves no process or thread behind."""
-        workers = getattr(self, "workers", {})
+    def _check_workers(self) -> None:
+        """Fail if a worker died or went silent (a few syscalls and shared reads: every poll)."""
+        for role, w in self.workers.items():
+            if not w.is_alive():
+                # A worker that raised reported why before it ended: its last words win.
+                last = self._last_words()
+                if last is not None:
+                    self._fail(f"the {last.role} worker failed: {last.message}")
+                self._fail(f"the {role} worker exited unexpectedly"
+                           + (f" (exit code {w.exitcode})" if hasattr(w, "exitcode") else ""))
+        silent = self.heartbeats.silent() if self.heartbeats is not None else None
+        if silent is not None:
+            role, age = silent
+            self._hung.add(role)
+            self._fail(f"the {role} worker sent no heartbeat for {age:.1f} s (stopped or hung; "
+                       f"--worker-heartbeat-timeout-s {self.heartbeats.timeout_s:g})")
+
+    def _last_words(self) -> m.WorkerFailed | None:
+        """A WorkerFailed still on its way to the front (anything else is dropped: we fail)."""
+        deadline = time.monotonic() + _POLL_S
+        while True:
+            try:
+                msg = self.to_front.get(timeout=max(0.0, deadline - time.monotonic()))
+            except (queue.Empty, OSError, ValueError):
+                return None
+            if isinstance(msg, m.WorkerFailed):
+                return msg
+
+    def _fail(self, reason: str) -> None:
+        """Fail the engine: log the whole reason (a worker's traceback), keep its first line as
+        the short one (WorkerError, /health, each failed request), tell the workers to stop.
+
+        NOTE: it does not wait for them (shutdown() does, bounded): the caller fails the pending
+        requests first, and a worker process can take seconds to tear down."""
+        log.error("%s", reason)
+        short = reason.splitlines()[0] if reason else "a worker failed"
+        self.failed = short
+        self._ask_to_stop()
+        raise WorkerError(short)
+
+    def _ask_to_stop(self) -> None:
+        """Shutdown to both workers; SIGKILL to a silent one (stopped or hung: nothing else
+        ends a stopped process)."""
         for q in (getattr(self, "to_decode", None), getattr(self, "to_prefill", None)):
             if q is not None:
                 try:
                     q.put(m.Shutdown())
                 except (ValueError, OSError):
                     pass
+        for role in getattr(self, "_hung", set()):
+            w = self.workers.get(role)
+            if w is not None and hasattr(w, "kill") and w.is_alive():
+                w.kill()
+
+    def shutdown(self) -> None:
+        """Stop both workers (idempotent); leaves no process or thread behind."""
+        workers = getattr(self, "workers", {})
+        self._ask_to_stop()
+        # Bounded, then escalating: asked (Shutdown) -> SIGTERM -> SIGKILL. A worker known to be
+        # silent (stopped or hung) is neither waited for nor asked: only SIGKILL ends a stopped
+        # process (a SIGTERM stays pending until it is continued).
+        hung = getattr(self, "_hung", set())
+        deadline = time.monotonic() + _JOIN_S
+        for role, w in workers.items():
+            if w.is_alive() and role not in hung:
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+        procs = {role: w for role, w in workers.items() if w.is_alive() and hasattr(w, "kill")}
+        for role, w in procs.items():
+            w.kill() if role in hung else w.terminate()
+        for w in procs.values():
+            w.join(timeout=_KILL_S)
+            if w.is_alive():
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", w.name, w.pid)
+                w.kill()
+                w.join(timeout=_KILL_S)
         for w in workers.values():
             if w.is_alive():
-                w.join(timeout=_JOIN_S)
-            if w.is_alive() and hasattr(w, "terminate"):
-                w.terminate()
-                w.join(timeout=_JOIN_S)
+                log.error("%s did not stop", w.name)
+        tmpdir = getattr(self, "_tmpdir", None)
+        if tmpdir is not None and not any(w.is_alive() for w in workers.values()):
+            shutil.rmtree(tmpdir, ignore_errors=True)
         if self.placement == "process":
             for name in ("to_decode", "to_prefill", "to_front"):
                 q = getattr(self, name, None)

@@ -573,8 +573,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     async def health() -> JSONResponse:
         if engine.healthy:
             return JSONResponse({"status": "ok"})
-        reason = repr(engine.error) if engine.error is not None else "the engine is not running"
-        return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
+        # One short line, never a traceback (the log has it): /health is open to anyone.
+        return JSONResponse({"status": "unhealthy", "error": engine.dead_reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

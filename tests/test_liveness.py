@@ -1,0 +1,464 @@
+"""Worker liveness and shutdown (serving/liveness.py): heartbeats, parent-death handling, and
+chaos tests against a real `rapidserve serve` (rapid and disagg topologies, process placement,
+the tiny llama on CPU): under load, kill a worker, stop one (SIGSTOP), kill the server. Each
+time the pending requests must end within seconds (an error, not a hang), the server must exit
+non-zero (or, killed, leave nothing behind), and no process or /dev/shm entry of the server's
+may survive.
+
+Run with -s to see each chaos run's figures (CHAOS lines: time to detect, requests lost, leaks).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from rapidserve.config import EngineConfig
+from rapidserve.serving.liveness import Heartbeats, beat_interval, worker_entry
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+HEARTBEAT_TIMEOUT_S = 2.0  # what the chaos servers run with (the default is 5)
+
+
+# ---- /proc helpers -------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session `sid` (a server started with start_new_session: its workers and
+    multiprocessing's resource tracker stay in it, even once orphaned)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            fields = _stat(int(d))
+            if fields is not None and fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+                out.append(int(d))
+    return out
+
+
+def _shm_mapped(pids: list[int]) -> set[str]:
+    """The named /dev/shm entries (semaphores sem.mp-*, segments psm_* ...) the processes map."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.split(None, 5)[5].strip() if len(line.split(None, 5)) == 6 else ""
+                    if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
+                        out.add(path)
+        except OSError:
+            pass
+    return out
+
+
+def _tmp_dirs(server_pid: int) -> list[str]:
+    """The workers' temporary directory the server made (multiprocessing's pymp-* inside)."""
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"rapidserve-{server_pid}-*"))
+
+
+def _wait_until(cond, timeout_s: float, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+# ---- heartbeats (unit) ---------------------------------------------------------------------------
+
+
+def test_heartbeats_flag_a_silent_worker_once_armed():
+    hb = Heartbeats(mp.get_context("spawn"), ["decode", "prefill"], timeout_s=1.0)
+    assert hb.interval == beat_interval(1.0) == 0.25
+    now = time.monotonic()
+    hb.slots["decode"].value = now - 100  # silent for long, but not armed: start-up has its own bound
+    hb.slots["prefill"].value = now
+    assert hb.silent() is None
+    hb.arm()
+    assert hb.silent() is None  # armed just now: the bound counts from arming
+    hb._armed_at = now - 3
+    role, age = hb.silent()
+    assert role == "decode" and 2.9 < age < 10
+    hb.slots["decode"].value = time.monotonic()
+    assert hb.silent() is None
+
+
+def test_heartbeats_do_not_blame_workers_for_the_fronts_own_absence():
+    """Ctrl-Z stops the server and its workers together; after `fg` every beat is old, but the
+    front was not looking either: the workers get a fresh bound, and a truly silent one is
+    caught after it."""
+    hb = Heartbeats(mp.get_context("spawn"), ["decode"], timeout_s=1.0)
+    hb.arm()
+    assert hb.poll_s == 0.25
+    hb.slots["decode"].value = time.monotonic() - 30
+    hb._armed_at = hb._checked_at = time.monotonic() - 30  # the front's last look: 30 s ago
+    assert hb.silent() is None and hb.age("decode") < 0.1  # re-armed
+    time.sleep(0.6)
+    assert hb.silent() is None  # looked 0.6 s ago (> half the bound): re-armed again
+    for _ in range(6):  # looking every 0.2 s: the bound runs out
+        time.sleep(0.2)
+        found = hb.silent()
+    assert found is not None and found[0] == "decode"
+
+
+def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
+    off = Heartbeats(mp.get_context("spawn"), ["decode"], timeout_s=0)
+    off.arm()
+    off.slots["decode"].value = 1.0
+    assert off.silent() is None
+    for bad in (-1, 0.1, float("nan")):
+        with pytest.raises(ValueError, match="worker_heartbeat_timeout_s"):
+            EngineConfig(worker_heartbeat_timeout_s=bad)
+    from rapidserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--worker-heartbeat-timeout-s", "3"])
+    assert args.worker_heartbeat_timeout_s == 3.0
+
+
+def _long_step(seconds: float) -> None:
+    """A worker's main thread inside one long step (matmuls, as a CPU prefill of a big prompt)."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        a = torch.tanh(a @ a)
+
+
+@linux_only
+def test_a_worker_beats_while_its_main_thread_is_busy_and_not_while_stopped():
+    ctx = mp.get_context("spawn")
+    hb = Heartbeats(ctx, ["decode"], timeout_s=0.8)
+    # busy in one step far longer than the bound: busy, not hung, so it must keep beating
+    p = ctx.Process(target=worker_entry, args=("decode", hb.slots["decode"], hb.interval, True, _long_step, (60,)),
+                    daemon=True)
+    p.start()
+    try:
+        assert _wait_until(lambda: hb.slots["decode"].value > 0, 60), "the worker never beat"
+        hb.arm()
+        time.sleep(1.5)
+        assert hb.silent() is None and hb.age("decode") < 0.8
+        os.kill(p.pid, signal.SIGSTOP)
+        assert _wait_until(lambda: hb.silent() is not None, 5), "a stopped worker still looks alive"
+    finally:
+        p.kill()
+        p.join(10)
+
+
+_PARENT = """
+import multiprocessing as mp, sys, time
+from rapidserve.serving.liveness import worker_entry
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    slot = ctx.RawValue("d", 0.0)
+    p = ctx.Process(target=worker_entry, args=("decode", slot, 0.2, {pdeathsig}, time.sleep, (120,)), daemon=True)
+    p.start()
+    while slot.value == 0:
+        time.sleep(0.01)
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "pipe-watchdog"])
+def test_a_worker_dies_with_its_killed_parent(pdeathsig):
+    """SIGKILL of the parent: the worker goes within a second, by the kernel's parent-death
+    signal or (without it: another platform, a front spawned from a thread) by its watchdog on
+    the parent's pipe."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT.format(pdeathsig=pdeathsig)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        parent.wait(10)
+        assert _wait_until(lambda: not _alive(child), 5), "the worker outlived its parent"
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.wait(10)
+
+
+# ---- chaos: a real server under load ----------------------------------------------------------------
+
+
+class _Load:
+    """`n` streaming completions in threads; each records how it ended and when."""
+
+    def __init__(self, url: str, n: int, max_tokens: int) -> None:
+        self.url, self.max_tokens = url, max_tokens
+        self.first_token = [threading.Event() for _ in range(n)]
+        self.ended: list[tuple[str, float] | None] = [None] * n
+        self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _one(self, i: int) -> None:
+        import httpx
+
+        body = {"prompt": [1 + i, 2, 3], "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True}
+        outcome = "cut"  # the stream closed without [DONE]
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=60) as r:
+                if r.status_code != 200:
+                    outcome = f"http {r.status_code}"
+                else:
+                    for line in r.iter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        if line == "data: [DONE]":
+                            outcome = outcome if outcome == "error" else "finished"
+                            break
+                        if "error" in json.loads(line[6:]):
+                            outcome = "error"
+                        self.first_token[i].set()
+        except Exception:  # noqa: BLE001 - a broken connection is an outcome too
+            outcome = "broken"
+        self.first_token[i].set()
+        self.ended[i] = (outcome, time.monotonic())
+
+
+def _poll_health(url: str, seen: list[tuple[float, int, str]], stop: threading.Event) -> None:
+    import httpx
+
+    while not stop.is_set():
+        try:
+            r = httpx.get(url + "/health", timeout=1)
+            seen.append((time.monotonic(), r.status_code, r.text))
+        except Exception:  # noqa: BLE001 - the server has gone
+            seen.append((time.monotonic(), 0, ""))
+        time.sleep(0.05)
+
+
+def _start_server(model: str, mode: str, log_path: str, *extra: str) -> tuple[subprocess.Popen, str, dict[str, int]]:
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
+         "--device", "cpu", "--port", "0", "--num-kv-blocks", "128", "--mode", mode, "--placement", "process",
+         "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S), *extra],
+        stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    line = ""
+    deadline = time.monotonic() + 120
+    while "serving" not in line:
+        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        line = proc.stdout.readline()
+    url = re.search(r"http://\S+/v1", line).group(0)[: -len("/v1")]
+    up = re.search(r"topology up \(process placement; decode pid (\d+), prefill pid (\d+)\)", open(log_path).read())
+    assert up, open(log_path).read()[-3000:]
+    return proc, url, {"decode": int(up.group(1)), "prefill": int(up.group(2))}
+
+
+CHAOS = [  # (mode, fault, target, requests in flight)
+    ("rapid", signal.SIGKILL, "decode", 6),
+    ("rapid", signal.SIGKILL, "prefill", 6),
+    ("rapid", signal.SIGKILL, "prefill", 0),  # while idle: noticed without a request
+    ("rapid", signal.SIGSTOP, "decode", 6),
+    ("rapid", signal.SIGKILL, "server", 6),
+    ("disagg", signal.SIGSTOP, "prefill", 6),
+    ("disagg", signal.SIGKILL, "server", 6),
+]
+
+
+@linux_only
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,fault,target,n", CHAOS,
+                         ids=[f"{m}-{f.name}-{t}" + ("" if n else "-idle") for m, f, t, n in CHAOS])
+def test_chaos(tiny, tmp_path, mode, fault, target, n):
+    proc, url, pids = _start_server(tiny, mode, str(tmp_path / "server.log"))
+    stop_polling = threading.Event()
+    try:
+        everyone = _session(proc.pid)
+        assert set(pids.values()) <= set(everyone)
+        shm = _shm_mapped(everyone)
+        assert any("sem.mp-" in p for p in shm), f"expected the queues' semaphores, found {shm}"
+
+        load = _Load(url, n=n, max_tokens=400)
+        assert all(e.wait(60) for e in load.first_token), "the load did not start"
+        if not n:
+            time.sleep(1.5)  # the engine thread has settled and sleeps on its inbox
+            # A terminal's Ctrl-Z, then `fg`: the server and its workers stop together for longer
+            # than the bound. Nobody is to blame: still healthy afterwards.
+            os.killpg(proc.pid, signal.SIGSTOP)
+            time.sleep(HEARTBEAT_TIMEOUT_S + 1.5)
+            os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(HEARTBEAT_TIMEOUT_S)
+            import httpx
+
+            assert httpx.get(url + "/health", timeout=10).status_code == 200, open(tmp_path / "server.log").read()[-2000:]
+        health: list[tuple[float, int, str]] = []
+        poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
+        poller.start()
+
+        t_fault = time.monotonic()
+        os.kill(proc.pid if target == "server" else pids[target], fault)
+
+        # Every request ends within seconds: finished, or failed with an error (never a hang).
+        for t in load.threads:
+            t.join(max(0.0, t_fault + 20 - time.monotonic()))
+        lost = [i for i, e in enumerate(load.ended) if e is None]
+        outcomes = [e[0] for e in load.ended if e is not None]
+        end_s = max((e[1] for e in load.ended if e is not None), default=t_fault) - t_fault
+
+        code = proc.wait(30)
+        stop_polling.set()
+        poller.join(5)
+        t_exit = time.monotonic() - t_fault
+        assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
+        t_clean = time.monotonic() - t_fault
+        leaked = sorted(p for p in shm if os.path.exists(p))
+        tmp_left = _tmp_dirs(proc.pid)
+
+        detect = next((t - t_fault for t, status, _ in health if status == 503), None)
+        print(f"\nCHAOS {mode} {fault.name} {target}{'' if n else ' (idle)'}: detected {detect if detect is None else round(detect, 2)} s, "
+              f"requests {len(load.threads)} ended within {end_s:.2f} s {sorted(outcomes)}, lost {len(lost)}, "
+              f"exit code {code} at {t_exit:.2f} s, no process left at {t_clean:.2f} s, "
+              f"shm leaked {len(leaked)} of {len(shm)}, temp dirs left {len(tmp_left)}")
+        assert not lost, f"requests that never ended: {lost}"
+        assert not leaked, leaked
+        if target == "server":
+            assert code == -signal.SIGKILL  # (its workers' temp directory stays: documented)
+        else:
+            assert not tmp_left, tmp_left
+            # The engine failed: the pending requests got an error (or had finished), /health said
+            # why in one short line, and the server exited 1 for a supervisor to restart it.
+            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n), outcomes
+            assert detect is not None, health[-3:]
+            assert detect < (1.5 if fault == signal.SIGKILL else HEARTBEAT_TIMEOUT_S + 1.5)
+            body = next(text for _, status, text in health if status == 503)
+            reason = json.loads(body)["error"]
+            assert target in reason and "\n" not in reason and "Traceback" not in reason
+            assert ("heartbeat" in reason) == (fault == signal.SIGSTOP), reason
+            assert code == 1
+            assert end_s < detect + 2.0
+            assert t_exit < detect + 10.0
+    finally:
+        stop_polling.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        for d in _tmp_dirs(proc.pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- shutdown escalation (no model: RapidEngine's shutdown over stand-in worker processes) ------------
+
+
+def _stand_in_engine(pids: list[int], stopped: bool):
+    """A RapidEngine with only what shutdown() touches: two spawned processes that never read
+    their queues (as a stopped or wedged worker would not), optionally SIGSTOPped."""
+    from rapidserve.serving.rapid import RapidEngine
+
+    ctx = mp.get_context("spawn")
+    eng = RapidEngine.__new__(RapidEngine)
+    eng.placement, eng.mps, eng._hung = "process", None, set()
+    eng.to_decode, eng.to_prefill, eng.to_front = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    eng.workers = {role: ctx.Process(target=worker_entry, args=(role, None, 0.2, True, time.sleep, (120,)),
+                                     daemon=True, name=f"rapidserve-{role}") for role in ("decode", "prefill")}
+    for w in eng.workers.values():
+        w.start()
+        pids.append(w.pid)
+    if stopped:
+        time.sleep(0.5)
+        for w in eng.workers.values():
+            os.kill(w.pid, signal.SIGSTOP)
+    return eng
+
+
+@linux_only
+@pytest.mark.parametrize("known_hung", [False, True], ids=["unresponsive", "known-silent"])
+def test_shutdown_escalates_to_sigkill(monkeypatch, known_hung):
+    """A worker that does not stop when asked is SIGTERMed, then SIGKILLed (a stopped one only
+    dies of SIGKILL); one the heartbeat check found silent is SIGKILLed without waiting."""
+    import rapidserve.serving.rapid as rapid
+
+    monkeypatch.setattr(rapid, "_JOIN_S", 1.0)
+    monkeypatch.setattr(rapid, "_KILL_S", 0.5)
+    pids: list[int] = []
+    try:
+        eng = _stand_in_engine(pids, stopped=True)
+        if known_hung:
+            eng._hung = {"decode", "prefill"}
+        t0 = time.monotonic()
+        eng.shutdown()
+        took = time.monotonic() - t0
+        assert all(not w.is_alive() for w in eng.workers.values())
+        assert [w.exitcode for w in eng.workers.values()] == [-signal.SIGKILL] * 2
+        assert took < (1.0 if known_hung else 1.0 + 2 * 0.5 + 2 * 0.5 + 1.0), took
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@linux_only
+@pytest.mark.slow
+def test_sigterm_with_a_stopped_worker_and_no_heartbeat_check_ends_in_bounded_time(tiny, tmp_path):
+    """The issue's hang: a stopped worker, nothing watching it (--worker-heartbeat-timeout-s 0),
+    then SIGTERM. The requests wait out the graceful period, the stopped worker is SIGTERMed and
+    then SIGKILLed (a stopped process dies of nothing else), and the server exits 0."""
+    import rapidserve.serving.rapid as rapid
+
+    proc, url, pids = _start_server(tiny, "rapid", str(tmp_path / "server.log"),
+                                    "--worker-heartbeat-timeout-s", "0", "--graceful-shutdown-timeout", "1")
+    try:
+        load = _Load(url, n=2, max_tokens=400)
+        assert all(e.wait(60) for e in load.first_token), "the load did not start"
+        os.kill(pids["decode"], signal.SIGSTOP)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        bound = 1 + rapid._JOIN_S + 2 * rapid._KILL_S + 15  # graceful, asked, SIGTERM, SIGKILL, exit
+        code = proc.wait(bound)
+        took = time.monotonic() - t0
+        assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
+        for t in load.threads:
+            t.join(10)
+        print(f"\nSIGTERM with a stopped worker: exit {code} after {took:.1f} s; requests {load.ended}")
+        assert code == 0 and all(e is not None for e in load.ended)
+        assert "ignored SIGTERM; killing it" in open(tmp_path / "server.log").read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
