@@ -16,6 +16,8 @@ reads the tokens and KV the previous one wrote).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,11 +100,14 @@ class _Side:
         self.partitioner.close()
 
 
-def _open_side(config: EngineConfig, device: torch.device, side: str) -> tuple[PartitionPolicy, _Side]:
+def _open_side(config: EngineConfig, device: torch.device, side: str,
+               partitioner: Partitioner | None = None) -> tuple[PartitionPolicy, _Side]:
     """The configured policy and this worker's side of every partition it may pick, with the
-    worker moved onto the first one's stream."""
+    worker moved onto the first one's stream. `partitioner`: the mechanism to use instead of the
+    device's (the simulator's, which has no streams)."""
     spec = parse_policy(config.partition_policy)
-    partitioner = _make_partitioner(device, spec.kind != "off", side)
+    if partitioner is None:
+        partitioner = _make_partitioner(device, spec.kind != "off", side)
     policy = build_policy(config, partitioner)
     partitions = policy.partitions()
     opened = _Side(partitioner, side, partitions)
@@ -114,10 +119,12 @@ class DecodePartitioning:
     """The decode worker's: the policy, its side's streams and graphs per partition, metrics.
     Made before the model, so that everything the worker runs is on its partition's stream."""
 
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        self.policy, self._side = _open_side(config, device, "decode")
+    def __init__(self, config: EngineConfig, device: torch.device, partitioner: Partitioner | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """partitioner, clock: the simulator's (no streams; virtual time) instead of the device's."""
+        self.policy, self._side = _open_side(config, device, "decode", partitioner)
         self.partitions = self.policy.partitions()
-        self.metrics = PartitionMetrics()
+        self.metrics = PartitionMetrics(clock)
         for g in self._side.granted:
             log.info("decode: partition %s gives decode %d SMs, prefill %d", g.partition, g.decode_sms, g.prefill_sms)
 
@@ -171,10 +178,16 @@ class PrefillPartitioning:
     """The prefill worker's: its side of the same partitions (the policy is built from the same
     config, so it names the same ones); it follows the decode worker at its next step."""
 
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        policy, self._side = _open_side(config, device, "prefill")
+    def __init__(self, config: EngineConfig, device: torch.device, partitioner: Partitioner | None = None) -> None:
+        policy, self._side = _open_side(config, device, "prefill", partitioner)
         self.partitioned = policy.partitioned
         self.pending: Partition | None = None
+
+    @property
+    def current(self) -> Partition:
+        """The partition this worker's steps run in now."""
+        assert self._side.current is not None
+        return self._side.current
 
     def follow(self, partition: Partition) -> None:
         """The decode worker moved: move too, before the next prefill step."""
