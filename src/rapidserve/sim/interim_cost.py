@@ -9,10 +9,13 @@ KV transfers (each is listed in `limitations`):
   prefill; the full device beside a prefill is over-allocation);
 - prefill steps: per SM count, a x tokens + b x attention work fitted through the profile's
   shortest and longest prompt (alone, or beside a decode where measured), attention work
-  n^2 + 2 n c for n new tokens after c cached ones; never below a batch-1 decode step on the
-  same SMs (every step reads all the weights once);
-- hybrid steps: the decode batch's step on the whole device plus the prefill tokens' compute
-  (the weights are read once, by the decode part);
+  n^2 + 2 n c for n new tokens after c cached ones; the linear part never below a batch-1 decode
+  step on the same SMs W (every step reads all the weights once): max(W, a N) + b A;
+- hybrid steps: the decode batch's step on the whole device plus the chunks' compute, a N + b A.
+  NOTE: measured, not assumed: the roofline-shaped alternative (the weights read once, max(W, a N)
+  + b A + D - W) under-predicted every archived H100 hybrid run (p95 TTFT -20 to -64 %, saturated
+  throughput +20 to +29 %), the sum predicts them within -18 to +21 % / -5 to +14 %
+  (docs/simulation.md);
 - KV transfer: bytes over an assumed device-copy bandwidth plus a fixed launch cost.
 """
 
@@ -101,7 +104,7 @@ class InterimStepCostModel:
         self.fit_errors: dict[str, float] = {}
         self.limitations = [
             "interim cost model (rapidserve.sim.interim_cost), to be replaced by resources/cost_model.py",
-            "hybrid steps: derived (decode step on the whole device + the prefill tokens' compute); the "
+            "hybrid steps: derived (the decode batch's step on the whole device + the chunks' compute); the "
             "profile has no hybrid table",
             f"host overhead: {_HOST_OVERHEAD_S * 1e3:g} ms per step (not measured by the profile)",
             f"KV transfer: assumed {_KV_COPY_BYTES_PER_S / 1e12:g} TB/s + {_KV_COPY_FIXED_S * 1e6:g} us "
@@ -146,19 +149,25 @@ class InterimStepCostModel:
             self._prefill_fits[key] = fit
         return fit
 
-    def _prefill_compute_ms(self, prompts: Sequence[PrefillLoad], sms: int, beside: bool) -> float:
+    def _prefill_parts_ms(self, prompts: Sequence[PrefillLoad], sms: int, beside: bool) -> tuple[float, float]:
+        """(linear layers, attention) of these prompts on `sms` SMs, ms."""
         a, b = self._prefill_fit(sms, beside)
         tokens = sum(p.tokens for p in prompts)
         attention = sum(p.tokens * p.tokens + 2 * p.tokens * p.context for p in prompts)
-        return a * tokens + b * attention
+        return a * tokens, b * attention
+
+    def _weights_ms(self, sms: int) -> float:
+        """A step that only reads the weights: a one-sequence decode step at the shortest context."""
+        return self.profile.decode_ms(sms, 1, 1, False)
 
     def prefill_step_s(self, prompts: Sequence[PrefillLoad], sms: int | None = None,
                        decode_beside: tuple[int, int] | None = None) -> float:
+        if not prompts:
+            return 0.0
         n = self.total_sms if sms is None else sms
         beside = decode_beside is not None and decode_beside[0] > 0
-        # every step reads all the weights once: no faster than a one-sequence decode step
-        floor = self.profile.decode_ms(n, 1, 1, False) if prompts else 0.0
-        ms = max(floor, self._prefill_compute_ms(prompts, n, beside))
+        linear, attention = self._prefill_parts_ms(prompts, n, beside)
+        ms = max(self._weights_ms(n), linear) + attention
         ctx = max((p.context + p.tokens for p in prompts), default=0)
         return self._error("prefill", ms / 1e3, sms is not None and sms < self.total_sms, ctx, len(prompts))
 
@@ -179,7 +188,9 @@ class InterimStepCostModel:
         total = self.total_sms
         if decode_batch > 0:
             ms = self.profile.decode_ms(total, decode_batch, decode_kv_tokens / decode_batch, False)
-            ms += self._prefill_compute_ms(prefill, total, False) if prefill else 0.0
+            if prefill:
+                linear, attention = self._prefill_parts_ms(prefill, total, False)
+                ms += linear + attention
         elif prefill:
             return self.prefill_step_s(prefill)
         else:
