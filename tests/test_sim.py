@@ -250,3 +250,22 @@ def test_simulate_rejects_bad_input(tmp_path, capsys):
                  "hybrid-512", "--request-rates", "1", "--num-prompts", "2", "--output-dir", str(tmp_path / "x"),
                  "--quiet"]) == 2
     assert "decode:+x%" in capsys.readouterr().err
+
+
+def test_replay_of_a_simulated_sweep_reproduces_it(tmp_path):
+    """--replay takes an archived sweep's workload, rates and server commands: replaying a
+    simulated sweep must give back its every figure (the simulation is deterministic)."""
+    from rapidserve.entrypoints.cli import main
+    from rapidserve.sim.simulate import FIDELITY_METRICS
+
+    _simulate(tmp_path, "archive")
+    assert main(["simulate", "--replay", str(tmp_path / "archive"), "--output-dir", str(tmp_path / "replay"),
+                 "--no-plots", "--quiet"]) == 0
+    f = json.loads((tmp_path / "replay" / "fidelity.json").read_text())
+    assert [(r["config"], r["request_rate"]) for r in f["rows"]] == [
+        (c, rate) for c in ("hybrid-512", "rapid-static:20", "disagg") for rate in (2.0, 8.0)]
+    for row in f["rows"]:
+        for key, _ in FIDELITY_METRICS:
+            assert row[f"simulated_{key}"] == row[f"measured_{key}"], (row["config"], key)
+    assert set(f["max_rate_at_attainment_p95_itl"]) == {"hybrid-512", "rapid-static:20", "disagg"}
+    assert "(+0%)" in (tmp_path / "replay" / "fidelity.md").read_text()
