@@ -210,12 +210,13 @@ def _simulate(tmp_path: Path, name: str, *extra: str) -> dict:
 
 def test_simulate_end_to_end_is_deterministic_and_rescorable(tmp_path, capsys):
     a = _simulate(tmp_path, "a")
-    b = _simulate(tmp_path, "b")
+    b = _simulate(tmp_path, "b", "--jobs", "2")  # in two processes: the same runs
     assert [r["config"] for r in a["rows"]] == ["hybrid-512"] * 2 + ["rapid-static:20"] * 2 + ["disagg"] * 2
     assert all(r["status"] == "ok" and r["completed"] == 30 for r in a["rows"])
     for row in a["rows"]:
         rec = f"requests/{row['config']}@{row['request_rate']:g}.json"
         assert (tmp_path / "a" / rec).read_text() == (tmp_path / "b" / rec).read_text()
+    assert [r["p95_itl_ms"] for r in a["rows"]] == [r["p95_itl_ms"] for r in b["rows"]]
     assert (tmp_path / "a" / "sweep.csv").exists()
     from rapidserve.bench.metrics import RequestRecord
 

@@ -14,6 +14,7 @@ import argparse
 import gzip
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import time
@@ -174,6 +175,8 @@ def run_simulation(args: argparse.Namespace, configs: Sequence[tuple[SweepConfig
                    ) -> dict[str, Any]:
     """The sweep simulated: its result dict (as `bench sweep` makes it). `configs`: (config,
     server command) pairs instead of --configs (the replay passes the archived commands)."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     sim, profile = load_simulator(args)
     _model_default(args, profile)
     if configs is None:
@@ -203,31 +206,83 @@ def run_simulation(args: argparse.Namespace, configs: Sequence[tuple[SweepConfig
         rates = result["rates"] = auto_rates(probe["request_throughput"], args.num_auto_rates)
     bar = _Bar(len(engine_configs) * len(rates), args.quiet)
     t_all = time.perf_counter()
+    tasks = [(c.name, ec, rate) for c, ec, _ in engine_configs for rate in rates]
     try:
-        for c, ec, cmd in engine_configs:
-            entry: dict[str, Any] = {"name": c.name, "server_flags": list(c.server_flags), "status": "ok",
-                                     "error": None, "command": shlex.join(cmd)}
-            result["configs"].append(entry)
-            for rate in rates:
-                t0 = time.perf_counter()
-                try:
-                    row, run = simulate_run(sim, c.name, ec, requests, rate, args, out_dir)
-                except ValueError as e:
-                    entry["status"], entry["error"] = "failed", f"{type(e).__name__}: {e}"
-                    result["rows"].append(failed_row(c.name, rate, entry["error"]))
-                    bar.step(f"{c.name} @ {rate:g} failed")
-                    continue
-                result["rows"].append(row)
-                result["simulated"]["runs"].append({
-                    "config": c.name, "request_rate": rate, "wall_s": time.perf_counter() - t0,
-                    "num_steps": run.num_steps, "device_busy_s": run.busy_s,
-                    "num_preemptions": run.num_preemptions, "num_kv_blocks": run.num_kv_blocks})
-                bar.step(f"{c.name} @ {rate:g}")
+        outcomes = _run_tasks(sim, requests, args, out_dir, tasks, bar)
     finally:
         bar.close()
+    for c, _, cmd in engine_configs:
+        entry: dict[str, Any] = {"name": c.name, "server_flags": list(c.server_flags), "status": "ok",
+                                 "error": None, "command": shlex.join(cmd)}
+        result["configs"].append(entry)
+        for (name, _, rate), outcome in zip(tasks, outcomes):
+            if name != c.name:
+                continue
+            if isinstance(outcome, str):
+                entry["status"], entry["error"] = "failed", outcome
+                result["rows"].append(failed_row(name, rate, outcome))
+                continue
+            row, info = outcome
+            result["rows"].append(row)
+            result["simulated"]["runs"].append(info)
     result["simulated"]["wall_s"] = time.perf_counter() - t_all
     summarize_configs(result)
     return result
+
+
+# One run's outcome: (the sweep's row, what the simulation did), or the error that failed it.
+_Outcome = tuple[dict[str, Any], dict[str, Any]] | str
+
+# NOTE: the context of a --jobs pool's worker process (set once by its initializer, read by
+# each of its runs): the simulator and the workload, so that they cross to it once, not per run.
+_POOL: dict[str, Any] = {}
+
+
+def _one(sim: Simulator, requests: Sequence[SampleRequest], args: argparse.Namespace, out_dir: Path, name: str,
+         config: EngineConfig, rate: float) -> _Outcome:
+    t0 = time.perf_counter()
+    try:
+        row, run = simulate_run(sim, name, config, requests, rate, args, out_dir)
+    except ValueError as e:
+        return f"{type(e).__name__}: {e}"
+    return row, {"config": name, "request_rate": rate, "wall_s": time.perf_counter() - t0,
+                 "num_steps": run.num_steps, "device_busy_s": run.busy_s,
+                 "num_preemptions": run.num_preemptions, "num_kv_blocks": run.num_kv_blocks}
+
+
+def _pool_init(sim: Simulator, requests: Sequence[SampleRequest], args: argparse.Namespace, out_dir: Path) -> None:
+    _POOL.update(sim=sim, requests=requests, args=args, out_dir=out_dir)
+
+
+def _pool_one(name: str, config: EngineConfig, rate: float) -> _Outcome:
+    return _one(_POOL["sim"], _POOL["requests"], _POOL["args"], _POOL["out_dir"], name, config, rate)
+
+
+def _run_tasks(sim: Simulator, requests: Sequence[SampleRequest], args: argparse.Namespace, out_dir: Path,
+               tasks: Sequence[tuple[str, EngineConfig, float]], bar: _Bar) -> list[_Outcome]:
+    """Every (configuration, config, rate) run, in order; over --jobs processes when > 1 (each
+    run is independent and deterministic, so the results do not depend on it)."""
+    jobs = max(1, min(args.jobs, len(tasks)))
+    if jobs == 1:
+        out = []
+        for name, config, rate in tasks:
+            out.append(_one(sim, requests, args, out_dir, name, config, rate))
+            bar.step(f"{name} @ {rate:g}")
+        return out
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # fork: the workers start with rapidserve imported (spawn would import torch again in each)
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_pool_init,
+                             initargs=(sim, requests, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                                            if k != "func"}), out_dir)) as pool:
+        futures = {pool.submit(_pool_one, *t): i for i, t in enumerate(tasks)}
+        out: list[_Outcome | None] = [None] * len(tasks)
+        for f in as_completed(futures):
+            i = futures[f]
+            out[i] = f.result()
+            bar.step(f"{tasks[i][0]} @ {tasks[i][2]:g}")
+    return [o for o in out if o is not None]
 
 
 def _no_tokenizer() -> Any:
@@ -350,6 +405,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--replay", default=None, metavar="SWEEP_DIR",
                    help="simulate an archived `bench sweep` (its workload, seeds, rates, SLOs and server "
                         "commands) and write fidelity.md / fidelity.json: simulated beside measured")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="runs simulated at once, in as many processes (each run is independent: the results "
+                        "are the same)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     s = parser.add_argument_group("sweep (as bench sweep)")
     s.add_argument("--configs", default=DEFAULT_CONFIGS,
