@@ -270,3 +270,20 @@ def test_replay_of_a_simulated_sweep_reproduces_it(tmp_path):
             assert row[f"simulated_{key}"] == row[f"measured_{key}"], (row["config"], key)
     assert set(f["max_rate_at_attainment_p95_itl"]) == {"hybrid-512", "rapid-static:20", "disagg"}
     assert "(+0%)" in (tmp_path / "replay" / "fidelity.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "rapid", "disagg"])
+def test_a_request_the_server_would_refuse_fails_alone(shape, mode):
+    """Admission as the engine front does it: a request needing more KV than the pool holds is
+    answered 400 (a failed record); the others run."""
+    cfg = config(mode=mode, num_kv_blocks=8)  # 128 tokens
+    reqs, arrivals = [req(200, 4), req(50, 3)], [0.0, 0.0]
+    if mode == "hybrid":
+        r = run_hybrid(cfg, shape, 8, HandCost(), reqs, arrivals)
+    elif mode == "rapid":
+        r = run_rapid(cfg, shape, 8, HandCost(), synthetic_profile(), reqs, arrivals)
+    else:
+        r = run_disagg(cfg, shape, 80 << 30, HandCost(), synthetic_profile(), reqs, arrivals)
+    bad, good = r.records
+    assert not bad.success and "HTTP 400" in bad.error and "KV cache" in bad.error
+    assert good.success and good.output_len == 3

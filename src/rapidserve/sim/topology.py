@@ -130,13 +130,16 @@ class _Recorder:
         self.arrival = [0.0] * n
         self.times: list[list[float]] = [[] for _ in range(n)]
         self.errors: dict[int, str] = {}
+        self.finished: set[int] = set()
 
     def records(self, requests: Sequence[SampleRequest]) -> list[RequestRecord]:
         out = []
         for i, req in enumerate(requests):
             ts = self.times[i]
-            if i in self.errors or not ts:
-                out.append(RequestRecord(prompt_len=req.prompt_len, error=self.errors.get(i, "no token")))
+            if i in self.errors or i not in self.finished:
+                why = self.errors.get(i, "unfinished when the simulation ran out of events (a stall: no worker "
+                                         "could make progress)")
+                out.append(RequestRecord(prompt_len=req.prompt_len, error=why))
                 continue
             a = self.arrival[i]
             itls = tuple(b - a_ for a_, b in zip(ts, ts[1:]))
@@ -191,6 +194,7 @@ class SimFront(EngineFront):
             for ev in msg.events:
                 times[int(ev.request_id)].append(t)
                 if ev.status is not None:
+                    self.recorder.finished.add(int(ev.request_id))
                     # NOTE: no text, no stop strings here: the worker's verdict ends it (what
                     # _on_token would do, without building an output per token).
                     req = self._requests.pop(ev.request_id, None)
@@ -269,6 +273,8 @@ def run_hybrid(config: EngineConfig, shape: ModelShape, num_kv_blocks: int, cost
         t = clock.now
         for out in outputs:
             rec.times[int(out.request_id)].append(t)
+            if out.finished:
+                rec.finished.add(int(out.request_id))
         if runner.num_steps == steps and not outputs:  # nothing to run until the next arrival
             if i >= n:
                 raise RuntimeError(f"the hybrid engine stalled with {engine.scheduler.num_unfinished} requests")
