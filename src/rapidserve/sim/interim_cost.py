@@ -16,7 +16,8 @@ KV transfers (each is listed in `limitations`):
   + b A + D - W) under-predicted every archived H100 hybrid run (p95 TTFT -20 to -64 %, saturated
   throughput +20 to +29 %), the sum predicts them within -18 to +21 % / -5 to +14 %
   (docs/simulation.md);
-- KV transfer: bytes over an assumed device-copy bandwidth plus a fixed launch cost.
+- KV transfer: a fixed cost plus bytes over a bandwidth, both as measured on the H100
+  (docs/benchmarks.md), not by the profile.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import NamedTuple
 
 from rapidserve.resources.profile import Profile
 
-# A device-to-device copy through index_select + index_copy reads and writes HBM twice: about a
-# third of the H100's 3.35 TB/s. An assumption until a profile measures it.
-_KV_COPY_BYTES_PER_S = 1.0e12
-_KV_COPY_FIXED_S = 100e-6
+# The disagg mode's KV copy as measured on the H100 (docs/benchmarks.md, "The disagg baseline":
+# a line through two runs' totals, 1.15 ms + 9.4 ms/GB, i.e. 106 GB/s: the copy gathers the
+# prompt's scattered blocks first). No profile measures it yet.
+_KV_COPY_BYTES_PER_S = 106e9
+_KV_COPY_FIXED_S = 1.15e-3
 # Host time per step not hidden behind the device (the profile does not measure it).
 _HOST_OVERHEAD_S = 0.0
 
@@ -107,8 +109,8 @@ class InterimStepCostModel:
             "hybrid steps: derived (the decode batch's step on the whole device + the chunks' compute); the "
             "profile has no hybrid table",
             f"host overhead: {_HOST_OVERHEAD_S * 1e3:g} ms per step (not measured by the profile)",
-            f"KV transfer: assumed {_KV_COPY_BYTES_PER_S / 1e12:g} TB/s + {_KV_COPY_FIXED_S * 1e6:g} us "
-            "(not measured by the profile)",
+            f"KV transfer: {_KV_COPY_FIXED_S * 1e3:g} ms + bytes at {_KV_COPY_BYTES_PER_S / 1e9:g} GB/s, as "
+            "measured on the H100 (docs/benchmarks.md), not by the profile",
             f"decode beside a prefill: as measured beside {profile.metadata.prefill_tokens_beside}-token "
             "prompts, whatever the prompts beside",
             *profile.limitations(),
