@@ -109,8 +109,13 @@ def test_a_message_is_seen_at_its_senders_time_and_wakes_a_sleeping_worker():
     sender.now = 0.5
     inbox.put("a")
     loop.run()
-    assert logic.log == [(0.5, ["a"])]
+    # as the device worker: idle, it blocks on its inbox for up to _IDLE_WAIT_S (0.5 s), then
+    # turns once more; a turn that changed nothing is not repeated until a message comes
+    assert logic.log == [(0.5, ["a"]), (1.0, [])]
     assert inbox.take(10.0) == []
+    loop.at(1.2, 1, lambda: inbox.put_at(1.2, "b"))  # a message during an idle wait wakes it at once
+    loop.run()
+    assert logic.log[2:] == [(1.2, ["b"]), (1.7, [])]
 
 
 def test_rapid_two_overlapping_workers(shape):
@@ -169,6 +174,24 @@ def test_hybrid_preemption(shape):
     assert close([r0.ttft, *r0.itls], [0.042] + [0.010] * 39)
     assert max(r1.itls) > 0.1  # it waited for the first to finish
     assert r1.e2el > r0.e2el
+
+
+def test_rapid_preemption_goes_back_through_the_prefill_worker(shape):
+    """Hand-computed, as the decode worker behaves today: two requests of 16 + 40 tokens in a
+    4-block pool, prefilled together (32 ms), decode alone (10 ms a step). When they need a third
+    block each (33 tokens, at 0.192 s) the later one is preempted; its blocks are held until the
+    step in flight retires, so the earlier one is preempted too. Idle, the worker blocks on its
+    inbox for 0.5 s before handing them back: the first is prefilled again (33 tokens: 33 ms),
+    decodes to the end at 0.945 s, and after another 0.5 s wait the second follows."""
+    r = run_rapid(config(mode="rapid", num_kv_blocks=4), shape, 4, HandCost(), synthetic_profile(),
+                  [req(16, 40), req(16, 40)], [0.0, 0.0])
+    first = [0.032 + 0.010 * k for k in range(17)]
+    t0 = [*first, *(0.192 + 0.5 + 0.033 + 0.010 * k for k in range(23))]
+    t1 = [*first, *(0.945 + 0.5 + 0.033 + 0.010 * k for k in range(23))]
+    for rec, expect in zip(r.records, (t0, t1)):
+        assert close([rec.ttft, *rec.itls], [expect[0], *(b - a for a, b in zip(expect, expect[1:]))])
+    assert r.num_preemptions == 2
+    assert r.num_steps["prefill"] == 3  # both prompts at once, then each recompute
 
 
 def test_disagg_prices_the_kv_copy(shape):

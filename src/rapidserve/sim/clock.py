@@ -18,6 +18,11 @@ import itertools
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from rapidserve.serving.workers import _IDLE_WAIT_S
+
+# As the device workers wait on an empty inbox (rapidserve.serving.workers._IDLE_WAIT_S).
+IDLE_WAIT_S = _IDLE_WAIT_S
+
 PRICE = 0  # a step starts on the device: its duration is fixed from what runs beside it now
 ARRIVAL = 1  # a request reaches the engine
 TURN = 2  # a worker's turn
@@ -101,31 +106,37 @@ class Driver:
     its inbox when idle."""
 
     def __init__(self, loop: EventLoop, clock: Clock, logic: Turns, inbox: Inbox,
-                 progress: Callable[[], int]) -> None:
-        """progress: a counter that moves when the worker launches a step (its runner's)."""
+                 progress: Callable[[], int], idle_wait_s: float = IDLE_WAIT_S) -> None:
+        """progress: a counter that moves when the worker launches a step (its runner's);
+        idle_wait_s: how long the worker blocks on an empty inbox before it turns anyway."""
         self.loop, self.clock, self.logic, self.inbox = loop, clock, logic, inbox
+        self.idle_wait_s = idle_wait_s
         self.progress = progress
         inbox.receiver = self
         self._next: float | None = None  # the time of its scheduled turn, None while it sleeps
         self._in_turn = False
+        self._on_inbox = True  # blocked on the inbox (asleep, or in an idle wait)
         self.stopped = False
         self.num_turns = 0
 
     def notify(self, t: float) -> None:
-        """A message stamped t is in the inbox: wake at t if asleep."""
-        if self._next is None and not self._in_turn and not self.stopped:
+        """A message stamped t is in the inbox: wake at t if blocked on the inbox (a worker
+        waiting for a step's tokens reads it at its next turn)."""
+        if self._on_inbox and not self._in_turn and not self.stopped:
             self.wake_at(max(t, self.clock.now))
 
-    def wake_at(self, t: float) -> None:
+    def wake_at(self, t: float, on_inbox: bool = False) -> None:
         if self._next is not None and self._next <= t:
             return
         self._next = t
+        self._on_inbox = on_inbox
         self.loop.at(t, TURN, lambda: self._turn(t))
 
     def _turn(self, t: float) -> None:
         if self._next != t or self.stopped:
             return  # superseded by an earlier wake-up
         self._next = None
+        self._on_inbox = False
         clock = self.clock
         clock.now = max(clock.now, t)
         before_time, before_steps = clock.now, self.progress()
@@ -142,8 +153,13 @@ class Driver:
         if moved and not self.logic.idle:
             self.wake_at(clock.now)
             return
+        nxt = self.inbox.next_time()
+        self._on_inbox = True
+        if moved:
+            # An idle worker blocks on its inbox for at most idle_wait_s, then turns anyway (its
+            # last turn may have freed what a next one uses: blocks retired after a preemption).
+            self.wake_at(clock.now + self.idle_wait_s, on_inbox=True)
         # NOTE: a turn without news, a step or a wait would repeat itself exactly: the worker's
         # state changes only by a message now, so it sleeps until the next one.
-        nxt = self.inbox.next_time()
         if nxt is not None:
-            self.wake_at(max(nxt, clock.now))
+            self.wake_at(max(nxt, clock.now), on_inbox=True)
