@@ -310,3 +310,17 @@ def test_a_request_the_server_would_refuse_fails_alone(shape, mode):
     bad, good = r.records
     assert not bad.success and "HTTP 400" in bad.error and "KV cache" in bad.error
     assert good.success and good.output_len == 3
+
+
+def test_simulate_auto_rates_probe_first(tmp_path):
+    from rapidserve.entrypoints.cli import main
+
+    synthetic_profile().save(tmp_path / "p.json")
+    assert main(["simulate", "--profile", str(tmp_path / "p.json"), "--configs", "hybrid-512", "--request-rates",
+                 "auto", "--num-auto-rates", "2", "--num-prompts", "10", "--dataset-name", "lmsys-like",
+                 "--output-dir", str(tmp_path / "auto"), "--no-plots", "--quiet"]) == 0
+    result = json.loads((tmp_path / "auto" / "sweep.json").read_text())
+    probe = result["probe"]["request_throughput"]
+    assert result["rates_source"] == "auto" and len(result["rates"]) == 2
+    assert result["rates"][0] == pytest.approx(0.25 * probe, rel=0.01)
+    assert result["rates"][1] == pytest.approx(1.5 * probe, rel=0.01)
