@@ -342,20 +342,25 @@ class LLMEngine(EngineFront):
         self.use_graphs = prepared.use_graphs
         self.cache = prepared.cache
         self.num_kv_blocks, self.block_size = self.cache.num_blocks, config.block_size
-        self.blocks = BlockManager(self.num_kv_blocks, config.block_size)
+        blocks = BlockManager(self.num_kv_blocks, config.block_size)
         self.eos_token_ids = prepared.eos_token_ids
-        self.runner = ModelRunner(
-            loaded.model, self.cache, self.blocks, self.device, self.eos_token_ids, self.backend,
+        runner = ModelRunner(
+            loaded.model, self.cache, blocks, self.device, self.eos_token_ids, self.backend,
             self.max_model_len,
         )
         if self.use_graphs:
-            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
-        self.scheduler = ChunkedScheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
-        )
-        self.async_scheduling = config.resolve_async_scheduling(self.device)
+            runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
+        self._init_steps(config, blocks, runner, config.resolve_async_scheduling(self.device))
         if config.step_timeline:
             self.runner.timeline = StepTimeline("hybrid", self.device)
+
+    def _init_steps(self, config: EngineConfig, blocks: BlockManager, runner: Any, async_scheduling: bool) -> None:
+        """What `step` runs on: the scheduler over `blocks` and a runner (a ModelRunner; the
+        simulator's prices steps on a virtual clock instead, rapidserve.sim)."""
+        self.blocks = blocks
+        self.runner = runner
+        self.scheduler = ChunkedScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), blocks)
+        self.async_scheduling = async_scheduling
         self._in_flight: StepResult | None = None  # the launched step not yet read back
 
     def _submit(self, req: Request) -> None:

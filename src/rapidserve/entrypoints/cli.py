@@ -227,7 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_bench_parsers(sub)
     _add_profile_parser(sub)
+    _add_simulate_parser(sub)
     return parser
+
+
+def _add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    from rapidserve.sim import simulate
+
+    simulate.add_cli_args(sub.add_parser(
+        "simulate", help="bench sweep on a virtual clock: the engine's own schedulers and policies, steps "
+                         "priced from a profile (no GPU)"))
 
 
 def _add_profile_parser(sub: argparse._SubParsersAction) -> None:

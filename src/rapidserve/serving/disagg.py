@@ -235,61 +235,96 @@ class DecodeInstance(DecodeWorker):
 # ---- prefill instance ------------------------------------------------------------------------
 
 
-class PrefillInstance:
+class PrefillInstanceTurns:
+    """What the prefill instance does each turn, without threads, processes or a device: read its
+    messages, run the next batch of whole prompts into its own pool, move each prompt's KV to the
+    decode instance (`_transfer`) and report its first token, then its copies and pool to the
+    front. `PrefillInstance` drives it on a device; the simulator on a virtual clock, with a
+    `_transfer` that charges the copy's time."""
+
+    def __init__(self, scheduler: DisaggPrefillScheduler, runner: Any, to_decode: Any, to_front: Any) -> None:
+        self.scheduler = scheduler
+        self.blocks = scheduler.blocks
+        self.runner = runner
+        self.to_decode, self.to_front = to_decode, to_front
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.waiting
+
+    def turn(self, msgs: list[Any]) -> bool:
+        """One iteration of the instance's loop; False once told to stop (`Shutdown`)."""
+        plog = logging.getLogger("rapidserve.prefill")
+        sched = self.scheduler
+        for msg in msgs:
+            if isinstance(msg, m.PrefillWork):
+                sched.add(request_of(msg, self.runner), msg.block_ids)
+            elif isinstance(msg, m.CancelPrefill):
+                # Not run yet: drop it. Otherwise its PrefillDone (or PrefillFailed) is on
+                # the way, and the decode instance settles the abort when it arrives.
+                if sched.drop(msg.request_id):
+                    self.runner.release(msg.request_id)
+                    self.to_decode.put(m.PrefillDropped(msg.request_id))
+            elif isinstance(msg, m.Shutdown):
+                plog.info("prefill instance stopping")
+                return False
+        batch = sched.schedule()
+        for req in batch.unplaceable:
+            self._fail(req.request_id, f"the request's {req.num_tokens} tokens need more KV blocks "
+                                       f"than the prefill instance's pool has ({self.blocks.num_blocks})")
+        if not batch.scheduled:
+            return True
+        tokens = self.runner.execute(batch.scheduled)
+        transfers = []
+        for s, token in zip(batch.scheduled, tokens):
+            rid = s.request.request_id
+            try:
+                transfers.append(self._transfer(rid))
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                plog.warning("prefill: KV transfer of request %s failed: %s", rid, e)
+                sched.finish(rid)
+                self._fail(rid, f"KV transfer to the decode instance failed: {e}")
+                continue
+            sched.finish(rid)
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
+        self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks,
+                                         device_memory_bytes(self.runner.device)))
+        return True
+
+    def _transfer(self, request_id: str) -> KVTransfer:
+        """Copy the request's prompt KV into its blocks of the decode instance's pool and wait
+        until it has arrived."""
+        raise NotImplementedError
+
+    def _fail(self, request_id: str, message: str) -> None:
+        self.runner.release(request_id)
+        self.to_decode.put(m.PrefillFailed(request_id, message))
+
+
+class PrefillInstance(PrefillInstanceTurns):
+    """The prefill instance on a device: its own model and pool, copying KV into the decode
+    instance's pool tensor."""
+
     def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any, dest: torch.Tensor) -> None:
-        self.inbox, self.to_decode, self.to_front = inbox, to_decode, to_front
+        self.inbox = inbox
         prepared = prepare_model(config)
         self.cache = prepared.cache
         _check_compatible(self.cache.tensor, dest)
         self.dest = dest
-        self.blocks = BlockManager(self.cache.num_blocks, config.block_size)
-        self.scheduler = DisaggPrefillScheduler(self.blocks, config.max_num_batched_tokens)
+        blocks = BlockManager(self.cache.num_blocks, config.block_size)
         # NOTE: token-level stop rules are the decode instance's; this one only samples the
         # first token (with EOS banned below min_tokens).
-        self.runner = ModelRunner(
-            prepared.loaded.model, self.cache, self.blocks, prepared.device, prepared.eos_token_ids,
+        runner = ModelRunner(
+            prepared.loaded.model, self.cache, blocks, prepared.device, prepared.eos_token_ids,
             prepared.backend, prepared.loaded.max_model_len,
         )
+        super().__init__(DisaggPrefillScheduler(blocks, config.max_num_batched_tokens), runner, to_decode, to_front)
         self.inject_failures = [p for p in os.environ.get(INJECT_FAILURE_ENV, "").split(",") if p]
         to_front.put(PrefillReady(self.cache.num_blocks))
 
     def run(self) -> None:
-        log = logging.getLogger("rapidserve.prefill")
-        sched = self.scheduler
-        while True:
-            for msg in _drain(self.inbox, block=not sched.waiting):
-                if isinstance(msg, m.PrefillWork):
-                    sched.add(request_of(msg, self.runner), msg.block_ids)
-                elif isinstance(msg, m.CancelPrefill):
-                    # Not run yet: drop it. Otherwise its PrefillDone (or PrefillFailed) is on
-                    # the way, and the decode instance settles the abort when it arrives.
-                    if sched.drop(msg.request_id):
-                        self.runner.release(msg.request_id)
-                        self.to_decode.put(m.PrefillDropped(msg.request_id))
-                elif isinstance(msg, m.Shutdown):
-                    log.info("prefill instance stopping")
-                    return
-            batch = sched.schedule()
-            for req in batch.unplaceable:
-                self._fail(req.request_id, f"the request's {req.num_tokens} tokens need more KV blocks "
-                                           f"than the prefill instance's pool has ({self.blocks.num_blocks})")
-            if not batch.scheduled:
-                continue
-            tokens = self.runner.execute(batch.scheduled)
-            transfers = []
-            for s, token in zip(batch.scheduled, tokens):
-                rid = s.request.request_id
-                try:
-                    transfers.append(self._transfer(rid))
-                except Exception as e:  # noqa: BLE001 - fails this request only
-                    log.warning("prefill: KV transfer of request %s failed: %s", rid, e)
-                    sched.finish(rid)
-                    self._fail(rid, f"KV transfer to the decode instance failed: {e}")
-                    continue
-                sched.finish(rid)
-                self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
-            self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks,
-                                             device_memory_bytes(self.runner.device)))
+        while self.turn(_drain(self.inbox, block=self.idle)):
+            pass
 
     def _transfer(self, request_id: str) -> KVTransfer:
         """Copy the request's prompt KV into its blocks of the decode instance's pool and wait
@@ -301,10 +336,6 @@ class PrefillInstance:
         num_bytes = copy_blocks(self.cache.tensor, own, self.dest, dest)
         _synchronize(self.cache.tensor, self.dest)
         return KVTransfer(request_id, len(own), num_bytes, time.perf_counter() - t0)
-
-    def _fail(self, request_id: str, message: str) -> None:
-        self.runner.release(request_id)
-        self.to_decode.put(m.PrefillFailed(request_id, message))
 
 
 # ---- entry points (a thread's or a process's target) -----------------------------------------

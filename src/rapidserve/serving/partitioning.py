@@ -16,7 +16,9 @@ reads the tokens and KV the previous one wrote).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,11 +103,14 @@ class _Side:
         self.partitioner.close()
 
 
-def _open_side(config: EngineConfig, device: torch.device, side: str) -> tuple[PartitionPolicy, _Side]:
+def _open_side(config: EngineConfig, device: torch.device, side: str,
+               partitioner: Partitioner | None = None) -> tuple[PartitionPolicy, _Side]:
     """The configured policy and this worker's side of every partition it may pick, with the
-    worker moved onto the first one's stream."""
+    worker moved onto the first one's stream. `partitioner`: the mechanism to use instead of the
+    device's (the simulator's, which has no streams)."""
     spec = parse_policy(config.partition_policy)
-    partitioner = _make_partitioner(device, spec.kind != "off", side)
+    if partitioner is None:
+        partitioner = _make_partitioner(device, spec.kind != "off", side)
     policy = build_policy(config, partitioner)
     partitions = policy.partitions()
     opened = _Side(partitioner, side, partitions)
@@ -117,10 +122,13 @@ class DecodePartitioning:
     """The decode worker's: the policy, its side's streams and graphs per partition, metrics.
     Made before the model, so that everything the worker runs is on its partition's stream."""
 
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        self.policy, self._side = _open_side(config, device, "decode")
+    def __init__(self, config: EngineConfig, device: torch.device, partitioner: Partitioner | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """partitioner, clock: the simulator's (no streams; virtual time) instead of the device's."""
+        self.policy, self._side = _open_side(config, device, "decode", partitioner)
+        self.clock = clock
         self.partitions = self.policy.partitions()
-        self.metrics = PartitionMetrics()
+        self.metrics = PartitionMetrics(clock)
         # The closed loop's input: each launched step's partition and state, until its measured
         # time comes back with its tokens (in launch order).
         self._observe = getattr(self.policy, "observe", None)
@@ -200,8 +208,10 @@ class PrefillPartitioning:
     """The prefill worker's: its side of the same partitions (the policy is built from the same
     config, so it names the same ones); it follows the decode worker at its next step."""
 
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
-        self.policy, self._side = _open_side(config, device, "prefill")
+    def __init__(self, config: EngineConfig, device: torch.device, partitioner: Partitioner | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy, self._side = _open_side(config, device, "prefill", partitioner)
+        self.clock = clock
         self.partitioned = self.policy.partitioned
         # Whether a prefill step may have to move mid-way (the policy can pick more than one).
         self.switching = self.partitioned and len(self.policy.partitions()) > 1
@@ -210,6 +220,12 @@ class PrefillPartitioning:
         """The decode worker moved: move too, now (between steps, or between a step's layer
         groups): the next prefill kernels run on the new partition. False if already there."""
         return self._side.move_to(partition)
+
+    @property
+    def current(self) -> Partition:
+        """The partition this worker's steps run in now."""
+        assert self._side.current is not None
+        return self._side.current
 
     def prefill_sms(self) -> int:
         assert self._side.current is not None

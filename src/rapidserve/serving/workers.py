@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -84,82 +83,70 @@ def _dump_timeline(runner: ModelRunner, directory: str | None) -> None:
         runner.timeline.dump(directory)
 
 
-# ---- decode ------------------------------------------------------------------------------------
+class DecodeTurns:
+    """What the decode worker does each turn, without threads, processes or a device: read the
+    messages that came in, hand prompts to the prefill side, ask the partition policy, launch a
+    decode step and take the tokens of the one before it. `DecodeWorker` drives it from a
+    blocking inbox on the GPU; the simulator (rapidserve.sim) from in-memory queues on a virtual
+    clock with a runner that prices steps instead of running them.
 
+    The runner is anything with the ModelRunner calls used here: `submit(scheduled, prev)` -> a
+    step with `.scheduled` and `.tokens()`, `release(request_id)`, `generators` (request id ->
+    random stream) and `device`; the partitioning a `DecodePartitioning` (or None)."""
 
-class DecodeWorker:
-    def __init__(
-        self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool
-    ) -> None:
-        self.inbox, self.to_prefill, self.to_front = inbox, to_prefill, to_front
-        device = resolve_device(config.device)
-        # The rapid mode's SM partitions: made first, so that all this worker runs is on its
-        # partition's stream (the disagg mode's decode instance has its static split already).
-        self.partitioning = DecodePartitioning(config, device) if config.mode == "rapid" else None
-        prepared = prepare_model(config)
-        model, cache = prepared.loaded.model, prepared.cache
-        self._share(prepared, share)
-        self.blocks = BlockManager(cache.num_blocks, config.block_size)
-        self.eos = prepared.eos_token_ids
-        self.runner = ModelRunner(
-            model, cache, self.blocks, prepared.device, self.eos, prepared.backend,
-            prepared.loaded.max_model_len,
-        )
-        if self.partitioning is not None:
-            self.partitioning.use(self.runner, self.partitioning.current)
-            self.runner.measure_steps = self.partitioning.closed_loop  # the policy learns from its steps' times
-        if prepared.use_graphs:  # its steps are pure decodes
-            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, piecewise=False)
-            if self.partitioning is not None:
-                self.partitioning.capture_graphs(self.runner)  # a set per partition
-        self.timeline_dir = _start_timeline(self.runner, config, "decode")
-        self.async_scheduling = config.resolve_async_scheduling(prepared.device)
+    def __init__(self, scheduler: DecodeScheduler, runner: Any, eos: tuple[int, ...], to_prefill: Any,
+                 to_front: Any, partitioning: DecodePartitioning | None, async_scheduling: bool) -> None:
+        self.scheduler = scheduler
+        self.blocks = scheduler.blocks
+        self.runner = runner
+        self.eos = eos
+        self.to_prefill, self.to_front = to_prefill, to_front
+        self.partitioning = partitioning
+        self.async_scheduling = async_scheduling
         self._in_flight: tuple[int, StepResult] | None = None  # (step number, launched step)
         self._num_steps = 0
-        self.scheduler = DecodeScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-                                         self.blocks)
-        # NOTE: the prefill side starts only now, after every CUDA graph of this worker is
-        # captured: a capture forbids other threads of the process unsafe CUDA calls meanwhile
-        # (and on one GPU the disagg prefill instance sizes its pool from what is left).
-        self.to_prefill.put(self._handoff)
-        self.to_front.put(m.Ready(cache.num_blocks, config.block_size, self.eos))
 
-    def run(self) -> None:
-        log = logging.getLogger("rapidserve.decode")
+    @property
+    def idle(self) -> bool:
+        """Nothing to do until a message comes (the inbox may be waited on)."""
         sched = self.scheduler
-        while True:
-            events: list[m.TokenEvent] = []
-            idle = not sched.running and not sched.ready and self._in_flight is None
-            msgs = _drain(self.inbox, block=idle)
-            for msg in msgs:
-                if isinstance(msg, m.Submit):
-                    sched.add(Request(msg.request_id, msg.prompt_token_ids, msg.params, msg.max_tokens))
-                elif isinstance(msg, m.PrefillDone):
-                    req = sched.prefill_done(msg.request_id)
-                    if req is not None:
-                        _restore_generator(self.runner, req, msg.generator_state)
-                        self._take(req, msg.token, events)
-                elif isinstance(msg, m.PrefillDropped):
-                    sched.prefill_dropped(msg.request_id)
-                elif isinstance(msg, m.PartitionFollowed):
-                    if self.partitioning is not None:
-                        self.partitioning.followed(msg.decided_s, msg.moved_s)
-                elif isinstance(msg, m.PrefillFailed):
-                    self._prefill_failed(msg)
-                elif isinstance(msg, m.Abort):
-                    if sched.abort(msg.request_id):
-                        self.to_prefill.put(m.CancelPrefill(msg.request_id))
-                    self.runner.release(msg.request_id)
-                elif isinstance(msg, m.Shutdown):
-                    log.info("decode worker stopping")
-                    _dump_timeline(self.runner, self.timeline_dir)
-                    if self.partitioning is not None:
-                        self.runner.drop_graphs()
-                        self.partitioning.close()
-                    return
-            collected = self._decode_step(events, sched.hand_over())
-            if events or msgs or collected:
-                self.to_front.put(m.StepEvents(events, self._stats()))
+        return not sched.running and not sched.ready and self._in_flight is None
+
+    def close(self) -> None:
+        """What a Shutdown releases (the device worker's timeline, graphs and partitions)."""
+
+    def turn(self, msgs: list[Any]) -> bool:
+        """One iteration of the worker's loop over the messages read since the last one; False
+        once told to stop (`Shutdown`)."""
+        sched = self.scheduler
+        events: list[m.TokenEvent] = []
+        for msg in msgs:
+            if isinstance(msg, m.Submit):
+                sched.add(Request(msg.request_id, msg.prompt_token_ids, msg.params, msg.max_tokens))
+            elif isinstance(msg, m.PrefillDone):
+                req = sched.prefill_done(msg.request_id)
+                if req is not None:
+                    _restore_generator(self.runner, req, msg.generator_state)
+                    self._take(req, msg.token, events)
+            elif isinstance(msg, m.PrefillDropped):
+                sched.prefill_dropped(msg.request_id)
+            elif isinstance(msg, m.PartitionFollowed):
+                if self.partitioning is not None:
+                    self.partitioning.followed(msg.decided_s, msg.moved_s)
+            elif isinstance(msg, m.PrefillFailed):
+                self._prefill_failed(msg)
+            elif isinstance(msg, m.Abort):
+                if sched.abort(msg.request_id):
+                    self.to_prefill.put(m.CancelPrefill(msg.request_id))
+                self.runner.release(msg.request_id)
+            elif isinstance(msg, m.Shutdown):
+                logging.getLogger("rapidserve.decode").info("decode worker stopping")
+                self.close()
+                return False
+        collected = self._decode_step(events, sched.hand_over())
+        if events or msgs or collected:
+            self.to_front.put(m.StepEvents(events, self._stats()))
+        return True
 
     def _decode_step(self, events: list[m.TokenEvent], jobs: list[PrefillJob]) -> bool:
         """Hand the prompts of `jobs` (their blocks allocated) to the prefill worker, launch the
@@ -169,7 +156,7 @@ class DecodeWorker:
         out = self.scheduler.schedule()
         moved = None
         if self.partitioning is not None and self.partitioning.partitioned:  # `off`: nothing to decide
-            decided_s = time.monotonic()
+            decided_s = self.partitioning.clock()
             moved = self.partitioning.before_step(self._step_state(out.scheduled), self.runner)
             if moved is not None:
                 self.to_prefill.put(m.SetPartition(moved, decided_s))
@@ -206,19 +193,6 @@ class DecodeWorker:
             self.partitioning.observe(result)  # its measured time, read now that its tokens are in
         self.blocks.retire(step)
         return True
-
-    def _share(self, prepared: PreparedModel, share: bool) -> None:
-        """What the prefill worker runs on, the model and the KV cache (sent at the end of
-        __init__)."""
-        model, cache = prepared.loaded.model, prepared.cache
-        if share and cache.tensor.device.type == "cpu":
-            # Process placement on CPU: move weights and cache into shared memory before any
-            # view of them is taken, so that the prefill process writes the same pages.
-            model.share_memory()
-            cache.tensor.share_memory_()
-        self._handoff: Any = m.SharedTensors(
-            model, cache.tensor, prepared.loaded.max_model_len, prepared.eos_token_ids
-        )
 
     def _prefill_failed(self, msg: m.PrefillFailed) -> None:
         """The prefill side could not deliver a request's KV (the disagg topology: its transfer
@@ -257,34 +231,163 @@ class DecodeWorker:
         events.append(m.TokenEvent(req.request_id, token, status.value if status else None, reason))
 
 
+class DecodeWorker(DecodeTurns):
+    """The decode worker on a device: loads the model, owns the KV cache, runs `turn` over its
+    inbox until told to stop."""
+
+    def __init__(
+        self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool
+    ) -> None:
+        self.inbox, self.to_prefill, self.to_front = inbox, to_prefill, to_front
+        device = resolve_device(config.device)
+        # The rapid mode's SM partitions: made first, so that all this worker runs is on its
+        # partition's stream (the disagg mode's decode instance has its static split already).
+        self.partitioning = DecodePartitioning(config, device) if config.mode == "rapid" else None
+        prepared = prepare_model(config)
+        model, cache = prepared.loaded.model, prepared.cache
+        self._share(prepared, share)
+        self.blocks = BlockManager(cache.num_blocks, config.block_size)
+        self.eos = prepared.eos_token_ids
+        self.runner = ModelRunner(
+            model, cache, self.blocks, prepared.device, self.eos, prepared.backend,
+            prepared.loaded.max_model_len,
+        )
+        if self.partitioning is not None:
+            self.partitioning.use(self.runner, self.partitioning.current)
+            self.runner.measure_steps = self.partitioning.closed_loop  # the policy learns from its steps' times
+        if prepared.use_graphs:  # its steps are pure decodes
+            self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, piecewise=False)
+            if self.partitioning is not None:
+                self.partitioning.capture_graphs(self.runner)  # a set per partition
+        self.timeline_dir = _start_timeline(self.runner, config, "decode")
+        DecodeTurns.__init__(
+            self, DecodeScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks),
+            self.runner, self.eos, to_prefill, to_front, self.partitioning,
+            config.resolve_async_scheduling(prepared.device),
+        )
+        # NOTE: the prefill side starts only now, after every CUDA graph of this worker is
+        # captured: a capture forbids other threads of the process unsafe CUDA calls meanwhile
+        # (and on one GPU the disagg prefill instance sizes its pool from what is left).
+        self.to_prefill.put(self._handoff)
+        self.to_front.put(m.Ready(cache.num_blocks, config.block_size, self.eos))
+
+    def run(self) -> None:
+        while self.turn(_drain(self.inbox, block=self.idle)):
+            pass
+
+    def close(self) -> None:
+        _dump_timeline(self.runner, self.timeline_dir)
+        if self.partitioning is not None:
+            self.runner.drop_graphs()
+            self.partitioning.close()
+
+    def _share(self, prepared: PreparedModel, share: bool) -> None:
+        """What the prefill worker runs on, the model and the KV cache (sent at the end of
+        __init__)."""
+        model, cache = prepared.loaded.model, prepared.cache
+        if share and cache.tensor.device.type == "cpu":
+            # Process placement on CPU: move weights and cache into shared memory before any
+            # view of them is taken, so that the prefill process writes the same pages.
+            model.share_memory()
+            cache.tensor.share_memory_()
+        self._handoff: Any = m.SharedTensors(
+            model, cache.tensor, prepared.loaded.max_model_len, prepared.eos_token_ids
+        )
+
+
 # ---- prefill -----------------------------------------------------------------------------------
 
 
-class PrefillWorker:
+class PrefillTurns:
+    """What the prefill worker does each turn, without threads, processes or a device: read its
+    messages, follow a partition switch, run the next batch of whole prompts and report each
+    one's first token. `PrefillWorker` drives it from a blocking inbox; the simulator from
+    in-memory queues on a virtual clock. The runner needs `execute(batch)` -> tokens,
+    `release(request_id)`, `generators` and `device` (as ModelRunner has them)."""
+
+    def __init__(self, scheduler: PrefillScheduler, runner: Any, to_decode: Any,
+                 partitioning: PrefillPartitioning) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.to_decode = to_decode
+        self.partitioning = partitioning
+        self._held: list[Any] = []  # messages read between layer groups, handled after the step
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.waiting and not self._held
+
+    def close(self) -> None:
+        """What a Shutdown releases (the device worker's timeline, graphs and partitions)."""
+
+    def turn(self, msgs: list[Any]) -> bool:
+        """One iteration of the worker's loop; False once told to stop (`Shutdown`)."""
+        sched = self.scheduler
+        held, self._held = self._held, []
+        for msg in held + msgs:
+            if isinstance(msg, m.PrefillWork):
+                sched.add(PrefillJob(request_of(msg, self.runner), msg.block_ids))
+            elif isinstance(msg, m.CancelPrefill):
+                # Not run yet: drop it. Otherwise its PrefillDone is on the way, and the
+                # decode worker settles the abort when it arrives.
+                if sched.drop(msg.request_id):
+                    self.runner.release(msg.request_id)
+                    self.to_decode.put(m.PrefillDropped(msg.request_id))
+            elif isinstance(msg, m.SetPartition):
+                self._follow(msg)
+            elif isinstance(msg, m.Shutdown):
+                logging.getLogger("rapidserve.prefill").info("prefill worker stopping")
+                self.close()
+                return False
+        batch = sched.schedule()
+        if not batch:
+            return True
+        tokens = self._execute(batch)
+        for s, token in zip(batch, tokens):
+            rid = s.request.request_id
+            sched.finish(rid)
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
+        return True
+
+    def _execute(self, batch: list[ScheduledRequest]) -> list[int]:
+        return self.runner.execute(batch)
+
+    def _follow(self, msg: m.SetPartition) -> None:
+        """Move to the decode worker's new partition now and tell it when (its reaction time)."""
+        self.partitioning.follow(msg.partition)
+        timeline = getattr(self.runner, "timeline", None)
+        if timeline is not None:
+            timeline.mark("follow", str(msg.partition), msg.decided_s)
+        self.to_decode.put(m.PartitionFollowed(msg.partition, msg.decided_s, self.partitioning.clock()))
+
+
+class PrefillWorker(PrefillTurns):
+    """The prefill worker on a device: runs on the decode worker's model and KV cache."""
+
     def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, shared: m.SharedTensors) -> None:
-        self.inbox, self.to_decode = inbox, to_decode
+        self.inbox = inbox
         device = resolve_device(config.device)
-        self.partitioning = PrefillPartitioning(config, device)
-        self.scheduler = PrefillScheduler(config.max_num_batched_tokens, config.block_size)
+        partitioning = PrefillPartitioning(config, device)
+        scheduler = PrefillScheduler(config.max_num_batched_tokens, config.block_size)
         # NOTE: token-level stop rules are the decode worker's; the prefill worker only samples
         # (with EOS banned below min_tokens).
         backend = select_backend(config.attention_backend, device)
-        self.runner = ModelRunner(
-            shared.model, KVCache.from_tensor(shared.kv_cache), self.scheduler.tables,
+        runner = ModelRunner(
+            shared.model, KVCache.from_tensor(shared.kv_cache), scheduler.tables,
             device, shared.eos_token_ids, backend, shared.max_model_len,
         )
-        if config.use_cuda_graphs and device.type == "cuda" and backend.graph_safe and not self.partitioning.partitioned:
+        super().__init__(scheduler, runner, to_decode, partitioning)
+        if config.use_cuda_graphs and device.type == "cuda" and backend.graph_safe and not partitioning.partitioned:
             # Piecewise graphs (the layers between attention calls per padded token count): a
             # step of short prompts is otherwise launch-bound; prompts longer than the token
             # budget run eagerly. Not with SM partitions: a graph keeps the partition it was
             # captured in, and a set per partition costs more than launching long prompts.
             self.runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens, decode=False)
-        elif config.prefill_max_step_ms > 0 and self.partitioning.switching:
+        elif config.prefill_max_step_ms > 0 and partitioning.switching:
             # Prompts in groups of layers: a partition switch is followed between two groups.
             self.runner.layer_groups = LayerGroups(config.prefill_max_step_ms / 1e3, len(shared.model.layers),
                                                    self._profiled_prefill_s())
         self.timeline_dir = _start_timeline(self.runner, config, "prefill")
-        self._held: list[Any] = []  # messages read between layer groups, handled after the step
 
     def _profiled_prefill_s(self) -> Callable[[int], float] | None:
         """A prompt's prefill time on the SMs the prefill side has now, from the policy's profile
@@ -294,12 +397,8 @@ class PrefillWorker:
             return None
         return lambda tokens: profile.prefill_ms(self.partitioning.prefill_sms(), tokens) / 1e3
 
-    def _follow(self, msg: m.SetPartition) -> None:
-        """Move to the decode worker's new partition now and tell it when (its reaction time)."""
-        self.partitioning.follow(msg.partition)
-        if self.runner.timeline is not None:
-            self.runner.timeline.mark("follow", str(msg.partition), msg.decided_s)
-        self.to_decode.put(m.PartitionFollowed(msg.partition, msg.decided_s, time.monotonic()))
+    def _execute(self, batch: list[ScheduledRequest]) -> list[int]:
+        return self.runner.execute(batch, self._between_groups if self.runner.layer_groups else None)
 
     def _between_groups(self) -> None:
         """Between two layer groups of a prefill step: follow a partition switch at once; every
@@ -311,35 +410,13 @@ class PrefillWorker:
                 self._held.append(msg)
 
     def run(self) -> None:
-        log = logging.getLogger("rapidserve.prefill")
-        sched = self.scheduler
-        while True:
-            held, self._held = self._held, []
-            for msg in held + _drain(self.inbox, block=not sched.waiting and not held):
-                if isinstance(msg, m.PrefillWork):
-                    sched.add(PrefillJob(request_of(msg, self.runner), msg.block_ids))
-                elif isinstance(msg, m.CancelPrefill):
-                    # Not run yet: drop it. Otherwise its PrefillDone is on the way, and the
-                    # decode worker settles the abort when it arrives.
-                    if sched.drop(msg.request_id):
-                        self.runner.release(msg.request_id)
-                        self.to_decode.put(m.PrefillDropped(msg.request_id))
-                elif isinstance(msg, m.SetPartition):
-                    self._follow(msg)
-                elif isinstance(msg, m.Shutdown):
-                    log.info("prefill worker stopping")
-                    _dump_timeline(self.runner, self.timeline_dir)
-                    self.runner.drop_graphs()
-                    self.partitioning.close()
-                    return
-            batch = sched.schedule()
-            if not batch:
-                continue
-            tokens = self.runner.execute(batch, self._between_groups if self.runner.layer_groups else None)
-            for s, token in zip(batch, tokens):
-                rid = s.request.request_id
-                sched.finish(rid)
-                self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
+        while self.turn(_drain(self.inbox, block=self.idle)):
+            pass
+
+    def close(self) -> None:
+        _dump_timeline(self.runner, self.timeline_dir)
+        self.runner.drop_graphs()
+        self.partitioning.close()
 
 
 # ---- entry points (a thread's or a process's target) -------------------------------------------
