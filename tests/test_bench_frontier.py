@@ -128,3 +128,24 @@ def test_frontier_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ITL SLO ms" in out and "rapid-rapid/best" in out
     assert {p.name for p in tmp_path.iterdir()} >= {"frontier.json", "frontier.csv", "shared"}
+
+
+def test_simulated_frontier(tmp_path, capsys):
+    """`rapidserve simulate --itl-slos`: the frontier on the simulator (the H100 profile), end to
+    end: one simulated sweep of the SLO-independent configurations, one per SLO for rapid-rapid."""
+    from rapidserve.entrypoints.cli import main
+
+    rc = main(["simulate", "--profile", str(PROFILE), "--configs", "hybrid-256,hybrid-1024,rapid-rapid",
+               "--request-rates", "2,8", "--dataset-name", "lmsys-like", "--num-prompts", "20",
+               "--itl-slos", "2x,60", "--output-dir", str(tmp_path), "--quiet", "--no-plots"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "rapid-rapid/best" in out
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    assert len(result["per_slo"]) == 2 and result["slos"][1] == 60.0
+    assert {p["config"] for p in result["points"]} == {"hybrid-256", "hybrid-1024", "rapid-rapid"}
+    # rapid-rapid was simulated at each SLO it aims at, the hybrids once.
+    assert (tmp_path / "shared" / "sweep.json").exists()
+    for slo in result["slos"]:
+        sweep = json.loads((tmp_path / f"slo-itl-{slo:g}" / "sweep.json").read_text())
+        assert sweep["args"]["slo_itl_ms"] == slo and "simulated" in sweep

@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     from rapidserve.sim import simulate
 
-    simulate.add_cli_args(sub.add_parser(
-        "simulate", help="bench sweep on a virtual clock: the engine's own schedulers and policies, steps "
-                         "priced from a profile (no GPU)"))
+    simulate.add_cli_args(_subparser(
+        sub, "simulate", "bench sweep (or, with --itl-slos, bench frontier) on a virtual clock: the engine's "
+                         "own schedulers and policies, steps priced from a profile (no GPU)"))
 
 
 def _add_profile_parser(sub: argparse._SubParsersAction) -> None:

@@ -230,6 +230,16 @@ def run_simulation(args: argparse.Namespace, configs: Sequence[tuple[SweepConfig
     return result
 
 
+def _quiet_after_first(run: Any) -> Any:
+    """A frontier runs several simulated sweeps: one progress bar each is enough."""
+    def runner(args: argparse.Namespace) -> dict[str, Any]:
+        result = run(args)
+        print(f"simulated {len(result['rows'])} runs of {args.configs} in {result['simulated']['wall_s']:.1f} s "
+              f"(ITL SLO {args.slo_itl_ms:g} ms)", file=sys.stderr)
+        return result
+    return runner
+
+
 # One run's outcome: (the sweep's row, what the simulation did), or the error that failed it.
 _Outcome = tuple[dict[str, Any], dict[str, Any]] | str
 
@@ -409,12 +419,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="runs simulated at once, in as many processes (each run is independent: the results "
                         "are the same)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--itl-slos", default=None,
+                   help="the SLO frontier instead of one sweep (as `bench frontier`): ITL SLOs in ms or "
+                        "multiples Nx of the batch-32 decode step, e.g. 1.5x,2x,3x,6x; each configuration's "
+                        "highest good rate at each, against the best hybrid chunk there")
     s = parser.add_argument_group("sweep (as bench sweep)")
     s.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated: hybrid-N, rapid, rapid-POLICY, disagg (as bench sweep)")
     s.add_argument("--request-rates", default="auto",
                    help="offered rates (req/s), comma-separated, or auto (a simulated max-throughput run first)")
-    s.add_argument("--num-auto-rates", type=int, default=5)
+    s.add_argument("--num-auto-rates", type=int, default=5, help="--request-rates auto: how many rates")
     s.add_argument("--output-dir", default="sim-results", help="sweep.csv, sweep.json, requests/, *.png")
     s.add_argument("--baseline", default="hybrid-512",
                    help="plots are normalized to this configuration at the lowest rate (raw without it)")
@@ -423,13 +437,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("engine (as bench sweep forwards them)")
     for flag, help_text in _FORWARDED:
         e.add_argument(flag, default=None, help=help_text)
-    e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (no effect on the pricing)")
     w = parser.add_argument_group("workload and SLOs (as bench sweep)")
     add_workload_args(w, slo_itl_ms=100.0, slo_ttft_ms_per_1k=1000.0, timeout_s=600.0)
     parser.set_defaults(func=main, num_prompts=200)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.itl_slos is not None:
+        from rapidserve.bench import frontier
+
+        if args.replay:
+            raise ValueError("--itl-slos and --replay do not go together")
+        return frontier.main(args, runner=_quiet_after_first(run_simulation))
     configs = None
     replay = Path(args.replay) if args.replay else None
     if replay is not None:
