@@ -6,6 +6,27 @@ import torch
 import torch.nn.functional as F
 
 from rapidserve.attention.metadata import AttentionMetadata
+from rapidserve.ops.fp8 import is_fp8, to_fp8
+
+# An FP8 cache's (k_scale [Hkv], v_scale [Hkv]) float32 scales: stored = round(x / scale).
+KVScales = tuple[torch.Tensor, torch.Tensor]
+
+
+def quantize_kv(
+    k: torch.Tensor, v: torch.Tensor, cache_dtype: torch.dtype, kv_scales: KVScales | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k/v [T, Hkv, D] in the cache's dtype: E4M3 with per-head scales for an FP8 cache."""
+    if not is_fp8(cache_dtype):
+        return k, v
+    if kv_scales is None:
+        raise ValueError("an FP8 KV cache needs kv_scales (k_scale, v_scale)")
+    k_scale, v_scale = kv_scales
+    return to_fp8(k, k_scale.view(1, -1, 1)), to_fp8(v, v_scale.view(1, -1, 1))
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached x [N, Hkv, D] (E4M3) -> dtype, times its per-head scale [Hkv]."""
+    return (x.float() * scale.view(1, -1, 1)).to(dtype)
 
 
 def write_kv(
@@ -14,7 +35,9 @@ def write_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64
+    kv_scales: KVScales | None = None,  # an FP8 cache's scales
 ) -> None:
+    k, v = quantize_kv(k, v, k_cache.dtype, kv_scales)
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
@@ -36,6 +59,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_scales: KVScales | None = None,  # an FP8 cache's scales
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole cached context.
 
@@ -53,6 +77,10 @@ def paged_attention(
         q_len = e - s
         k = gather_kv(k_cache, meta.block_tables[i], seq_len)
         v = gather_kv(v_cache, meta.block_tables[i], seq_len)
+        if is_fp8(k_cache.dtype):
+            if kv_scales is None:
+                raise ValueError("an FP8 KV cache needs kv_scales (k_scale, v_scale)")
+            k, v = dequantize_kv(k, kv_scales[0], q.dtype), dequantize_kv(v, kv_scales[1], q.dtype)
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from rapidserve.config import DTYPES, LOAD_FORMATS, MODES, PLACEMENTS, EngineConfig
+from rapidserve.config import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, MODES, PLACEMENTS, QUANTIZATIONS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +16,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="dummy: random weights from the config (for performance work)")
     g.add_argument("--dtype", default="auto", choices=DTYPES + ("bf16", "fp16", "fp32", "half"))
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
+                   help="fp8: the decoder's projections in FP8 E4M3 with per-channel scales, quantized "
+                        "at load (activations per token at run time); FP8 checkpoints need no flag")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model's dtype; fp8 (= fp8_e4m3): the paged KV cache in E4M3 with "
+                        "per-head scales (the checkpoint's, else 1.0): twice the blocks for the memory")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mode", default="hybrid", choices=MODES,

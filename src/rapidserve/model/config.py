@@ -44,6 +44,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     config_dtype: str
+    # The projections' weight format: None (the model's dtype) or "fp8" (model/quant.py). Set by
+    # the loader from --quantization or the checkpoint's quantization_config.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
