@@ -470,7 +470,10 @@ def test_hf_truncated_safetensors(hf_single: Path, keep: float) -> None:
 
 
 def test_presets() -> None:
-    assert list_presets() == ["llama-3.1-8b", "qwen2.5-7b", "qwen3-8b"]
+    assert list_presets() == ["llama-3.1-70b", "llama-3.1-8b", "qwen2.5-7b", "qwen3-8b"]
+    llama70 = load_preset("llama-3.1-70b")
+    assert (llama70["hidden_size"], llama70["intermediate_size"], llama70["num_hidden_layers"]) == (8192, 28672, 80)
+    assert (llama70["num_attention_heads"], llama70["num_key_value_heads"]) == (64, 8)
     llama = load_preset("llama-3.1-8b")
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (32, 8)
     assert llama["rope_scaling"] == {
@@ -484,12 +487,12 @@ def test_presets() -> None:
     qwen3 = load_preset("qwen3-8b")
     assert (qwen3["num_attention_heads"], qwen3["num_key_value_heads"], qwen3["head_dim"]) == (32, 8, 128)
     assert qwen3["num_hidden_layers"] == 36 and qwen3["attention_bias"] is False
-    for preset in (llama, qwen2, qwen3):
+    for preset in (llama, llama70, qwen2, qwen3):
         assert preset["torch_dtype"] == "bfloat16" and preset["tie_word_embeddings"] is False
     # Callers get their own copy.
     llama["vocab_size"] = 1
     assert load_preset("llama-3.1-8b")["vocab_size"] == 128256
-    with pytest.raises(ValueError, match="available: llama-3.1-8b, qwen2.5-7b, qwen3-8b"):
+    with pytest.raises(ValueError, match="available: llama-3.1-70b, llama-3.1-8b, qwen2.5-7b, qwen3-8b"):
         load_preset("gpt-5")
 
 
@@ -533,7 +536,7 @@ def test_resolve_each_kind(tmp_path: Path, hf_single: Path, tiny_gguf: Path) -> 
         resolve_model(str(empty))
     with pytest.raises(ValueError, match="not a .gguf file"):
         resolve_model(str(hf_single / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"unknown preset 'nope' \(available: llama-3.1-8b"):
+    with pytest.raises(ValueError, match=r"unknown preset 'nope' \(available: llama-3.1-70b, llama-3.1-8b"):
         resolve_model("preset:nope")
     not_found = (
         r"model not found: 'meta-llama/Llama-3.1-8B'; rapidserve never downloads"

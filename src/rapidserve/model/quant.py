@@ -142,10 +142,10 @@ class Fp8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     @torch.no_grad()
-    def init_dummy(self, generator: torch.Generator, std: float = 0.02) -> None:
-        """Random weights (normal, std) quantized per channel, built in row chunks on the weight's
-        device: a 70B model never exists at full precision."""
-        rows = max(1, (1 << 26) // self.in_features)  # ~256 MiB of float32 at a time
+    def init_dummy(self, generator: torch.Generator, std: float = 0.02, chunk_elements: int = 1 << 26) -> None:
+        """Random weights (normal, std) quantized per channel, built in row chunks (default
+        256 MiB of float32) on the weight's device: a 70B model never exists at full precision."""
+        rows = max(1, chunk_elements // self.in_features)
         for start in range(0, self.out_features, rows):
             n = min(rows, self.out_features - start)
             w = torch.empty(n, self.in_features, device=self.weight.device, dtype=torch.float32)
