@@ -7,6 +7,7 @@ The accuracy of FP8 on a real model (SmolLM2) is in test_fp8_accuracy.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_prompts
 
 from rapidserve import LLM, SamplingParams
+from rapidserve.bench.floors import model_cost
 from rapidserve.kv.cache import KVCacheSpec
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.loader import load_model
@@ -273,13 +275,24 @@ def test_kv_scales_from_the_checkpoint(tiny_model_dir, tmp_path):
         load_model(str(tmp_path / "kv"), "auto", "float32", CPU)
 
 
+def test_model_cost_counts_fp8_weights_and_kv():
+    """The benchmarks' floors (bench/floors.py) read FP8 weights and KV at one byte."""
+    cfg = ModelConfig.from_hf(load_preset("llama-3.1-8b"))
+    bf16 = model_cost(cfg, torch.bfloat16)
+    fp8 = model_cost(dataclasses.replace(cfg, quantization="fp8"), torch.bfloat16, FP8_DTYPE)
+    assert fp8.num_params == bf16.num_params and fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
+    tables = 2 * cfg.vocab_size * cfg.hidden_size * 2  # the bf16 embedding and LM head stay
+    halved = (bf16.weight_bytes - tables) / 2
+    assert halved < fp8.weight_bytes - tables < halved * 1.001  # + norms and per-channel scales
+    assert fp8.step_weight_bytes == fp8.weight_bytes - tables // 2
+
+
 def test_the_70b_preset_fits_one_h200_in_fp8():
-    cfg = ModelConfig.from_hf(load_preset("llama-3.1-70b"))
-    proj = cfg.num_layers * (cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
-                             + 3 * cfg.hidden_size * cfg.intermediate_size)
-    other = 2 * cfg.vocab_size * cfg.hidden_size
-    assert 67e9 < proj < 69e9 and 70e9 < proj + other < 71e9  # Llama-3.1-70B: 70.6B parameters
-    assert proj + 2 * other < 80e9  # bytes in FP8 with a bf16 embedding and head: fits an H200
+    cfg = dataclasses.replace(ModelConfig.from_hf(load_preset("llama-3.1-70b")), quantization="fp8")
+    cost = model_cost(cfg, torch.bfloat16, FP8_DTYPE)
+    assert 70e9 < cost.num_params < 71e9  # Llama-3.1-70B: 70.6B parameters
+    assert 70e9 < cost.weight_bytes < 73e9  # 141 GB in bf16; an H200 has ~139 GiB (149 GB) usable
+    assert cost.kv_bytes_per_token == 80 * 2 * 8 * 128  # 160 KiB per token: 50 GB hold 305K tokens
 
 
 def test_dummy_fp8_builds_fp8_weights(tiny):

@@ -49,8 +49,11 @@ class ModelCost(NamedTuple):
     attention_flops_per_pair: int  # QK^T and PV for one (query, key) pair, all layers and heads
 
 
-def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
+def model_cost(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> ModelCost:
+    """kv_dtype: the KV cache's (default: dtype). With cfg.quantization == "fp8" the decoder's
+    projections count one byte per weight plus a float32 scale per output channel."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    kv_itemsize = torch.empty((), dtype=kv_dtype or dtype).element_size()
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     linear = h * (q + 2 * kv) + q * h + 3 * h * inter  # qkv, o, gate/up, down
     biases = (q + 2 * kv if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
@@ -59,11 +62,15 @@ def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
     embed = cfg.vocab_size * h
     lm_head = 0 if cfg.tie_word_embeddings else embed
     num_params = embed + cfg.num_layers * (linear + biases + norms) + h + lm_head
+    weight_bytes = num_params * itemsize
+    if cfg.quantization == "fp8":
+        scales = (q + 2 * kv) + h + 2 * inter + h  # one per output channel of each projection
+        weight_bytes -= cfg.num_layers * (linear * (itemsize - 1) - scales * 4)
     return ModelCost(
         num_params=num_params,
-        weight_bytes=num_params * itemsize,
-        step_weight_bytes=(num_params - (embed if lm_head else 0)) * itemsize,
-        kv_bytes_per_token=cfg.num_layers * 2 * kv * itemsize,
+        weight_bytes=weight_bytes,
+        step_weight_bytes=weight_bytes - (embed * itemsize if lm_head else 0),
+        kv_bytes_per_token=cfg.num_layers * 2 * kv * kv_itemsize,
         linear_flops_per_token=2 * cfg.num_layers * linear,
         lm_head_flops_per_token=2 * embed,
         attention_flops_per_pair=4 * cfg.num_layers * q,

@@ -54,6 +54,13 @@ def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
     return length
 
 
+def model_config(hf_config: dict[str, Any], quantization: str | None) -> ModelConfig:
+    """The model's config with its weight format: the flag's, or the checkpoint's FP8."""
+    cfg = ModelConfig.from_hf(hf_config)
+    quant = resolve_quantization(quantization, checkpoint_quantization(hf_config))
+    return dataclasses.replace(cfg, quantization=quant)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -89,9 +96,8 @@ def load_model(
 ) -> LoadedModel:
     source = resolve_model(model)
     loaded = load_source(source, load_format)
-    cfg = ModelConfig.from_hf(loaded.config)
+    cfg = model_config(loaded.config, quantization)
     checkpoint_quant = checkpoint_quantization(loaded.config)
-    cfg = dataclasses.replace(cfg, quantization=resolve_quantization(quantization, checkpoint_quant))
     torch_dtype = resolve_dtype(dtype, cfg, device)
     length = resolve_max_model_len(max_model_len, cfg)
     with torch.device(device), _default_dtype(torch_dtype):
