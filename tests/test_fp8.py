@@ -368,3 +368,15 @@ def test_bad_flags_are_value_errors(tiny):
         LLM(model=tiny, device="cpu", quantization="int4")
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp4'"):
         LLM(model=tiny, device="cpu", kv_cache_dtype="fp4")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate"], ["profile", "--output", "p.json"], ["bench", "latency"]])
+def test_cli_flags_reach_the_engine_config(command):
+    from rapidserve.entrypoints.args import engine_config_from_args
+    from rapidserve.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--quantization", "fp8", "--kv-cache-dtype", "fp8"])
+    config = engine_config_from_args(args)
+    assert (config.quantization, config.kv_cache_dtype) == ("fp8", "fp8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--quantization", "awq"])
