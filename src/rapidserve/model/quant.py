@@ -121,9 +121,14 @@ class Fp8Linear(nn.Module):
         # x [..., in] -> [..., out] in x's dtype
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
         xq, xs = quantize_rows(x2)  # [T, in] fp8, [T, 1] fp32
         if self._scaled_mm is None:
-            self._scaled_mm = fp8_matmul_supported(x.device)
+            # NOTE: decided on the first call (a warm-up, never inside CUDA graph capture); the
+            # FP8 GEMM needs both matrix dimensions to be multiples of 16.
+            self._scaled_mm = (fp8_matmul_supported(x.device) and self.in_features % 16 == 0
+                               and self.out_features % 16 == 0)
         if self._scaled_mm and x.dtype in (torch.bfloat16, torch.float16):
             # Row-wise scales (per token x per channel) need a bf16 output in torch's kernels.
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1),
