@@ -38,6 +38,9 @@ def write_kv(
     kv_scales: KVScales | None = None,  # an FP8 cache's scales
 ) -> None:
     k, v = quantize_kv(k, v, k_cache.dtype, kv_scales)
+    if is_fp8(k_cache.dtype):
+        # NOTE: E4M3 moves as bytes: indexed writes on float8 dtypes are not defined everywhere.
+        k, v, k_cache, v_cache = (t.view(torch.uint8) for t in (k, v, k_cache, v_cache))
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v
@@ -49,6 +52,8 @@ def gather_kv(
     """The first seq_len cached tokens of one sequence: [seq_len, Hkv, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
+    if is_fp8(cache.dtype):  # gathered as bytes, as write_kv writes
+        return gather_kv(cache.view(torch.uint8), block_table, seq_len).view(cache.dtype)
     blocks = cache[block_table[:num_blocks].long()]  # [n, block_size, Hkv, D]
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
