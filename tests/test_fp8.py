@@ -422,3 +422,20 @@ def test_fp8_weights_on_every_family(tiny_model_dir, kind, monkeypatch):
 def test_fp8_linear_empty_batch():
     lin, _ = _fp8_linear(32, 16, bias=True)
     assert lin(torch.zeros(0, 32)).shape == (0, 16)
+
+
+@pytest.mark.gpu
+def test_fp8_engine_on_gpu_graphs_match_eager(tiny):
+    """FP8 weights (scaled matmul on >= 8.9, dequantized below) and an FP8 KV cache (triton,
+    >= 8.9) on CUDA: the decode graphs and piecewise graphs give the eager tokens."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 KV with triton needs compute capability >= 8.9")
+    prompts = random_prompts(8, seed=2, max_len=200)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(model=tiny, dtype="bfloat16", quantization="fp8", kv_cache_dtype="fp8",
+                  enforce_eager=eager, max_num_batched_tokens=64)
+        runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.runner.model.layers[0].mlp.down_proj._scaled_mm is True
+    assert runs[True] == runs[False]

@@ -132,3 +132,25 @@ def test_fp8_cache_rejects_bad_scales():
     with pytest.raises(ValueError, match="k_scale"):
         triton_ops.decode_attention(c.q, c.k_cache, c.v_cache, m.seq_lens, m.block_tables, c.scale, 1,
                                     kv_scales=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_fp8_kv_kernels_large_on_gpu(dtype, num_splits):
+    """bf16 queries over an FP8 cache (the interpreter cannot run bf16 dots), GPU tile sizes."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = [int(s) for s in torch.randint(1, 3000, (13,), generator=gen)] + [1, 4096]
+    q_lens = [1] * len(seq_lens)
+    c = make_case(q_lens, seq_lens, 32, 8, 128, 16, dtype, seed=num_splits)
+    scales = _scales(8, num_splits)
+    c = _to_fp8_case(c, scales)
+    m = c.meta
+    triton_ops.write_kv(c.k_new, c.v_new, c.k_cache, c.v_cache, m.slot_mapping, scales)
+    ref = _fp8_reference(c, scales)
+    dec = triton_ops.decode_attention(c.q, c.k_cache, c.v_cache, m.seq_lens, m.block_tables, c.scale,
+                                      num_splits, kv_scales=scales)
+    ext = triton_ops.extend_attention(c.q, c.k_cache, c.v_cache, m.query_start_loc, m.seq_lens,
+                                      m.block_tables, m.max_query_len, c.scale, kv_scales=scales)
+    assert_close(dec, ref, dtype)
+    assert_close(ext, ref, dtype)
