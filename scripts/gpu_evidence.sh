@@ -11,6 +11,7 @@
 #   bash scripts/gpu_evidence.sh profile partition       # profile (~1 min), then rapid/full/static policies
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
+#   bash scripts/gpu_evidence.sh fp8                     # FP8 weights + KV: 8B bf16 vs fp8, 70B fp8 (issue 18)
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
@@ -104,8 +105,16 @@ for stage in "$@"; do
             --profile "$sweep_profile" --slo-itl-ms 50 --server-args "${SWEEP_SERVER_ARGS:-}" --output-dir "$dir" $resume 2>&1
         pkill -f "rapidserve.entrypoints.cli serve" 2>/dev/null  # none should be left; none may hold the GPU
         tar czf "$OUT/sweep.tgz" -C "$OUT" sweep && rm -rf "$dir" ;;  # at most 8 files come back
+    fp8)
+        # Issue 18 (docs/quantization.md): Llama-3.1-8B's shape in bf16 and with FP8 weights + FP8 KV
+        # (decode and prefill steps against floors that count FP8 bytes; the KV pool's blocks in
+        # the header), then Llama-3.1-70B's in FP8 on one GPU (its KV size is in the log).
+        $RS bench latency --output-json "$OUT/latency_8b_bf16.json" 2>&1
+        $RS bench latency --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/latency_8b_fp8.json" 2>&1
+        $RS --log-level INFO bench latency --model preset:llama-3.1-70b --quantization fp8 --kv-cache-dtype fp8 \
+            --max-model-len 8192 --output-json "$OUT/latency_70b_fp8.json" 2>&1 ;;
     *)
-        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep)"; exit 2 ;;
+        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep fp8)"; exit 2 ;;
     esac
 done
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ] && [ -d "$TRITON_CACHE_DIR" ]; then
