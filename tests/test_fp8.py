@@ -439,3 +439,18 @@ def test_fp8_engine_on_gpu_graphs_match_eager(tiny):
         runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.runner.model.layers[0].mlp.down_proj._scaled_mm is True
     assert runs[True] == runs[False]
+
+
+def test_profile_records_fp8():
+    """A profile measured with FP8 weights / KV says so (its step times are not bf16's)."""
+    from types import SimpleNamespace
+
+    from rapidserve.config import EngineConfig
+    from rapidserve.resources.profiler import _dtype_label
+
+    def label(**kw):
+        return _dtype_label(SimpleNamespace(dtype=torch.bfloat16, config=EngineConfig(**kw)))
+
+    assert label() == "bfloat16"
+    assert label(quantization="fp8", kv_cache_dtype="fp8") == "bfloat16+fp8-weights+fp8-kv"
+    assert label(kv_cache_dtype="fp8_e4m3") == "bfloat16+fp8-kv"

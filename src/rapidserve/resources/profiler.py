@@ -315,7 +315,7 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
     meta = ProfileMetadata(
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         total_sms=total, sm_granularity=partitioner.granularity if partitioned else 1,
-        partitioning=kind, model=engine.model_name, dtype=str(engine.dtype).replace("torch.", ""),
+        partitioning=kind, model=engine.model_name, dtype=_dtype_label(engine),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
         decode_batch_beside=args.beside_decode_batch, decode_context_beside=decode_context,
@@ -338,6 +338,17 @@ def _tup(x: Any) -> Any:
 
 def _sorted_list(text: str) -> list[int]:
     return sorted(set(_int_list(text)))
+
+
+def _dtype_label(engine: Any) -> str:
+    """The compute dtype, and FP8 weights / KV when on: a profile measured with them holds
+    other step times."""
+    label = str(engine.dtype).replace("torch.", "")
+    if engine.config.quantization == "fp8":
+        label += "+fp8-weights"
+    if engine.config.kv_cache_dtype != "auto":
+        label += "+fp8-kv"
+    return label
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -390,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"--sm-counts {bad}: decode SM counts must be multiples of {gran} below {total}")
         sm_counts = args.sm_counts
-    print(f"rapidserve profile: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
+    print(f"rapidserve profile: {engine.model_name} {_dtype_label(engine)} on "
           f"{engine.device} ({total} SMs, {mechanism(engine.device)} partitioning)", flush=True)
     if not sm_counts:
         print(f"SM partitioning unavailable on {engine.device}: one partition, the whole device", flush=True)
