@@ -12,7 +12,7 @@ import torch
 
 from rapidserve.attention import torch_ref, triton_ops
 from rapidserve.ops.fp8 import FP8_DTYPE, to_fp8
-from test_triton_attention import DEVICE, Case, _decode_reference, assert_close, make_case  # noqa: I001
+from test_triton_attention import DEVICE, Case, assert_close, make_case  # noqa: I001
 
 DTYPES = [torch.float32, torch.float16]
 
