@@ -13,6 +13,7 @@
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
 #   bash scripts/gpu_evidence.sh frontier                # ~10 min: the SLO frontier, in parts (env: see the stage)
 #   bash scripts/gpu_evidence.sh moe moe-throughput      # Mixtral-8x7B: latency vs floors (~4 min), then vs the peer
+#   bash scripts/gpu_evidence.sh fp8                     # FP8 weights + KV: 8B bf16 vs fp8, 70B fp8 (issue 18)
 #
 # Wheels (here, once): python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic \
@@ -140,8 +141,16 @@ for stage in "$@"; do
         # MOE_PROMPTS: requests (default 64: the peer's MoE forward is slow).
         $RS bench throughput --model preset:mixtral-8x7b --load-format dummy --num-prompts "${MOE_PROMPTS:-64}" \
             --peer transformers --output-json "$OUT/moe_throughput.json" 2>&1 ;;
+    fp8)
+        # Issue 18 (docs/quantization.md): Llama-3.1-8B's shape in bf16 and with FP8 weights + FP8 KV
+        # (decode and prefill steps against floors that count FP8 bytes; the KV pool's blocks in
+        # the header), then Llama-3.1-70B's in FP8 on one GPU (its KV size is in the log).
+        $RS bench latency --output-json "$OUT/latency_8b_bf16.json" 2>&1
+        $RS bench latency --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/latency_8b_fp8.json" 2>&1
+        $RS --log-level INFO bench latency --model preset:llama-3.1-70b --quantization fp8 --kv-cache-dtype fp8 \
+            --max-model-len 8192 --output-json "$OUT/latency_70b_fp8.json" 2>&1 ;;
     *)
-        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep frontier moe moe-throughput)"; exit 2 ;;
+        echo "unknown stage $stage (tests latency throughput interference profile partition disagg sweep frontier moe moe-throughput fp8)"; exit 2 ;;
     esac
 done
 if [ "${TRITON_CACHE_OUT:-0}" = 1 ] && [ -d "$TRITON_CACHE_DIR" ]; then

@@ -467,8 +467,12 @@ def test_hf_truncated_safetensors(hf_single: Path, keep: float) -> None:
 
 
 def test_presets() -> None:
-    assert {"llama-3.1-8b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-32b", "qwen3-30b-a3b", "qwen3-8b"} <= set(list_presets())
+    assert {"llama-3.1-70b", "llama-3.1-8b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-32b", "qwen3-30b-a3b",
+            "qwen3-8b"} <= set(list_presets())
     assert list_presets() == sorted(list_presets())
+    llama70 = load_preset("llama-3.1-70b")
+    assert (llama70["hidden_size"], llama70["intermediate_size"], llama70["num_hidden_layers"]) == (8192, 28672, 80)
+    assert (llama70["num_attention_heads"], llama70["num_key_value_heads"]) == (64, 8)
     llama = load_preset("llama-3.1-8b")
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (32, 8)
     assert llama["rope_scaling"] == {
@@ -489,12 +493,12 @@ def test_presets() -> None:
     kv = 8 * h // 40
     layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * i + 2 * h  # q/k/v (+bias), o, MLP, norms
     assert 32.7e9 < 64 * layer + 2 * v * h < 32.8e9
-    for preset in (llama, qwen2, qwen3, qwen32):
+    for preset in (llama, llama70, qwen2, qwen3, qwen32):
         assert preset["torch_dtype"] == "bfloat16" and preset["tie_word_embeddings"] is False
     # Callers get their own copy.
     llama["vocab_size"] = 1
     assert load_preset("llama-3.1-8b")["vocab_size"] == 128256
-    with pytest.raises(ValueError, match=r"available: llama-3.1-8b, .*qwen2.5-7b"):
+    with pytest.raises(ValueError, match=r"available: llama-3.1-70b, llama-3.1-8b, .*qwen2.5-7b"):
         load_preset("gpt-5")
 
 
@@ -555,7 +559,7 @@ def test_resolve_each_kind(tmp_path: Path, hf_single: Path, tiny_gguf: Path) -> 
         resolve_model(str(empty))
     with pytest.raises(ValueError, match="not a .gguf file"):
         resolve_model(str(hf_single / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"unknown preset 'nope' \(available: llama-3.1-8b"):
+    with pytest.raises(ValueError, match=r"unknown preset 'nope' \(available: llama-3.1-70b, llama-3.1-8b"):
         resolve_model("preset:nope")
     not_found = (
         r"model not found: 'meta-llama/Llama-3.1-8B'; rapidserve never downloads"

@@ -13,6 +13,8 @@ MODES = ("hybrid", "rapid", "disagg")
 PLACEMENTS = ("process", "thread")
 LOAD_FORMATS = ("auto", "dummy", "gguf", "safetensors")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("fp8",)  # model/quant.py
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # ops/fp8.py
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
@@ -41,6 +43,10 @@ class EngineConfig:
     tokenizer: str | None = None  # a directory or .gguf to take the tokenizer from
     load_format: str = "auto"
     dtype: str = "auto"
+    # Weight format: None (the checkpoint's / dtype) or "fp8" (E4M3 projections, per-channel
+    # scales). FP8 checkpoints are detected from their config.json without the flag.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: E4M3 KV with per-head scales
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0
     mode: str = "hybrid"
@@ -109,6 +115,10 @@ class EngineConfig:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; available: {', '.join(QUANTIZATIONS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; available: {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -27,6 +27,8 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,  # [T, Hq, D], written in place when given
+        # An FP8 cache's (k_scale [Hkv], v_scale [Hkv]) float32; None for a cache in q's dtype.
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -34,9 +36,9 @@ class TorchAttention:
     name = "torch"
     graph_safe = False
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
-        torch_ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = torch_ref.batched_paged_attention(q, k_cache, v_cache, meta, scale)
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None, kv_scales=None):  # type: ignore[no-untyped-def]
+        torch_ref.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
+        o = torch_ref.batched_paged_attention(q, k_cache, v_cache, meta, scale, kv_scales)
         if out is not None:
             out.copy_(o)
             return out
@@ -58,30 +60,30 @@ class TritonAttention:
 
         return triton_ops
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None):  # type: ignore[no-untyped-def]
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, out=None, kv_scales=None):  # type: ignore[no-untyped-def]
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
         if meta.is_decode:
             return self.ops.decode_attention(
                 q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                num_splits=meta.num_splits, out=out,
+                num_splits=meta.num_splits, out=out, kv_scales=kv_scales,
             )
         nd = meta.num_decodes
         if nd == 0:
             return self.ops.extend_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, scale, out=out,
+                meta.max_query_len, scale, out=out, kv_scales=kv_scales,
             )
         # NOTE: the scheduler puts decodes first, so their rows are q[:nd]. The extend kernel
         # indexes q by absolute query offsets, so it takes the tail of query_start_loc as is.
         out = torch.empty_like(q) if out is None else out
         self.ops.decode_attention(
             q[:nd], k_cache, v_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale,
-            num_splits=meta.num_splits, out=out[:nd],
+            num_splits=meta.num_splits, out=out[:nd], kv_scales=kv_scales,
         )
         if nd < meta.seq_lens.shape[0]:
             self.ops.extend_attention(
                 q, k_cache, v_cache, meta.query_start_loc[nd:], meta.seq_lens[nd:],
-                meta.block_tables[nd:], meta.max_query_len, scale, out=out,
+                meta.block_tables[nd:], meta.max_query_len, scale, out=out, kv_scales=kv_scales,
             )
         return out
 

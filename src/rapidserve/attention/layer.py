@@ -7,6 +7,7 @@ from torch import nn
 
 from rapidserve.attention.backend import AttentionBackend, TorchAttention
 from rapidserve.attention.metadata import get_forward_context
+from rapidserve.ops.fp8 import is_fp8
 
 
 class PagedAttention(nn.Module):
@@ -20,6 +21,11 @@ class PagedAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = TorchAttention()
+        # Scales of an FP8 KV cache, one per KV head (stored = round(k / k_scale)): 1.0 unless the
+        # checkpoint carries them (model/quant.py). Buffers, so they move with the model; not
+        # parameters, so the loader does not require them.
+        self.register_buffer("k_scale", torch.ones(num_kv_heads, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(num_kv_heads, dtype=torch.float32), persistent=False)
 
     def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: AttentionBackend) -> None:
         self.k_cache, self.v_cache, self.backend = k_cache, v_cache, backend
@@ -31,4 +37,5 @@ class PagedAttention(nn.Module):
         meta = get_forward_context().attn
         if meta is None or self.k_cache is None or self.v_cache is None:
             raise RuntimeError("attention needs a bound KV cache and attention metadata")
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, out)
+        kv_scales = (self.k_scale, self.v_scale) if is_fp8(self.k_cache.dtype) else None
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, out, kv_scales)

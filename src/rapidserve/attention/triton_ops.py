@@ -13,6 +13,12 @@ The kernels only use long-stable triton.language APIs (no descriptors / TMA), so
 CUDA and under TRITON_INTERPRET=1 on CPU. The wrappers never read device values on the host
 (no .item(), no .tolist()): decode runs inside CUDA graph capture, and extend takes its only
 data-dependent launch parameter (max_query_len) as a host int.
+
+FP8 KV cache (E4M3, one float32 scale per KV head, stored = round(x / scale)): write_kv
+quantizes in torch before its kernel copies (the same rounding as the reference, and Triton's
+interpreter rounds fp32 -> fp8 wrongly where the mantissa carries into the exponent); the
+attention kernels load E4M3 tiles, widen them to q's dtype (exact) and fold the scales into the
+softmax scale (K) and the output (V), so a tile costs half the bytes and no extra multiply.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from rapidserve.attention.torch_ref import KVScales, quantize_kv
+from rapidserve.ops.fp8 import is_fp8
 
 # exp(x) == exp2(x * LOG2E): the kernels fold LOG2E into the softmax scale and use exp2.
 _LOG2E = 1.4426950408889634
@@ -41,6 +50,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would default to TF32 on tensor cores (~1e-3 relative error): the fp32 path
     # exists for exactness checks, so ask for IEEE there. Ignored for fp16 / bf16 inputs.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kv_scale_args(
+    k_cache: torch.Tensor, kv_scales: KVScales | None, fallback: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k_scale, v_scale, KV_SCALED) kernel arguments; unscaled caches pass a never-read tensor."""
+    if not is_fp8(k_cache.dtype):
+        return fallback, fallback, False
+    if kv_scales is None:
+        raise ValueError("an FP8 KV cache needs kv_scales (k_scale, v_scale)")
+    num_kv_heads = k_cache.shape[2]
+    for name, t in zip(("k_scale", "v_scale"), kv_scales):
+        if t.shape != (num_kv_heads,) or t.dtype != torch.float32 or t.device != k_cache.device:
+            raise ValueError(f"{name} must be [{num_kv_heads}] float32 on {k_cache.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    return kv_scales[0], kv_scales[1], True
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -93,9 +118,11 @@ def write_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64; < 0: padding, skipped
+    kv_scales: KVScales | None = None,  # an FP8 cache's (k_scale, v_scale), [Hkv] fp32 each
 ) -> None:
     """Writes each new token's K/V into its cache slot (block * block_size + offset)."""
     _check_cache(k_cache, v_cache)
+    k, v = quantize_kv(k, v, k_cache.dtype, kv_scales)
     num_tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"k {k.shape} / v {v.shape} do not fit the cache {k_cache.shape}")
@@ -171,21 +198,21 @@ def _extend_tile(
     kv_off = kv_off + kv_head_off
     # K loaded transposed: [BLOCK_D, BLOCK_N], ready for q @ k^T.
     k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
-                mask=d_mask[:, None] & key_mask[None, :], other=0.0)
+                mask=d_mask[:, None] & key_mask[None, :], other=0.0).to(q.dtype)  # E4M3: widened
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if CAUSAL_MASK:
         visible = (offs_n[None, :] <= q_pos[:, None]) & key_mask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
     # NOTE: V is masked too (other=0): p == 0 times a garbage (even NaN) value would be NaN.
     v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
-                mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                mask=key_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     return _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION)
 
 
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
@@ -194,7 +221,7 @@ def _extend_kernel(
     head_dim,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, M_INIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, M_INIT: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     # Grid: (query head, query block, sequence). Heads vary fastest so that the GROUP query
     # heads sharing one KV head run side by side and hit the same K/V tiles in L2.
@@ -221,6 +248,10 @@ def _extend_kernel(
 
         kv_head_off = (head // GROUP).to(tl.int64) * stride_ch
         bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+        v_scale = 1.0  # unused unless KV_SCALED
+        if KV_SCALED:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + head // GROUP)
+            v_scale = tl.load(v_scale_ptr + head // GROUP)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + M_INIT
@@ -245,7 +276,10 @@ def _extend_kernel(
             )
 
         # NOTE: every stored row saw key 0 (its position is >= 0), so l_i > 0.
-        acc = acc / l_i[:, None]
+        if KV_SCALED:
+            acc = acc * (v_scale / l_i)[:, None]
+        else:
+            acc = acc / l_i[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -288,6 +322,7 @@ def extend_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D], q's dtype
+    kv_scales: KVScales | None = None,  # an FP8 cache's (k_scale, v_scale), [Hkv] fp32 each
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new tokens over its whole (paged) context.
 
@@ -312,11 +347,12 @@ def extend_attention(
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
 
+    k_scale, v_scale, kv_scaled = _kv_scale_args(k_cache, kv_scales, seq_lens)
     cfg = _extend_config(head_dim, q.dtype, q.device)
     grid = (num_heads, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
     _extend_kernel[grid](
         q, k_cache, v_cache, out,
-        query_start_loc, seq_lens, block_tables,
+        query_start_loc, seq_lens, block_tables, k_scale, v_scale,
         scale * _LOG2E,
         *q.stride(), *out.stride(), *k_cache.stride(),
         block_tables.stride(0),
@@ -328,6 +364,7 @@ def extend_attention(
         BLOCK_D=_block_d(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype),
         M_INIT=_M_INIT,
+        KV_SCALED=kv_scaled,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -364,7 +401,7 @@ class DecodeWorkspace:
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, po_ptr, plse_ptr,
-    seq_lens_ptr, bt_ptr,
+    seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
@@ -374,7 +411,7 @@ def _decode_split_kernel(
     head_dim, num_splits,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, M_INIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, M_INIT: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     # Grid: (sequence, KV head, split). One program attends all GROUP query heads of its KV
     # head over one contiguous key range, so each K/V tile is loaded once for the group.
@@ -400,6 +437,10 @@ def _decode_split_kernel(
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     kv_head_off = kv_head.to(tl.int64) * stride_ch
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+    v_scale = 1.0
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_G], dtype=tl.float32) + M_INIT
@@ -411,17 +452,20 @@ def _decode_split_kernel(
         kv_off = _kv_tile_offsets(bt_row_ptr, offs_n, key_mask, stride_cb, stride_cs, BLOCK_SIZE)
         kv_off = kv_off + kv_head_off
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None] * stride_cd,
-                    mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+                    mask=d_mask[:, None] & key_mask[None, :], other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         qk = tl.where(key_mask[None, :], qk, float("-inf"))
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :] * stride_cd,
-                    mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                    mask=key_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION)
 
     # NOTE: an empty split (l_i == 0, e.g. a padding row with seq_len 0, or more splits than
     # tiles) stores out 0 and lse -inf, which the reduction weighs 0.
     nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if KV_SCALED:
+        out = acc * (v_scale / tl.where(nonempty, l_i, 1.0))[:, None]
+    else:
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
 
     po = (po_ptr + seq.to(tl.int64) * stride_pob + heads[:, None] * stride_poh
@@ -484,6 +528,7 @@ def decode_attention(
     num_splits: int,
     out: torch.Tensor | None = None,  # [B, Hq, D], q's dtype
     workspace: DecodeWorkspace | None = None,
+    kv_scales: KVScales | None = None,  # an FP8 cache's (k_scale, v_scale), [Hkv] fp32 each
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of each sequence's one new token over its whole cached context (flash-decoding).
 
@@ -513,6 +558,7 @@ def decode_attention(
     if batch == 0:
         return out
 
+    k_scale, v_scale, kv_scaled = _kv_scale_args(k_cache, kv_scales, seq_lens)
     group = num_heads // num_kv_heads
     block_d = _block_d(head_dim)
     # GQA: the group's query heads are the rows of one tl.dot, padded to >= 16 (tl.dot's
@@ -522,7 +568,7 @@ def decode_attention(
     on_cuda = q.device.type == "cuda"
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, po, plse,
-        seq_lens, block_tables,
+        seq_lens, block_tables, k_scale, v_scale,
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(),
         block_tables.stride(0),
@@ -535,6 +581,7 @@ def decode_attention(
         BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
         M_INIT=_M_INIT,
+        KV_SCALED=kv_scaled,
         num_warps=(8 if block_d > 128 else 4) if on_cuda else 1,
         num_stages=(2 if block_d > 128 else 3) if on_cuda else 1,
     )

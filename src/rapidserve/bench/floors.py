@@ -56,8 +56,11 @@ class ModelCost(NamedTuple):
     active_params_per_token: int = 0
 
 
-def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
+def model_cost(cfg: ModelConfig, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> ModelCost:
+    """kv_dtype: the KV cache's (default: dtype). With cfg.quantization == "fp8" the decoder's
+    projections count one byte per weight plus a float32 scale per output channel."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    kv_itemsize = torch.empty((), dtype=kv_dtype or dtype).element_size()
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     attention = h * (q + 2 * kv) + q * h  # qkv, o
     linear = attention + 3 * h * inter  # + gate/up, down
@@ -79,11 +82,21 @@ def model_cost(cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
         active_linear += n_sparse * (
             sparse_dense + cfg.experts_per_token * cfg.expert_params - 3 * h * inter
         )
+    weight_bytes = num_params * itemsize
+    if cfg.quantization == "fp8":
+        # FP8 projections (one byte per weight, a float32 scale per output channel): attention in
+        # every layer, the dense MLPs and shared experts; routed experts stay in the model's dtype.
+        n_sparse = cfg.num_moe_layers if cfg.is_moe else 0
+        n_dense = cfg.num_layers - n_sparse
+        shared = cfg.shared_expert_intermediate_size if cfg.is_moe else 0
+        fp8_params = cfg.num_layers * attention + n_dense * 3 * h * inter + n_sparse * 3 * h * shared
+        scales = cfg.num_layers * (q + 2 * kv + h) + n_dense * (2 * inter + h) + (n_sparse * (2 * shared + h) if shared else 0)
+        weight_bytes -= fp8_params * (itemsize - 1) - scales * 4
     return ModelCost(
         num_params=num_params,
-        weight_bytes=num_params * itemsize,
-        step_weight_bytes=(num_params - (embed if lm_head else 0)) * itemsize,
-        kv_bytes_per_token=cfg.num_layers * 2 * kv * itemsize,
+        weight_bytes=weight_bytes,
+        step_weight_bytes=weight_bytes - (embed * itemsize if lm_head else 0),
+        kv_bytes_per_token=cfg.num_layers * 2 * kv * kv_itemsize,
         linear_flops_per_token=2 * active_linear,
         lm_head_flops_per_token=2 * embed,
         attention_flops_per_pair=4 * cfg.num_layers * q,

@@ -40,6 +40,7 @@ from rapidserve.bench.throughput import (
     secs,
 )
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.ops.fp8 import resolve_kv_cache_dtype
 from rapidserve.kv.block_manager import blocks_needed
 
 
@@ -238,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     rates = rates_from_args(args, resolve_device(config.device))
     engine = LLMEngine(config)
-    cost = model_cost(engine.model_config, engine.dtype)
+    cost = model_cost(engine.model_config, engine.dtype, resolve_kv_cache_dtype(config.kv_cache_dtype, engine.dtype))
     rng = random.Random(config.seed)
     print(f"rapidserve bench latency: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
           f"{engine.device}, KV {engine.blocks.num_blocks} blocks of {engine.blocks.block_size}")

@@ -33,6 +33,7 @@ from rapidserve.bench.floors import (
     step_weight_bytes_read,
 )
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
+from rapidserve.ops.fp8 import resolve_kv_cache_dtype
 
 
 # The engine flags' defaults for benchmarks: the model shape of GPU_FACTS.md, no checkpoint.
@@ -584,7 +585,8 @@ def _run_rapidserve(
         if warmup_prompts > 0:
             run_workload(engine, prompts[:warmup_prompts], min(4, workload.output_len))
         run = run_workload(engine, prompts, workload.output_len)
-        cost = model_cost(engine.model_config, engine.dtype)
+        cost = model_cost(engine.model_config, engine.dtype,
+                          resolve_kv_cache_dtype(config.kv_cache_dtype, engine.dtype))
         figures = summarize(run, prompts, workload.output_len, cost, rates, config.max_num_seqs)
         mean_len = sum(len(p) for p in prompts) / len(prompts)
         header = {

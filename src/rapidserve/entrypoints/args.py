@@ -7,7 +7,16 @@ import argparse
 import dataclasses
 from typing import Any
 
-from rapidserve.config import DTYPE_ALIASES, DTYPES, LOAD_FORMATS, MODES, PLACEMENTS, EngineConfig
+from rapidserve.config import (
+    DTYPE_ALIASES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    MODES,
+    PLACEMENTS,
+    QUANTIZATIONS,
+    EngineConfig,
+)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -36,10 +45,6 @@ class HelpFormatter(argparse.HelpFormatter):
 # NOTE: when one of these is built, it becomes an EngineConfig field and leaves this table.
 NOT_BUILT: dict[str, tuple[Any, str]] = {
     # option: (the value that means "not used", what to say)
-    "quantization": (None, "quantized weights are not built yet (a quantization method is being "
-                           "added); serve the model in bf16/fp16/fp32 for now"),
-    "kv_cache_dtype": ("auto", "a KV cache dtype other than the model's is not built yet (fp8 KV "
-                               "is being added); leave --kv-cache-dtype auto"),
     "enable_prefix_caching": (False, "prefix caching is not built: every prompt is prefilled in "
                                      "full; drop --enable-prefix-caching"),
     "tensor_parallel_size": (1, "tensor parallelism is not built: rapidserve runs one model "
@@ -77,6 +82,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPES + tuple(DTYPE_ALIASES),
                    help="weights' and activations' dtype; auto: the checkpoint's on CUDA "
                         "(bfloat16 for float32 checkpoints), float32 on CPU")
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
+                   help="fp8: the decoder's projections in FP8 E4M3 with per-channel scales, quantized "
+                        "at load (activations per token at run time); FP8 checkpoints need no flag")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model's dtype; fp8 (= fp8_e4m3): the paged KV cache in E4M3 with "
+                        "per-head scales (the checkpoint's, else 1.0): twice the blocks for the memory")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed of the engine (dummy weights; sampling without a per-request seed)")
@@ -158,10 +169,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     v = parser.add_argument_group("vLLM flags not built yet (accepted, refused unless off)")
     v.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="tensor parallelism: only 1 (one replica per GPU)")
-    v.add_argument("--quantization", "-q", default=None, metavar="METHOD",
-                   help="quantized weights' method: not built yet")
-    v.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
-                   help="KV cache dtype: only auto (the model's dtype) is built")
     v.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                    help="reuse the KV of shared prompt prefixes: not built")
 

@@ -61,6 +61,9 @@ class ModelConfig:
     # (transformers' Qwen rule; Mixtral: every layer). Other layers keep a dense MLP.
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # The projections' weight format: None (the model's dtype) or "fp8" (model/quant.py). Set by
+    # the loader from --quantization or the checkpoint's quantization_config.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

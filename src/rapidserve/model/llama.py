@@ -21,6 +21,7 @@ from rapidserve import ops
 from rapidserve.attention.layer import PagedAttention
 from rapidserve.model import moe
 from rapidserve.model.config import ModelConfig
+from rapidserve.model.quant import Fp8Linear
 from rapidserve.model.rope import RotaryEmbedding
 
 
@@ -34,6 +35,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def projection(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """A decoder layer's projection in the model's weight format (the LM head is never quantized)."""
+    if cfg.quantization == "fp8":
+        return Fp8Linear(in_features, out_features, bias)
+    return Linear(in_features, out_features, bias)
 
 
 class RMSNorm(nn.Module):
@@ -60,8 +68,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias)
+        self.qkv_proj = projection(cfg, cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
+        self.o_proj = projection(cfg, self.q_size, cfg.hidden_size, cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # NOTE: one module shared by every layer (its cos/sin tables are [max_positions, head_dim]:
@@ -94,8 +102,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         inter = self.intermediate_size = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias)
-        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias)
+        self.gate_up_proj = projection(cfg, cfg.hidden_size, 2 * inter, cfg.mlp_bias)
+        self.down_proj = projection(cfg, inter, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
@@ -282,9 +290,14 @@ class CausalLM(nn.Module):
         """Random weights like transformers' init (normal, std 0.02; norms 1; biases 0)."""
         gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
         for name, param in self.named_parameters():
+            if name.endswith(".weight_scale") or param.element_size() == 1:
+                continue  # FP8 projections: init_dummy below
             if name.endswith("norm.weight"):
                 param.data.fill_(1.0)
             elif name.endswith(".bias"):
                 param.data.zero_()
             else:
                 param.data.normal_(0.0, 0.02, generator=gen)
+        for module in self.modules():
+            if isinstance(module, Fp8Linear):
+                module.init_dummy(gen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any, Iterator, NamedTuple
@@ -11,6 +12,7 @@ import torch
 
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.llama import CausalLM
+from rapidserve.model.quant import apply_kv_scales, checkpoint_quantization, fp8_weights, resolve_quantization
 from rapidserve.model.source import ModelSource, load_source, resolve_model
 
 log = logging.getLogger("rapidserve.engine")
@@ -52,6 +54,13 @@ def resolve_max_model_len(requested: int | None, cfg: ModelConfig) -> int:
     return length
 
 
+def model_config(hf_config: dict[str, Any], quantization: str | None) -> ModelConfig:
+    """The model's config with its weight format: the flag's, or the checkpoint's FP8."""
+    cfg = ModelConfig.from_hf(hf_config)
+    quant = resolve_quantization(quantization, checkpoint_quantization(hf_config))
+    return dataclasses.replace(cfg, quantization=quant)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -83,22 +92,30 @@ def load_model(
     max_model_len: int | None = None,
     tokenizer: str | None = None,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
     source = resolve_model(model)
     loaded = load_source(source, load_format)
-    cfg = ModelConfig.from_hf(loaded.config)
+    cfg = model_config(loaded.config, quantization)
+    checkpoint_quant = checkpoint_quantization(loaded.config)
     torch_dtype = resolve_dtype(dtype, cfg, device)
     length = resolve_max_model_len(max_model_len, cfg)
     with torch.device(device), _default_dtype(torch_dtype):
         net = CausalLM(cfg, max_positions=length)
     if loaded.weights is None:
         net.init_dummy_weights(seed)
+    elif cfg.quantization == "fp8":
+        kv_scales: dict[str, torch.Tensor] = {}
+        net.load_weights(fp8_weights(loaded.weights, checkpoint_quant, device, kv_scales))
+        if apply_kv_scales(net.attention_layers, kv_scales):
+            log.info("KV cache scales from the checkpoint (%d tensors)", len(kv_scales))
     else:
         net.load_weights(loaded.weights)
     net.eval()
     tok = load_tokenizer(tokenizer) if tokenizer else loaded.tokenizer
     log.info(
-        "loaded %s (%s, %d layers) as %s on %s, max_model_len %d",
-        source.display_name, cfg.architecture, cfg.num_layers, torch_dtype, device, length,
+        "loaded %s (%s, %d layers) as %s%s on %s, max_model_len %d",
+        source.display_name, cfg.architecture, cfg.num_layers, torch_dtype,
+        " with fp8 weights" if cfg.quantization == "fp8" else "", device, length,
     )
     return LoadedModel(net, cfg, tok, source, torch_dtype, length)

@@ -494,7 +494,7 @@ def run_profile(engine: Any, partitioner: Partitioner, decode_sm_counts: list[in
     meta = ProfileMetadata(
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         total_sms=total, sm_granularity=partitioner.granularity if partitioned else 1,
-        partitioning=kind, model=engine.model_name, dtype=str(engine.dtype).replace("torch.", ""),
+        partitioning=kind, model=engine.model_name, dtype=_dtype_label(engine),
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         rapidserve_version=__version__, prefill_tokens_beside=args.beside_prefill_tokens, notes=note,
         decode_batch_beside=args.beside_decode_batch, decode_context_beside=decode_context,
@@ -595,6 +595,17 @@ def _list_from_zero(text: str) -> list[int]:
     return values
 
 
+def _dtype_label(engine: Any) -> str:
+    """The compute dtype, and FP8 weights / KV when on: a profile measured with them holds
+    other step times."""
+    label = str(engine.dtype).replace("torch.", "")
+    if engine.config.quantization == "fp8":
+        label += "+fp8-weights"
+    if engine.config.kv_cache_dtype != "auto":
+        label += "+fp8-kv"
+    return label
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("profile")
     g.add_argument("--output", required=True, help="write the profile (JSON) here")
@@ -691,7 +702,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     sm_counts = _decode_sm_counts(args, partitioner.total_sms, partitioner.granularity)
     total = partitioner.total_sms
-    print(f"rapidserve profile: {engine.model_name} {str(engine.dtype).replace('torch.', '')} on "
+    print(f"rapidserve profile: {engine.model_name} {_dtype_label(engine)} on "
           f"{engine.device} ({total} SMs, {mechanism(engine.device)} partitioning)", flush=True)
     if not sm_counts:
         print(f"SM partitioning unavailable on {engine.device}: one partition, the whole device", flush=True)

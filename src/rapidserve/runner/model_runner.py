@@ -136,8 +136,9 @@ class ModelRunner:
             self.decode_graphs.capture(stream)
             self._decode_graph_sets = {None: self.decode_graphs}
         if piecewise:
+            # The activations' dtype (the embedding's), not the cache's: an FP8 cache holds E4M3.
             self.piecewise = PiecewiseGraphs(self.model, self.static, tok_sizes, pool, self.device,
-                                             self.cache.spec.dtype)
+                                             self.model.embed_tokens.weight.dtype)
             self.piecewise.capture(stream)
         torch.cuda.synchronize(self.device)
         log.info("captured decode graphs for batch sizes %s and piecewise graphs for %s tokens in %.1f s",

@@ -13,6 +13,7 @@ from rapidserve.config import EngineConfig
 from rapidserve.kv.block_manager import BlockManager, blocks_needed
 from rapidserve.kv.cache import KVCache, KVCacheSpec
 from rapidserve.model.loader import LoadedModel, load_model
+from rapidserve.ops.fp8 import resolve_kv_cache_dtype
 from rapidserve.request import Request
 from rapidserve.runner.model_runner import ModelRunner
 from rapidserve.sampling_params import SamplingParams
@@ -59,16 +60,28 @@ def prepare_model(config: EngineConfig) -> PreparedModel:
     torch.manual_seed(config.seed)
     loaded = load_model(
         config.model, config.load_format, config.dtype, device,
-        config.max_model_len, config.tokenizer, config.seed,
+        config.max_model_len, config.tokenizer, config.seed, config.quantization,
     )
     backend = select_backend(config.attention_backend, device)
+    _check_fp8_kv(config, device, backend)
     use_graphs = config.use_cuda_graphs and device.type == "cuda" and backend.graph_safe
-    spec = KVCacheSpec.for_model(loaded.config, config.block_size, loaded.dtype)
+    spec = KVCacheSpec.for_model(loaded.config, config.block_size,
+                                 resolve_kv_cache_dtype(config.kv_cache_dtype, loaded.dtype))
     num_blocks = num_kv_blocks(config, spec, loaded, device, backend, use_graphs)
     cache = KVCache(spec, num_blocks, device)
-    log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
-             cache.nbytes / 2**30)
+    log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, config.block_size,
+             cache.nbytes / 2**30, str(spec.dtype).removeprefix("torch."))
     return PreparedModel(loaded, device, backend, use_graphs, cache, eos_token_ids(loaded))
+
+
+def _check_fp8_kv(config: EngineConfig, device: torch.device, backend: AttentionBackend) -> None:
+    """Triton's E4M3 type (fp8e4nv) exists on compute capability >= 8.9 only."""
+    if (config.kv_cache_dtype != "auto" and backend.name == "triton" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < (8, 9)):
+        raise ValueError(
+            "kv_cache_dtype fp8 with the triton attention backend needs a GPU of compute capability "
+            ">= 8.9 (Ada, Hopper or newer); use --attention-backend torch or --kv-cache-dtype auto"
+        )
 
 
 def num_kv_blocks(

@@ -194,6 +194,10 @@ def copy_blocks(src: torch.Tensor, src_blocks: list[int], dst: torch.Tensor, dst
     synchronizes."""
     if len(src_blocks) != len(dst_blocks):
         raise KVTransferError(f"{len(src_blocks)} source blocks for {len(dst_blocks)} destination blocks")
+    if src.element_size() == 1:
+        # An FP8 pool moves as raw bytes (half a bf16 pool's): byte copies are defined on every
+        # device and torch version, where index ops on float8 dtypes are not.
+        src, dst = src.view(torch.uint8), dst.view(torch.uint8)
     src_idx = torch.tensor(src_blocks, dtype=torch.long, device=src.device)
     dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=dst.device)
     blocks = src.index_select(2, src_idx)  # [layers, 2, n, block_size, kv_heads, head_dim]

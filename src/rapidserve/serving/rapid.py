@@ -21,8 +21,7 @@ import torch.multiprocessing as mp
 
 from rapidserve.config import EngineConfig
 from rapidserve.engine import EngineFront, EngineStats
-from rapidserve.model.config import ModelConfig
-from rapidserve.model.loader import resolve_max_model_len
+from rapidserve.model.loader import model_config, resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.outputs import RequestOutput
 from rapidserve.request import Request, RequestStatus
@@ -56,7 +55,7 @@ class RapidEngine(EngineFront):
         # loads those).
         source = resolve_model(config.model)
         meta = load_source(source, "dummy")
-        self.model_config = ModelConfig.from_hf(meta.config)
+        self.model_config = model_config(meta.config, config.quantization)
         self.tokenizer = meta.tokenizer
         if config.tokenizer:
             from rapidserve.model.loader import load_tokenizer
