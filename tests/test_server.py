@@ -333,6 +333,8 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "maximum context length is 512"),
     ("/v1/completions", {"prompt": "hello " * 600, "max_tokens": 1}, 400, "maximum context length is 512"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stop_token_ids": [2**40]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
