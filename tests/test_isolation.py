@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -231,3 +236,83 @@ def test_the_killer_request_gets_a_400_and_the_server_stays_healthy(tiny, mode, 
     finally:
         live.stop()
         eng.shutdown()
+
+
+# ---- a fatal failure ends the process ----------------------------------------------------------
+
+
+def test_async_engine_runs_on_fatal_after_failing_requests(tiny):
+    """`fail()` (a watchdog's verdict) and a step's exception take one path: pending requests
+    fail first, then the on_fatal callbacks run (the server exits on them); a plain shutdown
+    runs none."""
+    eng = AsyncEngine(_engine(tiny, "hybrid"))
+    seen: list[tuple[str, int]] = []
+    eng.on_fatal(lambda message: seen.append((message, eng.num_requests)))
+
+    async def main():
+        stream = await eng.generate([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))
+        await stream.__anext__()
+        eng.fail("the decode worker stopped answering")
+        with pytest.raises(Exception, match="stopped answering"):
+            async for _ in stream:
+                pass
+
+    try:
+        asyncio.run(main())
+        eng._thread.join(10)
+        assert len(seen) == 1 and "stopped answering" in seen[0][0]
+        assert not eng.healthy and eng.error is not None
+        late: list[str] = []
+        eng.on_fatal(late.append)  # registered after the fact: called at once
+        assert late and "stopped answering" in late[0]
+    finally:
+        eng.shutdown()
+    quiet = AsyncEngine(_engine(tiny, "hybrid"))
+    calls: list[str] = []
+    quiet.on_fatal(calls.append)
+    quiet.shutdown()
+    assert calls == [] and quiet.error is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_exits_non_zero_when_a_worker_dies(tiny):
+    """A worker killed under a live stream (rapid, process placement): the stream ends with an
+    error event, then the server exits 1 (a supervisor restarts it) instead of lingering with
+    /health at 503; no worker is left behind."""
+    from test_server import _group_workers
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapidserve.entrypoints.cli", "serve", tiny, "--device", "cpu", "--port", "0",
+         "--num-kv-blocks", "32", "--mode", "rapid", "--placement", "process"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+            line = proc.stdout.readline()
+        url = re.search(r"http://\S+/v1", line).group(0)
+        body = {"prompt": [1, 2, 3], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            workers = _group_workers(proc.pid)
+            assert len(workers) == 2
+            killed = time.monotonic()
+            os.kill(workers[0], signal.SIGKILL)
+            events = [x[6:] for x in lines if x.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "worker" in json.loads(events[-2])["error"]["message"]
+        assert proc.wait(timeout=30) == 1
+        detected = time.monotonic() - killed
+        assert detected < 15, detected
+        assert "the engine failed, exiting" in proc.stderr.read()
+        assert not _group_workers(proc.pid)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

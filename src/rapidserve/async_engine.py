@@ -106,6 +106,14 @@ class _Failure(NamedTuple):
     message: str
 
 
+class EngineFailure(RuntimeError):
+    """The engine was declared failed from outside its thread (`AsyncEngine.fail`)."""
+
+
+class _Fatal(NamedTuple):  # the inbox item of AsyncEngine.fail
+    reason: str
+
+
 class RequestStream:
     """One request's outputs, as an async iterator; closing it early aborts the request.
 
@@ -187,6 +195,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
         self._stats = engine.stats()
+        self._on_fatal: list[Callable[[str], None]] = []  # guarded by _lock
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
         self._thread.start()
@@ -258,6 +267,28 @@ class AsyncEngine:
             self._submit(_Command(lambda e: e.abort_request(request_id), None))
         except EngineDeadError:
             pass
+
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(message)` (from the engine thread, or now if it has already happened)
+        once the engine has failed for good and every pending request has been failed: the
+        server uses it to exit non-zero, so that a supervisor restarts it. Not called after a
+        plain shutdown()."""
+        with self._lock:
+            if not self._dead:
+                self._on_fatal.append(callback)
+                return
+            failed = self._error is not None
+        if failed:
+            callback(self._dead_message)
+
+    def fail(self, reason: str) -> None:
+        """Declare the engine failed for good (e.g. a worker found dead by a watchdog), from any
+        thread: after its current step the engine thread stops, fails every pending request
+        with `reason` and runs the `on_fatal` callbacks. The one exit path of every fatal
+        failure, like a step's exception."""
+        with self._lock:
+            if not self._dead:
+                self._inbox.put(_Fatal(reason))
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step; pending requests fail. Idempotent;
@@ -343,6 +374,8 @@ class AsyncEngine:
                         self._stop("the engine has shut down", None)
                         log.info("engine thread stopped")
                         return
+                    if isinstance(item, _Fatal):
+                        raise EngineFailure(item.reason)
                     self._execute(item)
                 # Idle steps are no-ops for the hybrid engine; in the rapid mode they read the
                 # workers' reports, so that stats() sees the blocks of the last requests freed.
@@ -387,6 +420,14 @@ class AsyncEngine:
             if isinstance(item, _Command) and item.future is not None:
                 self._post(_set_exception, item.future, EngineDeadError(message))
         self._post(self._fail_all, message)
+        if error is not None:
+            with self._lock:
+                callbacks, self._on_fatal = self._on_fatal, []
+            for callback in callbacks:
+                try:
+                    callback(message)
+                except Exception:  # noqa: BLE001 - the others must still run
+                    log.exception("an on_fatal callback failed")
 
 
 def _cuda_index(device: Any) -> int | None:

@@ -16,6 +16,7 @@ from rapidserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from rapidserve.async_engine import AsyncEngine
     from rapidserve.entrypoints.openai.server import ServerConfig
 
 
@@ -101,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     engine = AsyncEngine(create_engine(engine_config_from_args(args)))
     try:
-        _run_uvicorn(build_app(engine, server_config), server_config, engine.model_name, args.log_level)
+        _run_uvicorn(build_app(engine, server_config), server_config, engine, args.log_level)
     finally:
         engine.shutdown()  # and the rapid mode's workers
     if engine.error is not None:
@@ -114,10 +115,11 @@ def _exit_on_sigterm(sig: int, _frame: object) -> None:
     raise SystemExit(128 + sig)
 
 
-def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str) -> None:
+def _run_uvicorn(app: FastAPI, config: ServerConfig, engine: AsyncEngine, log_level: str) -> None:
     import uvicorn
 
     log = logging.getLogger("rapidserve.server")
+    model_name = engine.model_name
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list | None = None) -> None:
@@ -131,6 +133,15 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level:
         access_log=logging.getLogger().isEnabledFor(logging.INFO),
         timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="off",
     ))
+
+    def engine_failed(message: str) -> None:
+        # The engine thread has failed every pending request; stop serving so that the
+        # process exits non-zero (cmd_serve) and a supervisor restarts it, rather than
+        # lingering with /health at 503. (uvicorn reads the flag from its own loop.)
+        log.error("the engine failed, exiting: %s", message.splitlines()[0])
+        server.should_exit = True
+
+    engine.on_fatal(engine_failed)
 
     def stopped(sig: int, _frame: object) -> None:
         log.info("stopped by %s", signal.Signals(sig).name)
