@@ -92,6 +92,15 @@ class EngineStats(NamedTuple):
         return 1.0 - self.num_free_blocks / self.num_total_blocks if self.num_total_blocks else 0.0
 
 
+def check_unicode(text: str, what: str) -> None:
+    """ValueError if `text` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800", which
+    JSON allows and tokenizers reject with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate at position {e.start}") from None
+
+
 class EngineFront:
     """What every topology's engine shares: prompt validation, detokenization, stop strings and
     the outputs handed back. Subclasses run the model (`step`) and own the KV cache."""
@@ -136,6 +145,7 @@ class EngineFront:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
+            check_unicode(prompt, "prompt")
             if self.tokenizer is None:
                 raise ValueError(
                     "this model has no tokenizer (a preset or a directory without one): pass "
@@ -315,6 +325,9 @@ class EngineFront:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise ValueError(f"each message needs a string role and a content, got {m!r}")
+            for key, value in m.items():
+                if isinstance(value, str):
+                    check_unicode(value, f"messages: a message's {key}")
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

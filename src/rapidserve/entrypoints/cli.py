@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from rapidserve.config import parse_bytes
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 from rapidserve.sampling_params import SamplingParams
 
@@ -96,7 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_tag
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                  max_queue_len=args.max_queue_len,
-                                 graceful_shutdown_s=args.graceful_shutdown_timeout)
+                                 graceful_shutdown_s=args.graceful_shutdown_timeout,
+                                 max_request_body_bytes=parse_bytes(args.max_request_body_bytes))
     # SIGTERM while the engine starts (before uvicorn's own handlers): exit through the Python
     # stack, so the rapid/disagg workers already spawned are stopped rather than orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -111,6 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLUSH_ERRORS_S = 2.0
+
+
 def _exit_on_sigterm(sig: int, _frame: object) -> None:
     raise SystemExit(128 + sig)
 
@@ -122,6 +128,16 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, engine: AsyncEngine, log_le
     model_name = engine.model_name
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            # Open requests may run for the grace period; those still open then end with an
+            # error event (and their engine requests are aborted), not a cut connection.
+            cut = asyncio.get_running_loop().call_later(
+                config.graceful_shutdown_s, app.state.server.end_streams, "the server is shutting down")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
+
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             if self.started:
@@ -131,7 +147,8 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, engine: AsyncEngine, log_le
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level.lower(),
         access_log=logging.getLogger().isEnabledFor(logging.INFO),
-        timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="off",
+        # (+ time for the error events of requests still open after the grace period to go out)
+        timeout_graceful_shutdown=config.graceful_shutdown_s + _FLUSH_ERRORS_S, lifespan="off",
     ))
 
     def engine_failed(message: str) -> None:
@@ -165,7 +182,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests admitted and not finished; more are answered 503")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
-                   help="seconds open requests may still run after SIGTERM")
+                   help="seconds open requests may still run after SIGTERM (then they end with an error)")
+    g.add_argument("--max-request-body-bytes", default=None, metavar="SIZE",
+                   help="larger request bodies are answered 413 unread, e.g. 4MiB (default: 1 MiB + 64 "
+                        "bytes per token of the model's context)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

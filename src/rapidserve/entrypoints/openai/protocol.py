@@ -11,11 +11,49 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
+)
 
 from rapidserve.sampling_params import SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON but
+    not Unicode text: tokenizers and UTF-8 encoders reject it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where else str(k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{where}[{i}]")) is not None:
+                return found
+    return None
+
+
+class _Request(BaseModel):
+    """A request body: strict types, unknown fields ignored, text that is valid Unicode."""
+
+    model_config = _REQUEST
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            # Escaped: the message must itself be valid UTF-8.
+            where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(f"{where or 'the body'} is not valid Unicode text (it holds a lone surrogate)")
+        return data
 
 
 class RequestError(ValueError):
@@ -34,10 +72,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Request):
     """Fields completions and chat share."""
-
-    model_config = _REQUEST
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -192,8 +228,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return [m.template_message() for m in self.messages]
 
 
-class TokenizeRequest(BaseModel):
-    model_config = _REQUEST
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -201,8 +236,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = _REQUEST
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
 

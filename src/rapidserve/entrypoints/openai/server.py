@@ -29,7 +29,7 @@ from rapidserve import __version__
 from rapidserve.async_engine import (
     AsyncEngine, ChatPrompt, EngineDeadError, Prompt, RequestStream, prompt_token_ids,
 )
-from rapidserve.engine import EngineFront
+from rapidserve.engine import EngineFront, check_unicode
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -61,8 +61,13 @@ class ServerConfig:
     api_key: str | None = None  # clients must send `Authorization: Bearer <key>`
     max_queue_len: int = 1024  # requests admitted and not finished; more get 503
     graceful_shutdown_s: float = 10.0  # on SIGTERM, how long open requests may still run
+    # Larger request bodies get 413 before they are parsed; None: sized from the model's context
+    # (request_body_limit).
+    max_request_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be at least 1, got {self.max_request_body_bytes}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_queue_len < 1:
@@ -71,6 +76,20 @@ class ServerConfig:
             raise ValueError("api_key must not be empty")
         if self.graceful_shutdown_s < 0:
             raise ValueError(f"graceful_shutdown_s must be >= 0, got {self.graceful_shutdown_s}")
+
+
+# The default body limit: room for a prompt that fills the context even at the worst encoding
+# (a token of many characters, each escaped as \uXXXX by the client's JSON), plus the rest of the
+# request.
+_BODY_BYTES_PER_TOKEN = 64
+_BODY_BYTES_BASE = 1 << 20
+
+
+def request_body_limit(config: ServerConfig, max_model_len: int) -> int:
+    """The largest request body the server reads (bytes)."""
+    if config.max_request_body_bytes is not None:
+        return config.max_request_body_bytes
+    return _BODY_BYTES_BASE + _BODY_BYTES_PER_TOKEN * max_model_len
 
 
 class APIError(Exception):
@@ -90,10 +109,15 @@ def _error_body(status: int, message: str, param: str | None = None) -> ErrorRes
         message=message, type=_ERROR_TYPES.get(status, "APIError"), param=param, code=status))
 
 
+def _printable(text: str) -> str:
+    """`text` with what UTF-8 cannot carry (lone surrogates echoed from a request) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, param).model_dump(), status_code=status,
-                        headers=headers)
+    body = _error_body(status, _printable(message), None if param is None else _printable(param))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _bad_request(e: ValueError) -> APIError:
@@ -153,6 +177,12 @@ def _sse(payload: BaseModel) -> str:
 _SSE_DONE = "data: [DONE]\n\n"
 
 
+def _stream_error(request_id: str, error: Exception) -> str:
+    """The error event that ends a stream the engine failed (or the shutdown cut): one log line."""
+    log.warning("stream %s ended with an error: %s", request_id, str(error).splitlines()[0] if str(error) else "")
+    return _sse(_error_body(getattr(error, "status", 500), _printable(str(error))))
+
+
 class _ApiKeyMiddleware:
     """401 for requests without `Authorization: Bearer <key>` (health and metrics stay open)."""
 
@@ -170,6 +200,52 @@ class _ApiKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimitMiddleware:
+    """413 for a request whose body is larger than `limit` bytes, before the app parses it (and
+    before a client sending one slowly has been read past the limit)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, f"The request body is larger than this server accepts ({self.limit} bytes; "
+            "--max-request-body-bytes).", headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class _SSEResponse(StreamingResponse):
@@ -275,11 +351,24 @@ class OpenAIServer:
         if model is not None and model != self.engine.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
 
+    def end_streams(self, reason: str) -> None:
+        """End every open request with an error event / answer (`reason`), e.g. when the
+        server shuts down with requests still running after its grace period."""
+        n = self.engine.fail_requests(reason)
+        if n:
+            log.warning("%s: ending %d open request(s) with an error", reason, n)
+
     def release(self, n: int) -> None:
         self._admitted -= n
 
     async def admit(self, prompts: list[Prompt], params: SamplingParams, request_id: str) -> _Batch:
         n = len(prompts)
+        if n > self.config.max_queue_len:
+            # Retry-After would be a lie: it can never fit.
+            raise APIError(
+                400, f"The request holds {n} prompts, more than the server ever queues at once "
+                f"({self.config.max_queue_len}, --max-queue-len); send them in smaller batches.",
+                "prompt")
         if self._admitted + n > self.config.max_queue_len:
             raise APIError(
                 503, f"The server is at capacity ({self.config.max_queue_len} requests queued or "
@@ -331,7 +420,7 @@ class OpenAIServer:
         try:
             finals = await _until_disconnect(request, self.collect(batch))
         except (EngineDeadError, _RequestFailed) as e:
-            raise APIError(500, str(e)) from e
+            raise APIError(getattr(e, "status", 500), str(e)) from e
         finally:
             batch.close()
         if finals is None:
@@ -385,7 +474,7 @@ class OpenAIServer:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
         except (EngineDeadError, _RequestFailed) as e:
-            yield _sse(_error_body(500, str(e)))
+            yield _stream_error(request_id, e)
         yield _SSE_DONE
 
     # ---- chat --------------------------------------------------------------------------------
@@ -437,7 +526,7 @@ class OpenAIServer:
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model, choices=[], usage=_usage([final])))
         except (EngineDeadError, _RequestFailed) as e:
-            yield _sse(_error_body(500, str(e)))
+            yield _stream_error(request_id, e)
         yield _SSE_DONE
 
     # ---- tokenizer ---------------------------------------------------------------------------
@@ -449,10 +538,10 @@ class OpenAIServer:
         try:
             if body.messages is not None:
                 chat = ChatPrompt([m.template_message() for m in body.messages], body.add_generation_prompt)
-                tokens = await self.engine.call(lambda e: prompt_token_ids(e, chat))
+                tokens = await self.engine.tokenize(lambda e: prompt_token_ids(e, chat))
             else:
                 text, add = body.prompt, body.add_special_tokens
-                tokens = await self.engine.call(lambda e: _encode(e, text or "", add))
+                tokens = await self.engine.tokenize(lambda e: _encode(e, text or "", add))
         except ValueError as e:
             raise _bad_request(e) from e
         except EngineDeadError as e:
@@ -463,7 +552,7 @@ class OpenAIServer:
         self.check_model(body.model)
         tokens = body.tokens
         try:
-            text = await self.engine.call(lambda e: _decode(e, tokens))
+            text = await self.engine.tokenize(lambda e: _decode(e, tokens))
         except ValueError as e:
             raise APIError(400, str(e), "tokens") from e
         except EngineDeadError as e:
@@ -487,6 +576,7 @@ def _tokenizer(engine: EngineFront) -> Any:
 
 
 def _encode(engine: EngineFront, text: str, add_special_tokens: bool) -> list[int]:
+    check_unicode(text, "prompt")
     return list(_tokenizer(engine).encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -505,6 +595,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     server = OpenAIServer(engine, config)
     app = FastAPI(title="rapidserve", version=__version__)
     app.state.server = server
+    # NOTE: the last added runs first: the API key is checked before a body is read.
+    app.add_middleware(_BodyLimitMiddleware, limit=request_body_limit(config, engine.max_model_len))
     if config.api_key is not None:
         app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
 
