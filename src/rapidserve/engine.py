@@ -151,7 +151,7 @@ class EngineFront:
                     "this model has no tokenizer (a preset or a directory without one): pass "
                     "token ids, or give --tokenizer"
                 )
-            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return prompt, self._in_vocabulary(list(self.tokenizer.encode(prompt, add_special_tokens=True)))
         ids = list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -332,7 +332,18 @@ class EngineFront:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         # The template already holds any BOS it wants: add no special tokens again.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._in_vocabulary(list(self.tokenizer.encode(text, add_special_tokens=False)))
+
+    def _in_vocabulary(self, ids: list[int]) -> list[int]:
+        """The tokenizer's ids, if the model has an embedding for each (a --tokenizer that
+        does not match the model would otherwise fail a step)."""
+        vocab = self.model_config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ValueError(
+                f"the tokenizer gave token id {max(ids)}, outside the model's vocabulary [0, {vocab}): "
+                "the tokenizer does not match the model"
+            )
+        return ids
 
 
 class LLMEngine(EngineFront):

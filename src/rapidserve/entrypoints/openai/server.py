@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,7 +36,8 @@ from rapidserve.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
     CompletionResponse, CompletionStreamResponse, DeltaMessage, DetokenizeRequest, ErrorInfo,
-    ErrorResponse, ModelCard, ModelList, TokenizeRequest, UsageInfo,
+    ErrorResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, UsageInfo,
+    DetokenizeResponse, VersionResponse,
 )
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
 from rapidserve.outputs import RequestOutput
@@ -531,7 +533,7 @@ class OpenAIServer:
 
     # ---- tokenizer ---------------------------------------------------------------------------
 
-    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
@@ -546,9 +548,9 @@ class OpenAIServer:
             raise _bad_request(e) from e
         except EngineDeadError as e:
             raise APIError(500, str(e)) from e
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_model_len}
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=self.engine.max_model_len)
 
-    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(body.model)
         tokens = body.tokens
         try:
@@ -557,7 +559,7 @@ class OpenAIServer:
             raise APIError(400, str(e), "tokens") from e
         except EngineDeadError as e:
             raise APIError(500, str(e)) from e
-        return {"prompt": text}
+        return DetokenizeResponse(prompt=text)
 
     def model_card(self) -> ModelCard:
         e = self.engine
@@ -620,45 +622,74 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.post("/v1/completions")
+    # What each route answers, for the OpenAPI schema (the fuzz test holds the server to it).
+    # NOTE: bad bodies are answered 400 (OpenAI's status), not FastAPI's 422: see _openapi.
+    def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        found = (*statuses, 413, *((401,) if config.api_key is not None else ()))
+        return {s: {"model": ErrorResponse, "description": _ERROR_TYPES[s]} for s in sorted(found)}
+
+    generation = {**errors(400, 404, 500, 503), 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                                        "description": "JSON, or server-sent events with stream=true"}}
+
+    @app.post("/v1/completions", response_model=None,
+              responses={**generation, 200: {**generation[200], "model": CompletionResponse}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completions(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={**generation, 200: {**generation[200], "model": ChatCompletionResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(body, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors())
     async def models() -> ModelList:
         return ModelList(data=[server.model_card()])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=errors(404))
     async def model(model_id: str) -> ModelCard:
         server.check_model(model_id)
         return server.model_card()
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    @app.post("/tokenize", responses=errors(400, 404, 500))
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await server.tokenize(body)
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+    @app.post("/detokenize", responses=errors(400, 404, 500))
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return await server.detokenize(body)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "the engine is not running"}, **errors()})
     async def health() -> JSONResponse:
         if engine.healthy:
             return JSONResponse({"status": "ok"})
         reason = repr(engine.error) if engine.error is not None else "the engine is not running"
         return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **errors()})
     async def metrics() -> Response:
         server.metrics.update(engine.stats())
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
+    @app.get("/version", responses=errors())
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, less the 422 answers it adds to every route with parameters: this
+    server answers a body or parameter it cannot read with 400 and OpenAI's error body."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
