@@ -114,6 +114,7 @@ def test_out_of_vocabulary_stop_ids_are_refused_at_admission(tiny, mode):
     ("hybrid", False, 0), ("hybrid", False, 3), ("hybrid", True, 3),
     ("rapid", None, 0),  # the prefill worker's step
     ("rapid", None, 3),  # the decode worker's step
+    ("rapid", True, 3),  # ... launched one step ahead (as on a GPU)
 ])
 def test_a_request_failing_in_a_step_fails_alone(tiny, clean_tokens, monkeypatch, mode, async_scheduling,
                                                  after_tokens):

@@ -9,7 +9,7 @@ rather than ignored: a client must not believe it got what it asked for.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
@@ -18,6 +18,7 @@ from pydantic import (
 from rapidserve.sampling_params import SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
+TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
@@ -73,12 +74,14 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(_Request):
-    """Fields completions and chat share."""
+    """Fields completions and chat share. Ranges are declared (so the OpenAPI schema says what
+    is accepted); what SamplingParams refuses beyond them is a 400 too."""
+
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -87,11 +90,11 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int = 0
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     repetition_penalty: float | None = None
@@ -136,8 +139,8 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -201,8 +204,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI for max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

@@ -204,6 +204,9 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+_DRAIN_CAP_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413
+
+
 class _BodyLimitMiddleware:
     """413 for a request whose body is larger than `limit` bytes, before the app parses it (and
     before a client sending one slowly has been read past the limit)."""
@@ -218,7 +221,7 @@ class _BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, drain=int(declared) <= _DRAIN_CAP_BYTES)
             return
         chunks, size = [], 0
         while True:
@@ -243,7 +246,17 @@ class _BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, drain: bool = True) -> None:
+        # NOTE: the rest of the body is read and dropped (up to a cap) before answering: a client
+        # still sending when the connection closes would see a reset, not the 413.
+        drained = 0
+        while drain and drained < _DRAIN_CAP_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
         response = error_response(
             413, f"The request body is larger than this server accepts ({self.limit} bytes; "
             "--max-request-body-bytes).", headers={"Connection": "close"})
