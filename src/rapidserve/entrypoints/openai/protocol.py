@@ -41,6 +41,31 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
     return None
 
 
+def _only(*values: Any) -> Any:
+    """The field's schema: only these values are accepted (`_check_supported` answers others
+    with a 400 naming the field; validation itself is unchanged)."""
+
+    def only(schema: dict[str, Any]) -> None:
+        schema.clear()
+        schema["enum"] = list(values)
+
+    return Field(json_schema_extra=only)
+
+
+def _non_empty(schema: dict[str, Any]) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option["minLength"] = 1
+        elif option.get("type") == "array":
+            option["minItems"] = 1
+            if isinstance(option.get("items"), dict) and option["items"].get("type") in ("string", "array"):
+                _non_empty(option["items"])  # each prompt of a batch too
+
+
+# The field's schema: its strings and lists must not be empty (the server answers 400).
+_NON_EMPTY = Field(json_schema_extra=_non_empty)
+
+
 class _Request(BaseModel):
     """A request body: strict types, unknown fields ignored, text that is valid Unicode."""
 
@@ -82,12 +107,12 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: int = 1
+    n: Annotated[int, _only(1)] = 1
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float | None, _only(0, None)] = None
+    frequency_penalty: Annotated[float | None, _only(0, None)] = None
+    logit_bias: Annotated[dict[str, float] | None, _only({}, None)] = None
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -97,7 +122,7 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    repetition_penalty: float | None = None
+    repetition_penalty: Annotated[float | None, _only(1, None)] = None
 
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -139,12 +164,12 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], _NON_EMPTY]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: Annotated[bool, _only(False)] = False
+    logprobs: Annotated[int | None, _only(None)] = None
+    best_of: Annotated[int | None, _only(1, None)] = None
+    suffix: Annotated[str | None, _only("", None)] = None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -203,12 +228,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], _NON_EMPTY]
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI for max_completion_tokens
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    logprobs: Annotated[bool, _only(False)] = False
+    top_logprobs: Annotated[int | None, _only(0, None)] = None
+    tools: Annotated[list[dict[str, Any]] | None, _only([], None)] = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's extension
 
