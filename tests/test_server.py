@@ -414,8 +414,8 @@ def test_full_queue_answers_503(urls, engine):
 # ---- back-pressure ---------------------------------------------------------------------------
 
 
-def test_a_body_over_the_limit_is_refused_unread(url, engine, caplog):
-    limit = 1 << 20 | 64 * 512  # the default for a 512-token context
+def test_a_body_over_the_limit_is_refused_before_parsing(url, engine):
+    limit = (1 << 20) + 64 * 512  # the default for a 512-token context
     big = json.dumps({"prompt": "x" * (limit + 10), "max_tokens": 1}).encode()
     _assert_error(httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"},
                              timeout=TIMEOUT), 413, "larger than this server accepts")

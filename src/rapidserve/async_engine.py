@@ -96,7 +96,9 @@ def prompt_token_ids(engine: EngineFront, prompt: Prompt) -> list[int]:
 def max_token_chars(tokenizer: Any) -> int:
     """The most characters one token of the tokenizer stands for (its longest vocabulary entry,
     added tokens included): a text of n characters has at least n / this many tokens. (For
-    byte-level BPE an entry's characters are bytes, and a character is at least one byte.)"""
+    byte-level BPE an entry's characters are bytes, and a character is at least one byte.)
+    NOTE: a bound for tokenizers whose normalizer does not drop characters (none of the
+    decoder models' do); byte-fallback entries such as "<0x0A>" only loosen it."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return max((len(t) for t in vocab), default=0)
 
@@ -227,8 +229,8 @@ class AsyncEngine:
         self._on_fatal: list[Callable[[str], None]] = []  # guarded by _lock
         # A prompt with more characters than this has more tokens than the context holds for
         # sure: refused before it is tokenized (0: no tokenizer, no bound).
-        chars = max_token_chars(engine.tokenizer) if engine.tokenizer is not None else 0
-        self.max_prompt_chars = chars * self.max_model_len
+        self._max_token_chars = max_token_chars(engine.tokenizer) if engine.tokenizer is not None else 0
+        self.max_prompt_chars = self._max_token_chars * self.max_model_len
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapidserve-tokenizer")
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
@@ -273,7 +275,7 @@ class AsyncEngine:
         """Refuse a prompt that cannot fit the context before spending time tokenizing it."""
         chars = prompt_chars(prompt)
         if self.max_prompt_chars and chars > self.max_prompt_chars:
-            at_least = math.ceil(chars / (self.max_prompt_chars / self.max_model_len))
+            at_least = math.ceil(chars / self._max_token_chars)
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"your prompt has {chars} characters, so at least {at_least} tokens. Please "

@@ -230,7 +230,7 @@ class _BodyLimitMiddleware:
                 return
             size += len(message.get("body", b""))
             if size > self.limit:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, drain=message.get("more_body", False))
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -246,9 +246,10 @@ class _BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send, drain: bool = True) -> None:
-        # NOTE: the rest of the body is read and dropped (up to a cap) before answering: a client
-        # still sending when the connection closes would see a reset, not the 413.
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, drain: bool) -> None:
+        # NOTE: the rest of the body (if more is coming: once it is all in, receive() waits for
+        # the disconnect) is read and dropped, up to a cap, before answering: a client still
+        # sending when the connection closes would see a reset, not the 413.
         drained = 0
         while drain and drained < _DRAIN_CAP_BYTES:
             message = await receive()
