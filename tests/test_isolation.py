@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from conftest import LiveServer, random_prompts
 
@@ -23,7 +24,7 @@ from rapidserve.async_engine import AsyncEngine
 from rapidserve.config import EngineConfig
 from rapidserve.engine import LLMEngine, create_engine
 from rapidserve.entrypoints.openai.server import ServerConfig, build_app
-from rapidserve.runner.model_runner import ModelRunner
+from rapidserve.runner.model_runner import ModelRunner, is_device_failure
 
 POISON = 4242  # the seed that marks the request the injected fault hits (greedy: the seed is unused)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -99,6 +100,8 @@ def test_out_of_vocabulary_stop_ids_are_refused_at_admission(tiny, mode):
                     SamplingParams(stop_token_ids=[2**63], min_tokens=2, max_tokens=4)):
             with pytest.raises(ValueError, match=r"^stop_token_ids .*vocabulary \[0, 256\)"):
                 engine.add_request([1, 2, 3], bad)
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            engine.add_request("caf\ud800", GREEDY)  # a lone surrogate: tokenizers raise TypeError
         assert not engine.has_unfinished_requests()
         ok = SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, stop_token_ids=[255])
         (out,) = _run(engine, [[1, 2, 3]], [ok]).values()
@@ -168,6 +171,18 @@ def test_a_device_failure_is_still_fatal(tiny, monkeypatch):
     with pytest.raises(KeyError, match="own bug"):
         engine.step()
     monkeypatch.setattr(ModelRunner, "_sampling_batch", real)
+
+
+@pytest.mark.parametrize("error,fatal", [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    (RuntimeError("CUDA error: device-side assert triggered"), True),
+    (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # retried alone
+    (ValueError("banned token id 1000000 is outside the vocabulary [0, 256)"), False),
+    (IndexError("index out of range in self"), False),
+])
+def test_which_step_failures_are_the_device(error, fatal):
+    assert is_device_failure(error) is fatal
 
 
 def test_a_failure_making_one_output_fails_that_request_only(tiny, clean_tokens, monkeypatch):
