@@ -642,7 +642,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         found = (*statuses, 413, *((401,) if config.api_key is not None else ()))
         return {s: {"model": ErrorResponse, "description": _ERROR_TYPES[s]} for s in sorted(found)}
 
-    generation = {**errors(400, 404, 500, 503), 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # NOTE: under OpenAPI 3.1 the schema of text/event-stream describes one event: its data is a
+    # chunk's JSON (or an error body), then "[DONE]".
+    sse_event = {"type": "object", "required": ["data"],
+                 "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+    generation = {**errors(400, 404, 500, 503), 200: {"content": {"text/event-stream": {"schema": sse_event}},
                                                         "description": "JSON, or server-sent events with stream=true"}}
 
     @app.post("/v1/completions", response_model=None,
