@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from types import SimpleNamespace
+
 import pytest
 
 from rapidserve import SamplingParams
@@ -125,6 +127,7 @@ def test_chat_template_is_used_by_chat():
     template = "{% for m in messages %}<< {{ m.role }} | {{ m.content }} >>{% endfor %}"
     front = EngineFront(EngineConfig(chat_template=template))
     front.tokenizer = _word_tokenizer()
+    front.model_config = SimpleNamespace(vocab_size=front.tokenizer.vocab_size)  # ids are checked against it
     ids = front.chat_prompt([{"role": "user", "content": "Hi there"}])
     assert ids == front.tokenizer.encode("<< user | Hi there >>", add_special_tokens=False)
     assert 0 not in ids  # no unknown word: the template's text, not something else

@@ -333,6 +333,8 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400, "maximum context length is 512"),
     ("/v1/completions", {"prompt": "hello " * 600, "max_tokens": 1}, 400, "maximum context length is 512"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stop_token_ids": [2**40]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
@@ -407,6 +409,69 @@ def test_full_queue_answers_503(urls, engine):
             time.sleep(0.05)
         assert r.status_code == 200, r.text
     _wait_idle(urls[0], engine)
+
+
+# ---- back-pressure ---------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_refused_before_parsing(url, engine):
+    limit = (1 << 20) + 64 * 512  # the default for a 512-token context
+    big = json.dumps({"prompt": "x" * (limit + 10), "max_tokens": 1}).encode()
+    _assert_error(httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"},
+                             timeout=TIMEOUT), 413, "larger than this server accepts")
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"y" * 32768
+        yield b'"}'
+
+    _assert_error(httpx.post(url + "/tokenize", content=chunks(), headers={"content-type": "application/json"},
+                             timeout=TIMEOUT), 413, str(limit))
+    # under the limit, but more characters than the context could hold: refused untokenized
+    r = httpx.post(url + "/v1/completions", json={"prompt": "z" * (limit // 2), "max_tokens": 1}, timeout=TIMEOUT)
+    _assert_error(r, 400, "maximum context length is 512 tokens. However, your prompt has")
+    assert "characters" in r.json()["error"]["message"]
+    _still_serving(url)
+
+
+def test_prompts_are_tokenized_off_the_engine_thread(url, engine, monkeypatch):
+    threads = []
+    tokenizer = engine._engine.tokenizer
+    real = type(tokenizer).encode
+
+    def encode(self, *a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(tokenizer), "encode", encode)
+    assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=TIMEOUT).status_code == 200
+    assert httpx.post(url + "/tokenize", json={"prompt": "Hi"}, timeout=TIMEOUT).status_code == 200
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1}, timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert len(threads) >= 3 and all(t.startswith("rapidserve-tokenizer") for t in threads), threads
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "caf\ud800"}, {"prompt": ["ok", "\udfff"]}, {"prompt": "x", "model": "\ud800"},
+    {"prompt": "x", "stop": ["\ud800"]}, {"messages": [{"role": "user", "content": "\ud83d"}]},
+    {"messages": [{"role": "\ud800", "content": "hi"}]},
+])
+def test_lone_surrogates_get_a_400(url, body, caplog):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    raw = json.dumps(body).replace("\\\\u", "\\u").encode()  # the escape as a client sends it
+    for p in (path, "/tokenize"):
+        r = httpx.post(url + p, content=raw, headers={"content-type": "application/json"}, timeout=TIMEOUT)
+        _assert_error(r, 400, "not valid Unicode")
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_batch_larger_than_the_queue_gets_a_400(urls):
+    url = urls[1]  # max_queue_len=1
+    r = httpx.post(url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT)
+    err = _assert_error(r, 400, "smaller batches")
+    assert err["param"] == "prompt" and "retry-after" not in r.headers
 
 
 # ---- tokenizer, metrics ----------------------------------------------------------------------
@@ -631,10 +696,13 @@ def test_serve_flags_use_vllm_names():
 
 
 def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
+    """... and streams still open when the grace period ends get an error event (one log line
+    each, no traceback); the body limit flag is read."""
     model = tiny_model_dir("llama")[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
-         "--device", "cpu", "--port", "0", "--num-kv-blocks", "32", "--served-model-name", "tiny"],
+         "--device", "cpu", "--port", "0", "--num-kv-blocks", "64", "--served-model-name", "tiny",
+         "--graceful-shutdown-timeout", "0", "--max-request-body-bytes", "64KiB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -647,14 +715,29 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
         out = httpx.post(url + "/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3,
                                                      "ignore_eos": True}, timeout=30).json()
         assert out["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGTERM)
+        r = httpx.post(url + "/completions", json={"prompt": "x" * 70_000}, timeout=30)
+        assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]
+        body = {"prompt": [1, 2, 3], "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", url + "/completions", json=body) as a, \
+                    http.stream("POST", url + "/completions", json=body) as b:
+                streams = [a.iter_lines(), b.iter_lines()]
+                assert all(next(s).startswith("data: ") for s in streams)
+                proc.send_signal(signal.SIGTERM)
+                for s in streams:
+                    events = [x[6:] for x in s if x.startswith("data: ")]
+                    assert events[-1] == "[DONE]", events[-3:]
+                    error = json.loads(events[-2])["error"]
+                    assert error["code"] == 503 and "shutting down" in error["message"]
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
         assert "rapidserve.server" in err and "engine thread stopped" in err
         # the server's log: ready, one line per request, the shutdown
         assert "engine ready in" in err
         assert re.search(r"POST /v1/completions 200 \| prompt 3 tok, output 3 tok \| [0-9.]+ s", err), err
-        assert "shut down: 1 request(s) answered" in err
+        assert re.search(r"shut down: \d+ request\(s\) answered", err), err
+        assert err.count("ended with an error: the server is shutting down") == 2, err
+        assert "Traceback" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,20 +10,25 @@ Two sides meet here:
 - the event loop (one) owns every `RequestStream`. The engine thread hands it each step's
   outputs in one `loop.call_soon_threadsafe` call; they land in per-request `asyncio.Queue`s.
 
-NOTE: only the engine thread touches the engine (its scheduler, block manager, tokenizer) once
-the AsyncEngine is built: one writer, no locks around engine state. The loop side sees the engine
+NOTE: only the engine thread changes the engine (its scheduler, block manager) once the
+AsyncEngine is built: one writer, no locks around engine state. The loop side sees the engine
 through `stats()`, a snapshot the engine thread publishes after each step and each batch of
-commands, and through `call()`, which runs a function on the engine thread.
+commands, and through `call()`, which runs a function on the engine thread. Tokenizing (a prompt,
+a chat template, /tokenize) only reads the tokenizer and the model's config, and runs on a
+tokenizer thread of its own (`tokenize()`), so that a long prompt never holds up a step: the
+HF tokenizers release the GIL while they encode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, TypeVar
 
@@ -38,6 +43,14 @@ T = TypeVar("T")
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped (a step raised, or shutdown() was called)."""
+
+    status = 500  # the HTTP status the server answers it with
+
+
+class ShuttingDownError(EngineDeadError):
+    """The request was still open when the server shut down (`AsyncEngine.fail_requests`)."""
+
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -80,9 +93,26 @@ def prompt_token_ids(engine: EngineFront, prompt: Prompt) -> list[int]:
     return engine.encode_prompt(prompt)[1]
 
 
-def _admit(engine: EngineFront, prompt: Prompt, params: SamplingParams, request_id: str) -> int:
-    ids = prompt_token_ids(engine, prompt)
-    check_context_length(len(ids), params.max_tokens, engine.max_model_len)
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of the tokenizer stands for (its longest vocabulary entry,
+    added tokens included): a text of n characters has at least n / this many tokens. (For
+    byte-level BPE an entry's characters are bytes, and a character is at least one byte.)
+    NOTE: a bound for tokenizers whose normalizer does not drop characters (none of the
+    decoder models' do); byte-fallback entries such as "<0x0A>" only loosen it."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=0)
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    """Characters of a prompt's text (0 for token ids)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, ChatPrompt):
+        return sum(len(c) for m in prompt.messages if isinstance(c := m.get("content"), str))
+    return 0
+
+
+def _admit(engine: EngineFront, ids: list[int], params: SamplingParams, request_id: str) -> int:
     engine.add_request(ids, params, request_id)
     return len(ids)
 
@@ -104,6 +134,15 @@ _SETTLE_POLL_S = 0.05
 
 class _Failure(NamedTuple):
     message: str
+    error: type[EngineDeadError] = EngineDeadError
+
+
+class EngineFailure(RuntimeError):
+    """The engine was declared failed from outside its thread (`AsyncEngine.fail`)."""
+
+
+class _Fatal(NamedTuple):  # the inbox item of AsyncEngine.fail
+    reason: str
 
 
 class RequestStream:
@@ -142,7 +181,7 @@ class RequestStream:
             raise StopAsyncIteration
         if isinstance(item, _Failure):
             self._done = True
-            raise EngineDeadError(item.message)
+            raise item.error(item.message)
         if item.finished:
             self._done = True
         return item
@@ -190,6 +229,12 @@ class AsyncEngine:
         self.num_generation_tokens = 0
         self._settle_until = 0.0  # engine thread: keep refreshing stats until then when idle
         self._stats = engine.stats()
+        self._on_fatal: list[Callable[[str], None]] = []  # guarded by _lock
+        # A prompt with more characters than this has more tokens than the context holds for
+        # sure: refused before it is tokenized (0: no tokenizer, no bound).
+        self._max_token_chars = max_token_chars(engine.tokenizer) if engine.tokenizer is not None else 0
+        self.max_prompt_chars = self._max_token_chars * self.max_model_len
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapidserve-tokenizer")
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
         self._liveness_poll_s = engine.liveness_poll_s  # idle: wake this often to check workers
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
@@ -231,13 +276,35 @@ class AsyncEngine:
         self._submit(_Command(fn, future))
         return await future
 
+    async def tokenize(self, fn: Callable[[EngineFront], T]) -> T:
+        """Run `fn(engine)` on the tokenizer thread (off the engine thread: it may only read the
+        tokenizer and the model's config) and return its result."""
+        loop = self._bind_loop()
+        if self._dead:
+            raise EngineDeadError(self._dead_message)
+        return await loop.run_in_executor(self._tokenizer_pool, fn, self._engine)
+
+    def check_prompt_size(self, prompt: Prompt) -> None:
+        """Refuse a prompt that cannot fit the context before spending time tokenizing it."""
+        chars = prompt_chars(prompt)
+        if self.max_prompt_chars and chars > self.max_prompt_chars:
+            at_least = math.ceil(chars / self._max_token_chars)
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {chars} characters, so at least {at_least} tokens. Please "
+                "reduce the length of the prompt."
+            )
+        if isinstance(prompt, list):
+            check_context_length(len(prompt), None, self.max_model_len)
+
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
     ) -> RequestStream:
         """Admit a request and return the stream of its outputs.
 
         Raises ValueError (bad prompt or parameters, or too long for the context) before
-        anything is generated, and EngineDeadError when the engine is not running.
+        anything is generated, and EngineDeadError when the engine is not running. The prompt
+        is tokenized on the tokenizer thread, then admitted on the engine thread.
         """
         self._bind_loop()
         if self._dead:
@@ -245,12 +312,17 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_prompt_size(prompt)
+        ids = await self.tokenize(lambda e: prompt_token_ids(e, prompt))
+        check_context_length(len(ids), params.max_tokens, self.max_model_len)
+        if request_id in self._streams:  # taken while this one was being tokenized
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, self)
         # Registered before submitting, so no output can arrive for an unknown stream.
         self._streams[request_id] = stream
         try:
             stream.num_prompt_tokens = await self.call(
-                lambda e: _admit(e, prompt, params, request_id)
+                lambda e: _admit(e, ids, params, request_id)
             )
         except asyncio.CancelledError:
             # The admission may still happen on the engine thread: abort after it (FIFO inbox).
@@ -273,6 +345,41 @@ class AsyncEngine:
         except EngineDeadError:
             pass
 
+    def fail_requests(self, message: str) -> int:
+        """End every open request with `message` (ShuttingDownError in its stream) and abort it
+        in the engine, which goes on; for a server that shuts down. Loop side. Returns how many
+        there were."""
+        streams, self._streams = self._streams, {}
+        for request_id, stream in streams.items():
+            stream._put(_Failure(message, ShuttingDownError), finished=True)
+            try:
+                self._submit(_Command(lambda e, rid=request_id: e.abort_request(rid), None))
+            except EngineDeadError:
+                pass
+        return len(streams)
+
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(message)` (from the engine thread, or now if it has already happened)
+        once the engine has failed for good and every pending request has been failed: the
+        server uses it to exit non-zero, so that a supervisor restarts it. Not called after a
+        plain shutdown()."""
+        with self._lock:
+            if not self._dead:
+                self._on_fatal.append(callback)
+                return
+            failed = self._error is not None
+        if failed:
+            callback(self._dead_message)
+
+    def fail(self, reason: str) -> None:
+        """Declare the engine failed for good (e.g. a worker found dead by a watchdog), from any
+        thread: after its current step the engine thread stops, fails every pending request
+        with `reason` and runs the `on_fatal` callbacks. The one exit path of every fatal
+        failure, like a step's exception."""
+        with self._lock:
+            if not self._dead:
+                self._inbox.put(_Fatal(reason))
+
     def shutdown(self) -> None:
         """Stop the engine thread after its current step; pending requests fail. Idempotent;
         call it from any thread (not from the engine thread)."""
@@ -280,6 +387,7 @@ class AsyncEngine:
             if not self._dead:
                 self._inbox.put(_STOP)
         self._thread.join(self._join_timeout_s)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             log.warning("engine thread did not stop within %.0f s", self._join_timeout_s)
 
@@ -359,6 +467,8 @@ class AsyncEngine:
                         self._stop("the engine has shut down", None)
                         log.info("engine thread stopped")
                         return
+                    if isinstance(item, _Fatal):
+                        raise EngineFailure(item.reason)
                     self._execute(item)
                 # Idle steps are no-ops for the hybrid engine; in the rapid mode they read the
                 # workers' reports, so that stats() sees the blocks of the last requests freed.
@@ -403,6 +513,14 @@ class AsyncEngine:
             if isinstance(item, _Command) and item.future is not None:
                 self._post(_set_exception, item.future, EngineDeadError(message))
         self._post(self._fail_all, message)
+        if error is not None:
+            with self._lock:
+                callbacks, self._on_fatal = self._on_fatal, []
+            for callback in callbacks:
+                try:
+                    callback(message)
+                except Exception:  # noqa: BLE001 - the others must still run
+                    log.exception("an on_fatal callback failed")
         try:
             self._engine.shutdown()  # its workers, if the topology has any
         except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report

@@ -115,6 +115,15 @@ def load_chat_template(value: str | None) -> str | None:
     return text
 
 
+def check_unicode(text: str, what: str) -> None:
+    """ValueError if `text` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800", which
+    JSON allows and tokenizers reject with a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate at position {e.start}") from None
+
+
 class EngineFront:
     """What every topology's engine shares: prompt validation, detokenization, stop strings and
     the outputs handed back. Subclasses run the model (`step`) and own the KV cache."""
@@ -168,12 +177,13 @@ class EngineFront:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
+            check_unicode(prompt, "prompt")
             if self.tokenizer is None:
                 raise ValueError(
                     "this model has no tokenizer (a preset or a directory without one): pass "
                     "token ids, or give --tokenizer"
                 )
-            return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            return prompt, self._in_vocabulary(list(self.tokenizer.encode(prompt, add_special_tokens=True)))
         ids = list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -183,6 +193,15 @@ class EngineFront:
                 raise ValueError(f"prompt token id {t!r} is not in the vocabulary [0, {vocab})")
         return None, ids
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse parameters that index the vocabulary out of range (ValueError naming the
+        field). NOTE: the sampler bans stop ids below min_tokens by indexing the logits; an id
+        outside them would fail a step (and, before this check, the whole engine)."""
+        vocab = self.model_config.vocab_size
+        for t in params.stop_token_ids:
+            if not 0 <= t < vocab:
+                raise ValueError(f"stop_token_ids must be token ids in the vocabulary [0, {vocab}), got {t}")
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -190,6 +209,7 @@ class EngineFront:
         request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
+        self.check_params(params)
         text, ids = self.encode_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(
@@ -265,6 +285,30 @@ class EngineFront:
                 state.text += state.detokenizer.flush()
         return self._output(req, prev_len)
 
+    def _fail_request(self, req: Request, message: str) -> RequestOutput | None:
+        """End one request with an error found on this side (a step could not run it, or its
+        output could not be made): free what it holds; the other requests go on. None if it
+        had already ended."""
+        if self._requests.get(req.request_id) is not req or req.request_id not in self._text:
+            return None
+        log.warning("request %s failed: %s", req.request_id, message)
+        req.status = RequestStatus.FINISHED_ERROR
+        self._release(req, decided_by_worker=False)
+        return self._on_error(req, message)
+
+    def _take_token(
+        self,
+        req: Request,
+        token: int,
+        decided: tuple[RequestStatus | None, int | None] | None = None,
+    ) -> RequestOutput | None:
+        """`_on_token`, with an exception there (detokenizing, stop strings) failing only this
+        request."""
+        try:
+            return self._on_token(req, token, decided)
+        except Exception as e:  # noqa: BLE001 - one request's output, not the engine
+            return self._fail_request(req, f"{type(e).__name__}: {e}")
+
     def _on_error(self, req: Request, message: str) -> RequestOutput:
         """End a request with an error its worker reported (the worker has freed what it held):
         finish_reason "error", the message in `error`; the other requests go on."""
@@ -315,12 +359,26 @@ class EngineFront:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise ValueError(f"each message needs a string role and a content, got {m!r}")
+            for key, value in m.items():
+                if isinstance(value, str):
+                    check_unicode(value, f"messages: a message's {key}")
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt,
             chat_template=self.chat_template,
         )
         # The template already holds any BOS it wants: add no special tokens again.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._in_vocabulary(list(self.tokenizer.encode(text, add_special_tokens=False)))
+
+    def _in_vocabulary(self, ids: list[int]) -> list[int]:
+        """The tokenizer's ids, if the model has an embedding for each (a --tokenizer that
+        does not match the model would otherwise fail a step)."""
+        vocab = self.model_config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ValueError(
+                f"the tokenizer gave token id {max(ids)}, outside the model's vocabulary [0, {vocab}): "
+                "the tokenizer does not match the model"
+            )
+        return ids
 
 
 class LLMEngine(EngineFront):
@@ -391,10 +449,14 @@ class LLMEngine(EngineFront):
         out = self.scheduler.schedule()
         self.last_step_stats = StepStats.of(out.scheduled)
         prev, self._in_flight = self._in_flight, None
+        failures: list[RequestOutput] = []
         if out.scheduled:
-            launched = self.runner.submit(out.scheduled, prev)
+            launched, failed = self.runner.submit_isolated(out.scheduled, prev)
+            for f in failed:
+                if (o := self._fail_request(f.scheduled.request, f.message)) is not None:
+                    failures.append(o)
             if self.async_scheduling:
-                for s in out.scheduled:
+                for s in launched.scheduled:
                     if s.samples:
                         s.request.num_pending += 1
                 self._in_flight = launched
@@ -405,7 +467,7 @@ class LLMEngine(EngineFront):
             raise RuntimeError(
                 f"the scheduler could not place any of {self.scheduler.num_unfinished} requests"
             )
-        return [] if prev is None else self._take(prev)
+        return failures + ([] if prev is None else self._take(prev))
 
     def _take(self, result: StepResult) -> list[RequestOutput]:
         """The tokens of a finished step, for the requests still unfinished."""
@@ -415,8 +477,9 @@ class LLMEngine(EngineFront):
             if self.async_scheduling:
                 req.num_pending -= 1
             if req.status.finished:
-                continue  # stopped or aborted after this step was launched: discarded
-            outputs.append(self._on_token(req, token))
+                continue  # stopped, aborted or failed after this step was launched: discarded
+            if (out := self._take_token(req, token)) is not None:
+                outputs.append(out)
         return outputs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rapidserve.entrypoints.args import (
     HelpFormatter, add_engine_args, add_log_level_arg, engine_config_from_args, served_names,
 )
+from rapidserve.config import parse_bytes
 from rapidserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -103,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_queue_len=args.max_queue_len,
                                  graceful_shutdown_s=args.graceful_shutdown_timeout,
                                  served_model_names=served_names(args),
-                                 stats_interval_s=args.stats_interval)
+                                 stats_interval_s=args.stats_interval,
+                                 max_request_body_bytes=parse_bytes(args.max_request_body_bytes))
     # SIGTERM while the engine starts (before uvicorn's own handlers): exit through the Python
     # stack, so the rapid/disagg workers already spawned are stopped rather than orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -114,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(engine, server_config)
     started = time.monotonic()
     try:
-        _run_uvicorn(app, server_config, engine.model_name, args.log_level, engine)
+        _run_uvicorn(app, server_config, engine, args.log_level)
     finally:
         engine.shutdown()  # and the rapid mode's workers
         log.info("shut down: %d request(s) answered in %.0f s", app.state.server.stats_logger.num_requests,
@@ -130,23 +133,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_on_sigterm(sig: int, _frame: object) -> None:
-    raise SystemExit(128 + sig)
-
-
+_FLUSH_ERRORS_S = 2.0
 # After the engine fails, the server keeps answering (503 on /health, the failed requests' error
 # bodies) this long, then shuts down and exits 1.
 _EXIT_AFTER_FAILURE_S = 1.0
 
 
-def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level: str,
-                 engine: AsyncEngine | None = None) -> None:
+def _exit_on_sigterm(sig: int, _frame: object) -> None:
+    raise SystemExit(128 + sig)
+
+
+def _run_uvicorn(app: FastAPI, config: ServerConfig, engine: AsyncEngine, log_level: str) -> None:
     import uvicorn
 
     log = logging.getLogger("rapidserve.server")
+    model_name = engine.model_name
 
     class Server(uvicorn.Server):
         dead_since: float | None = None
+
+        async def shutdown(self, sockets: list | None = None) -> None:
+            # Open requests may run for the grace period; those still open then end with an
+            # error event (and their engine requests are aborted), not a cut connection.
+            cut = asyncio.get_running_loop().call_later(
+                config.graceful_shutdown_s, app.state.server.end_streams, "the server is shutting down")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
 
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
@@ -168,8 +182,19 @@ def _run_uvicorn(app: FastAPI, config: ServerConfig, model_name: str, log_level:
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level.lower(),
         access_log=False,  # the request log (server_log.py) has a line per request, with tokens
-        timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="off",
+        # (+ time for the error events of requests still open after the grace period to go out)
+        timeout_graceful_shutdown=config.graceful_shutdown_s + _FLUSH_ERRORS_S, lifespan="off",
     ))
+
+    def engine_failed(message: str) -> None:
+        # The engine thread has failed every pending request; the server stops serving after
+        # _EXIT_AFTER_FAILURE_S (on_tick: /health answers 503 meanwhile), so that the process
+        # exits non-zero (cmd_serve) and a supervisor restarts it, rather than lingering.
+        if server.dead_since is None:
+            server.dead_since = time.monotonic()
+            log.error("the engine failed: %s; exiting in %.0f s", message.splitlines()[0], _EXIT_AFTER_FAILURE_S)
+
+    engine.on_fatal(engine_failed)
 
     def stopped(sig: int, _frame: object) -> None:
         log.info("stopped by %s", signal.Signals(sig).name)
@@ -193,9 +218,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests admitted and not finished; more are answered 503")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
-                   help="seconds open requests may still run after SIGTERM")
+                   help="seconds open requests may still run after SIGTERM (then they end with an error)")
     g.add_argument("--stats-interval", type=float, default=5.0,
                    help="seconds between the engine-stats log lines while requests run (0: none)")
+    g.add_argument("--max-request-body-bytes", default=None, metavar="SIZE",
+                   help="larger request bodies are answered 413 unread, e.g. 4MiB (default: 1 MiB + 64 "
+                        "bytes per token of the model's context)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +70,27 @@ class StepResult:
         self._ready.synchronize()
         assert self._host is not None
         return self._host.tolist()
+
+
+# What a device (or driver) failure says: after one the device's state is unknown, so no
+# request can be blamed and the engine must stop (a supervisor restarts it).
+_DEVICE_FAILURE_MARKERS = ("CUDA error", "CUDA driver", "device-side assert", "CUBLAS_STATUS",
+                           "CUDNN_STATUS", "HIP error", "NCCL error", "illegal memory access")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """Whether a step's exception is the device's (fatal) rather than one request's."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(k in str(error) for k in _DEVICE_FAILURE_MARKERS)
+
+
+class FailedRequest(NamedTuple):
+    """A request a step could not run: the others of its batch went on without it."""
+
+    scheduled: ScheduledRequest
+    message: str
 
 
 class ModelRunner:
@@ -230,6 +252,48 @@ class ModelRunner:
             return ev
         return time.perf_counter()
 
+    @torch.inference_mode()
+    def submit_isolated(
+        self, scheduled: list[ScheduledRequest], prev: StepResult | None = None,
+        between_groups: Callable[[], None] | None = None,
+    ) -> tuple[StepResult, list[FailedRequest]]:
+        """`submit`, but an exception raised while building or sampling the step is pinned on
+        the requests it concerns: the step is run again one request at a time, those that still
+        fail are returned (the caller ends them with an error and frees their blocks) and the
+        others' tokens are the step's. A device failure, or a fault every request of a batch
+        hits alone (the engine's, not theirs), is raised.
+
+        NOTE: running a request's tokens again is safe: the scheduler advanced it once, each
+        run writes the same KV slots, and `prev`'s pending tokens stay on the device."""
+        try:
+            return self.submit(scheduled, prev, between_groups), []
+        except Exception as e:  # noqa: BLE001 - classified below
+            if is_device_failure(e):
+                raise
+            first = e
+        if len(scheduled) == 1:
+            return StepResult([], None, {}), [FailedRequest(scheduled[0], _describe(first))]
+        log.warning("a step of %d requests failed (%s); running them one at a time to find the "
+                    "failing ones", len(scheduled), _describe(first))
+        kept: list[ScheduledRequest] = []
+        sampled: list[torch.Tensor] = []
+        failed: list[FailedRequest] = []
+        for s in scheduled:
+            try:
+                alone = self.submit([s], prev)
+            except Exception as e:  # noqa: BLE001
+                if is_device_failure(e):
+                    raise
+                failed.append(FailedRequest(s, _describe(e)))
+                continue
+            kept.append(s)
+            if alone.sampled is not None:
+                sampled.append(alone.sampled)
+        if not kept:
+            raise first
+        rows = {s.request.request_id: i for i, s in enumerate(s for s in kept if s.samples)}
+        return StepResult(kept, torch.cat(sampled) if sampled else None, rows), failed  # [S] int64
+
     def _fill_pending(self, input_ids: torch.Tensor, inp: StepInputs, prev: StepResult | None) -> None:
         """Write the tokens the step in flight samples into this step's input ids (device to
         device: the host never waits for them)."""
@@ -342,3 +406,7 @@ class ModelRunner:
             else:
                 banned.append(())
         return SamplingBatch(params=params, generators=gens, banned_token_ids=banned)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -278,9 +278,13 @@ class PrefillInstanceTurns:
                                        f"than the prefill instance's pool has ({self.blocks.num_blocks})")
         if not batch.scheduled:
             return True
-        tokens = self.runner.execute(batch.scheduled)
+        result, failed = self.runner.submit_isolated(batch.scheduled)
+        for f in failed:  # a step could not run it: fails this request only
+            rid = f.scheduled.request.request_id
+            sched.finish(rid)
+            self._fail(rid, f.message)
         transfers = []
-        for s, token in zip(batch.scheduled, tokens):
+        for s, token in zip(result.scheduled, result.tokens()):
             rid = s.request.request_id
             try:
                 transfers.append(self._transfer(rid))

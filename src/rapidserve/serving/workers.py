@@ -22,7 +22,7 @@ from rapidserve.attention.backend import select_backend
 from rapidserve.config import EngineConfig
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.kv.cache import KVCache
-from rapidserve.request import Request
+from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.policy import StepState
 from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.model_runner import ModelRunner, StepResult
@@ -172,9 +172,12 @@ class DecodeTurns:
         prev, self._in_flight = self._in_flight, None
         if out.scheduled:
             self._num_steps += 1
-            launched = (self._num_steps, self.runner.submit(out.scheduled, prev[1] if prev else None))
+            result, failed = self.runner.submit_isolated(out.scheduled, prev[1] if prev else None)
+            for f in failed:
+                self._fail_request(f.scheduled.request, f.message)
+            launched = (self._num_steps, result)
             if self.async_scheduling:
-                for s in out.scheduled:
+                for s in result.scheduled:
                     s.request.num_pending += 1
                 self.blocks.fence(self._num_steps)
                 self._in_flight = launched
@@ -201,6 +204,13 @@ class DecodeTurns:
         self.runner.release(msg.request_id)
         if req is not None:
             self.to_front.put(m.RequestFailed(msg.request_id, msg.message))
+
+    def _fail_request(self, req: Request, message: str) -> None:
+        """A step could not run this request (see ModelRunner.submit_isolated): free its blocks
+        and end it with an error; the other requests go on."""
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        self.runner.release(req.request_id)
+        self.to_front.put(m.RequestFailed(req.request_id, message))
 
     def _step_state(self, scheduled: list[ScheduledRequest]) -> StepState:
         """What the partition policy decides the coming step from."""
@@ -342,15 +352,21 @@ class PrefillTurns:
         batch = sched.schedule()
         if not batch:
             return True
-        tokens = self._execute(batch)
-        for s, token in zip(batch, tokens):
+        result, failed = self._submit(batch)
+        for f in failed:  # the decode worker frees their blocks and fails them
+            rid = f.scheduled.request.request_id
+            sched.finish(rid)
+            self.runner.release(rid)
+            self.to_decode.put(m.PrefillFailed(rid, f.message))
+        for s, token in zip(result.scheduled, result.tokens()):
             rid = s.request.request_id
             sched.finish(rid)
             self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
         return True
 
-    def _execute(self, batch: list[ScheduledRequest]) -> list[int]:
-        return self.runner.execute(batch)
+    def _submit(self, batch: list[ScheduledRequest]) -> tuple[Any, list[Any]]:
+        """The step and the requests it could not run (ModelRunner.submit_isolated)."""
+        return self.runner.submit_isolated(batch)
 
     def _follow(self, msg: m.SetPartition) -> None:
         """Move to the decode worker's new partition now and tell it when (its reaction time)."""
@@ -397,8 +413,8 @@ class PrefillWorker(PrefillTurns):
             return None
         return lambda tokens: profile.prefill_ms(self.partitioning.prefill_sms(), tokens) / 1e3
 
-    def _execute(self, batch: list[ScheduledRequest]) -> list[int]:
-        return self.runner.execute(batch, self._between_groups if self.runner.layer_groups else None)
+    def _submit(self, batch: list[ScheduledRequest]) -> tuple[Any, list[Any]]:
+        return self.runner.submit_isolated(batch, between_groups=self._between_groups if self.runner.layer_groups else None)
 
     def _between_groups(self) -> None:
         """Between two layer groups of a prefill step: follow a partition switch at once; every

@@ -85,6 +85,14 @@ class _Runner:
             return s
         return None
 
+    def submit_isolated(self, scheduled: list[ScheduledRequest], prev: Any = None,
+                        between_groups: Any = None) -> tuple[SimStep, list[Any]]:
+        """As ModelRunner's: a simulated step never fails a request."""
+        return self.submit(scheduled, prev), []
+
+    def submit(self, scheduled: list[ScheduledRequest], prev: Any = None) -> SimStep:
+        raise NotImplementedError
+
     def _price(self, step: SimStep, seconds: float) -> None:
         step.device = seconds
         step.end = step.start + seconds + self.cost.host_overhead_s
@@ -170,7 +178,7 @@ class PrefillRunner(_Runner):
         self.sms = sms
         self.beside = beside
 
-    def execute(self, scheduled: list[ScheduledRequest]) -> list[int]:
+    def submit(self, scheduled: list[ScheduledRequest], prev: Any = None) -> SimStep:
         step = SimStep(scheduled, len(scheduled), self.clock)
         step.start = self.clock.now
         step.loads = [PrefillLoad(s.num_new_tokens, s.start) for s in scheduled]
@@ -178,7 +186,10 @@ class PrefillRunner(_Runner):
         decode = (other.batch, other.kv_tokens) if other is not None else None
         self._price(step, self.cost.prefill_step_s(step.loads, self.sms(), decode))
         self.num_steps += 1
-        return step.tokens()
+        return step
+
+    def execute(self, scheduled: list[ScheduledRequest]) -> list[int]:
+        return self.submit(scheduled).tokens()
 
     def extend(self, seconds: float) -> None:
         """More work on this side's stream after its step (a KV copy), waited for too."""

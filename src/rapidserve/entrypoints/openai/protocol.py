@@ -9,13 +9,77 @@ rather than ignored: a client must not believe it got what it asked for.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
+)
 
 from rapidserve.sampling_params import SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
+TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON but
+    not Unicode text: tokenizers and UTF-8 encoders reject it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, where) or _lone_surrogate(v, f"{where}.{k}" if where else str(k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{where}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _only(*values: Any) -> Any:
+    """The field's schema: only these values are accepted (`_check_supported` answers others
+    with a 400 naming the field; validation itself is unchanged)."""
+
+    def only(schema: dict[str, Any]) -> None:
+        schema.clear()
+        schema["enum"] = list(values)
+
+    return Field(json_schema_extra=only)
+
+
+def _non_empty(schema: dict[str, Any]) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option["minLength"] = 1
+        elif option.get("type") == "array":
+            option["minItems"] = 1
+            if isinstance(option.get("items"), dict) and option["items"].get("type") in ("string", "array"):
+                _non_empty(option["items"])  # each prompt of a batch too
+
+
+# The field's schema: its strings and lists must not be empty (the server answers 400).
+_NON_EMPTY = Field(json_schema_extra=_non_empty)
+
+
+class _Request(BaseModel):
+    """A request body: strict types, unknown fields ignored, text that is valid Unicode."""
+
+    model_config = _REQUEST
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            # Escaped: the message must itself be valid UTF-8.
+            where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(f"{where or 'the body'} is not valid Unicode text (it holds a lone surrogate)")
+        return data
 
 
 class RequestError(ValueError):
@@ -34,31 +98,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
-    """Fields completions and chat share."""
+class _SamplingRequest(_Request):
+    """Fields completions and chat share. Ranges are declared (so the OpenAPI schema says what
+    is accepted); what SamplingParams refuses beyond them is a 400 too."""
 
-    model_config = _REQUEST
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, _only(1)] = 1
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float | None, _only(0, None)] = None
+    frequency_penalty: Annotated[float | None, _only(0, None)] = None
+    logit_bias: Annotated[dict[str, float] | None, _only({}, None)] = None
     user: str | None = None
     # vLLM's extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int = 0
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    repetition_penalty: float | None = None
+    repetition_penalty: Annotated[float | None, _only(1, None)] = None
 
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -100,12 +164,12 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], _NON_EMPTY]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    echo: Annotated[bool, _only(False)] = False
+    logprobs: Annotated[int | None, _only(None)] = None
+    best_of: Annotated[int | None, _only(1, None)] = None
+    suffix: Annotated[str | None, _only("", None)] = None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -164,12 +228,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI for max_completion_tokens
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: Annotated[list[ChatMessage], _NON_EMPTY]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Annotated[bool, _only(False)] = False
+    top_logprobs: Annotated[int | None, _only(0, None)] = None
+    tools: Annotated[list[dict[str, Any]] | None, _only([], None)] = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's extension
 
@@ -192,8 +256,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return [m.template_message() for m in self.messages]
 
 
-class TokenizeRequest(BaseModel):
-    model_config = _REQUEST
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -201,8 +264,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = _REQUEST
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
 
@@ -323,3 +385,22 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    error: str | None = None  # why not, when unhealthy
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,14 +30,15 @@ from rapidserve import __version__
 from rapidserve.async_engine import (
     AsyncEngine, ChatPrompt, EngineDeadError, Prompt, RequestStream, prompt_token_ids,
 )
-from rapidserve.engine import EngineFront
+from rapidserve.engine import EngineFront, check_unicode
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.entrypoints.openai.server_log import RequestLogMiddleware, StatsLogger, record_streams
 from rapidserve.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
     CompletionResponse, CompletionStreamResponse, DeltaMessage, DetokenizeRequest, ErrorInfo,
-    ErrorResponse, ModelCard, ModelList, TokenizeRequest, UsageInfo,
+    ErrorResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, UsageInfo,
+    DetokenizeResponse, VersionResponse,
 )
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
 from rapidserve.outputs import RequestOutput
@@ -66,8 +68,13 @@ class ServerConfig:
     # carry the engine's name (the first). Empty: the engine's name only.
     served_model_names: tuple[str, ...] = ()
     stats_interval_s: float = 5.0  # the engine-stats log line's period while busy (0: none)
+    # Larger request bodies get 413 before they are parsed; None: sized from the model's context
+    # (request_body_limit).
+    max_request_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be at least 1, got {self.max_request_body_bytes}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_queue_len < 1:
@@ -80,6 +87,20 @@ class ServerConfig:
             raise ValueError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         if any(not n for n in self.served_model_names):
             raise ValueError("served_model_names must not contain an empty name")
+
+
+# The default body limit: room for a prompt that fills the context even at the worst encoding
+# (a token of many characters, each escaped as \uXXXX by the client's JSON), plus the rest of the
+# request.
+_BODY_BYTES_PER_TOKEN = 64
+_BODY_BYTES_BASE = 1 << 20
+
+
+def request_body_limit(config: ServerConfig, max_model_len: int) -> int:
+    """The largest request body the server reads (bytes)."""
+    if config.max_request_body_bytes is not None:
+        return config.max_request_body_bytes
+    return _BODY_BYTES_BASE + _BODY_BYTES_PER_TOKEN * max_model_len
 
 
 class APIError(Exception):
@@ -99,10 +120,15 @@ def _error_body(status: int, message: str, param: str | None = None) -> ErrorRes
         message=message, type=_ERROR_TYPES.get(status, "APIError"), param=param, code=status))
 
 
+def _printable(text: str) -> str:
+    """`text` with what UTF-8 cannot carry (lone surrogates echoed from a request) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, param).model_dump(), status_code=status,
-                        headers=headers)
+    body = _error_body(status, _printable(message), None if param is None else _printable(param))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def _bad_request(e: ValueError) -> APIError:
@@ -162,6 +188,12 @@ def _sse(payload: BaseModel) -> str:
 _SSE_DONE = "data: [DONE]\n\n"
 
 
+def _stream_error(request_id: str, error: Exception) -> str:
+    """The error event that ends a stream the engine failed (or the shutdown cut): one log line."""
+    log.warning("stream %s ended with an error: %s", request_id, str(error).splitlines()[0] if str(error) else "")
+    return _sse(_error_body(getattr(error, "status", 500), _printable(str(error))))
+
+
 class _ApiKeyMiddleware:
     """401 for requests without `Authorization: Bearer <key>` (health and metrics stay open)."""
 
@@ -179,6 +211,66 @@ class _ApiKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+_DRAIN_CAP_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413
+
+
+class _BodyLimitMiddleware:
+    """413 for a request whose body is larger than `limit` bytes, before the app parses it (and
+    before a client sending one slowly has been read past the limit)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send, drain=int(declared) <= _DRAIN_CAP_BYTES)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large(scope, receive, send, drain=message.get("more_body", False))
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, drain: bool) -> None:
+        # NOTE: the rest of the body (if more is coming: once it is all in, receive() waits for
+        # the disconnect) is read and dropped, up to a cap, before answering: a client still
+        # sending when the connection closes would see a reset, not the 413.
+        drained = 0
+        while drain and drained < _DRAIN_CAP_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        response = error_response(
+            413, f"The request body is larger than this server accepts ({self.limit} bytes; "
+            "--max-request-body-bytes).", headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class _SSEResponse(StreamingResponse):
@@ -288,11 +380,24 @@ class OpenAIServer:
         if model is not None and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
 
+    def end_streams(self, reason: str) -> None:
+        """End every open request with an error event / answer (`reason`), e.g. when the
+        server shuts down with requests still running after its grace period."""
+        n = self.engine.fail_requests(reason)
+        if n:
+            log.warning("%s: ending %d open request(s) with an error", reason, n)
+
     def release(self, n: int) -> None:
         self._admitted -= n
 
     async def admit(self, prompts: list[Prompt], params: SamplingParams, request_id: str) -> _Batch:
         n = len(prompts)
+        if n > self.config.max_queue_len:
+            # Retry-After would be a lie: it can never fit.
+            raise APIError(
+                400, f"The request holds {n} prompts, more than the server ever queues at once "
+                f"({self.config.max_queue_len}, --max-queue-len); send them in smaller batches.",
+                "prompt")
         if self._admitted + n > self.config.max_queue_len:
             raise APIError(
                 503, f"The server is at capacity ({self.config.max_queue_len} requests queued or "
@@ -344,7 +449,7 @@ class OpenAIServer:
         try:
             finals = await _until_disconnect(request, self.collect(batch))
         except (EngineDeadError, _RequestFailed) as e:
-            raise APIError(500, str(e)) from e
+            raise APIError(getattr(e, "status", 500), str(e)) from e
         finally:
             batch.close()
         if finals is None:
@@ -398,7 +503,7 @@ class OpenAIServer:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
         except (EngineDeadError, _RequestFailed) as e:
-            yield _sse(_error_body(500, str(e)))
+            yield _stream_error(request_id, e)
         yield _SSE_DONE
 
     # ---- chat --------------------------------------------------------------------------------
@@ -450,38 +555,38 @@ class OpenAIServer:
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model, choices=[], usage=_usage([final])))
         except (EngineDeadError, _RequestFailed) as e:
-            yield _sse(_error_body(500, str(e)))
+            yield _stream_error(request_id, e)
         yield _SSE_DONE
 
     # ---- tokenizer ---------------------------------------------------------------------------
 
-    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         try:
             if body.messages is not None:
                 chat = ChatPrompt([m.template_message() for m in body.messages], body.add_generation_prompt)
-                tokens = await self.engine.call(lambda e: prompt_token_ids(e, chat))
+                tokens = await self.engine.tokenize(lambda e: prompt_token_ids(e, chat))
             else:
                 text, add = body.prompt, body.add_special_tokens
-                tokens = await self.engine.call(lambda e: _encode(e, text or "", add))
+                tokens = await self.engine.tokenize(lambda e: _encode(e, text or "", add))
         except ValueError as e:
             raise _bad_request(e) from e
         except EngineDeadError as e:
             raise APIError(500, str(e)) from e
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_model_len}
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=self.engine.max_model_len)
 
-    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(body.model)
         tokens = body.tokens
         try:
-            text = await self.engine.call(lambda e: _decode(e, tokens))
+            text = await self.engine.tokenize(lambda e: _decode(e, tokens))
         except ValueError as e:
             raise APIError(400, str(e), "tokens") from e
         except EngineDeadError as e:
             raise APIError(500, str(e)) from e
-        return {"prompt": text}
+        return DetokenizeResponse(prompt=text)
 
     def model_card(self, name: str | None = None) -> ModelCard:
         e = self.engine
@@ -500,6 +605,7 @@ def _tokenizer(engine: EngineFront) -> Any:
 
 
 def _encode(engine: EngineFront, text: str, add_special_tokens: bool) -> list[int]:
+    check_unicode(text, "prompt")
     return list(_tokenizer(engine).encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -518,6 +624,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
     server = OpenAIServer(engine, config)
     app = FastAPI(title="rapidserve", version=__version__)
     app.state.server = server
+    # NOTE: the last added runs first: the API key is checked before a body is read.
+    app.add_middleware(_BodyLimitMiddleware, limit=request_body_limit(config, engine.max_model_len))
     if config.api_key is not None:
         app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
     # Added last: the outermost, so refused requests (401) are logged too.
@@ -544,45 +652,78 @@ def build_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAP
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.post("/v1/completions")
+    # What each route answers, for the OpenAPI schema (the fuzz test holds the server to it).
+    # NOTE: bad bodies are answered 400 (OpenAI's status), not FastAPI's 422: see _openapi.
+    def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        found = (*statuses, 413, *((401,) if config.api_key is not None else ()))
+        return {s: {"model": ErrorResponse, "description": _ERROR_TYPES[s]} for s in sorted(found)}
+
+    # NOTE: under OpenAPI 3.1 the schema of text/event-stream describes one event: its data is a
+    # chunk's JSON (or an error body), then "[DONE]".
+    sse_event = {"type": "object", "required": ["data"],
+                 "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+    generation = {**errors(400, 404, 500, 503), 200: {"content": {"text/event-stream": {"schema": sse_event}},
+                                                        "description": "JSON, or server-sent events with stream=true"}}
+
+    @app.post("/v1/completions", response_model=None,
+              responses={**generation, 200: {**generation[200], "model": CompletionResponse}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completions(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses={**generation, 200: {**generation[200], "model": ChatCompletionResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(body, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors())
     async def models() -> ModelList:
         return ModelList(data=[server.model_card(n) for n in server.model_names])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=errors(404))
     async def model(model_id: str) -> ModelCard:
         server.check_model(model_id)
         return server.model_card(model_id)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    @app.post("/tokenize", responses=errors(400, 404, 500))
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return await server.tokenize(body)
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+    @app.post("/detokenize", responses=errors(400, 404, 500))
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return await server.detokenize(body)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "the engine is not running"}, **errors()})
     async def health() -> JSONResponse:
         if engine.healthy:
             return JSONResponse({"status": "ok"})
         # One short line, never a traceback (the log has it): /health is open to anyone.
         return JSONResponse({"status": "unhealthy", "error": engine.dead_reason}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **errors()})
     async def metrics() -> Response:
         server.metrics.update(engine.stats())
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
+    @app.get("/version", responses=errors())
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, less the 422 answers it adds to every route with parameters: this
+    server answers a body or parameter it cannot read with 400 and OpenAI's error body."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
