@@ -2,6 +2,7 @@
 extrapolation past the measured range, the derived tables of older profiles, the shipped H100
 profiles, and --cost-error."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,8 @@ def roofline():
 def test_the_fit_recovers_a_roofline_truth(roofline):
     assert roofline.shape_source == "preset llama-3.1-8b" and roofline.shape == SHAPE
     assert set(roofline.fit_errors) == {"decode_alone", "decode_beside_prefill", "decode_overallocated",
-                                        "prefill_alone", "prefill_beside_decode", "prefill_overallocated"}
+                                        "prefill_alone", "prefill_beside_decode", "prefill_overallocated",
+                                        "prefill_whole_device"}
     assert max(roofline.fit_errors.values()) < 1e-6
     assert roofline.total_sms == TOTAL
 
@@ -162,16 +164,38 @@ def test_the_shipped_h100_profiles():
     # chunk with 10-30 decodes at ~8K in 14-24 ms (p50 ITL, docs/benchmarks.md, arxiv-like)
     step = model.hybrid_step_s([PrefillLoad(512, 4096)], 32, 32 * 4096)
     assert 0.012 < step < 0.030
-    # derived: more than the chunk alone, less than the chunk and the decode step apart
-    chunk, decode = model.prefill_step_s([PrefillLoad(512, 4096)]), model.decode_step_s(32, 32 * 4096)
-    assert chunk < step < chunk + decode
+    # derived: the decode batch's whole step plus the chunk's compute (a 512-token chunk is
+    # compute-bound: its compute is its step alone)
+    chunk, decode = model.hybrid_step_s([PrefillLoad(512, 4096)], 0, 0), model.decode_step_s(32, 32 * 4096)
+    assert step == pytest.approx(chunk + decode)
     assert model.hybrid_step_s([], 32, 32 * 4096) == decode
-    assert model.hybrid_step_s([PrefillLoad(512, 4096)], 0, 0) == chunk
-    # a 1 GiB copy at about the device's bandwidth (read and write): ~0.7 ms on 3 TB/s
-    assert 0.3e-3 < model.kv_transfer_s(1 << 30) < 2e-3
-    assert model.kv_transfer_s(2 << 30) == pytest.approx(2 * model.kv_transfer_s(1 << 30))
+    # a measured prompt alone is the measurement, in either kind of step
+    assert model.hybrid_step_s([PrefillLoad(2048)], 0, 0) == pytest.approx(model.prefill_step_s([PrefillLoad(2048)]))
+    # a 16-token chunk is memory-bound: it rides on the decode step's weight read
+    assert decode < model.hybrid_step_s([PrefillLoad(16, 4096)], 32, 32 * 4096) < 1.05 * decode
+    # the engine's copy as measured on the H100 (gather + IPC, ~100 GB/s), not the decode kernel's bandwidth
+    assert model.kv_transfer_s(1 << 30) == pytest.approx(1.15e-3 + (1 << 30) / 106e9)
     one_ctx = StepCostModel.from_profile(load_profile(RESULTS / "2026-11-22-h100/profile.json"))
     assert any("one context length (1024)" in x and "KV-bytes term" in x for x in one_ctx.limitations)
+
+
+@pytest.mark.parametrize("budget, report", [(512, "itl_hybrid512"), (2048, "itl_hybrid2048")])
+def test_derived_hybrid_steps_against_held_out_h100_runs(budget, report):
+    """Held out (no fit saw them): `bench interference` on the H100, 32 decodes of 1K-token
+    prompts beside eight 8K-token prompts chunked one at a time. A prompt's TTFT is the sum of
+    its chunks' hybrid steps. The derivation prices it +11..+14 % (512-token chunks) and
+    +2..+4 % (2048); the roofline-shaped one (weights read once) priced it -18..-19 % and
+    -8..-11 % (docs/cost-model.md). Within 15 %."""
+    measured = json.loads((RESULTS / "2026-11-22-h100" / f"{report}.json").read_text())["result"]
+    for profile in ("2026-11-22-h100", "2026-11-23-h100"):
+        model = StepCostModel.from_profile(load_profile(RESULTS / profile / "profile.json"))
+        batch, ctx, prompt = 32, 1024 + 64, 8192
+        chunk, ttft, c = budget - batch, 0.0, 0
+        while c < prompt:
+            n = min(chunk, prompt - c)
+            ttft += model.hybrid_step_s([PrefillLoad(n, c)], batch, batch * ctx) + model.host_overhead_s
+            c += n
+        assert ttft * 1e3 == pytest.approx(measured["prefill_ttft"]["mean_ms"], rel=0.15), profile
 
 
 def test_without_the_model_shapes_the_features_are_shape_free():

@@ -324,3 +324,37 @@ def test_simulate_auto_rates_probe_first(tmp_path):
     assert result["rates_source"] == "auto" and len(result["rates"]) == 2
     assert result["rates"][0] == pytest.approx(0.25 * probe, rel=0.01)
     assert result["rates"][1] == pytest.approx(1.5 * probe, rel=0.01)
+
+
+def test_replay_runs_a_sweep_from_before_the_closed_loop_open_loop(tmp_path):
+    """An archived sweep whose commands name no closed-loop flag and whose rows have no
+    `sm_feedback` (bench sweep writes it since the closed loop) ran open loop: its rapid
+    commands are replayed with --no-closed-loop, said in fidelity.md; --server-args come after
+    and win. A sweep with the column (or a flag) is replayed as recorded."""
+    from rapidserve.entrypoints.cli import main
+    from rapidserve.sim.simulate import predates_closed_loop
+
+    _simulate(tmp_path, "archive")
+    path = tmp_path / "archive" / "sweep.json"
+    archived = json.loads(path.read_text())
+    for row in archived["rows"]:
+        row.pop("sm_feedback", None)
+    path.write_text(json.dumps(archived))
+    assert predates_closed_loop(archived)
+    assert not predates_closed_loop({**archived, "rows": [{**r, "sm_feedback": None} for r in archived["rows"]]})
+    flagged = [{**c, "command": c["command"] + " --closed-loop"} for c in archived["configs"]]
+    assert not predates_closed_loop({**archived, "configs": flagged})
+
+    def replay(name: str, *extra: str) -> dict[str, str]:
+        assert main(["simulate", "--replay", str(tmp_path / "archive"), "--output-dir", str(tmp_path / name),
+                     "--no-plots", "--quiet", *extra]) == 0
+        return {c["name"]: c["command"] for c in json.loads((tmp_path / name / "sweep.json").read_text())["configs"]}
+
+    cmds = replay("open")
+    assert cmds["rapid-static:20"].endswith("--no-closed-loop")
+    assert "closed-loop" not in cmds["hybrid-512"] + cmds["disagg"]  # only rapid has a partitioning loop
+    text = (tmp_path / "open" / "fidelity.md").read_text()
+    assert "rapid-static:20: --no-closed-loop added" in text and "hybrid-512: --no" not in text
+    cmds = replay("closed", "--server-args=--closed-loop")
+    assert cmds["rapid-static:20"].endswith("--no-closed-loop --closed-loop")
+    assert "then --server-args '--closed-loop'" in (tmp_path / "closed" / "fidelity.md").read_text()

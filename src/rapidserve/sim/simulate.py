@@ -317,10 +317,38 @@ def _load_records(path: Path) -> tuple[list[RequestRecord], float] | None:
     return [RequestRecord(**{**q, "itls": tuple(q["itls"])}) for q in saved["requests"]], float(saved["duration"])
 
 
+CLOSED_LOOP_FLAGS = ("--closed-loop", "--no-closed-loop")
+
+
+def predates_closed_loop(archived: dict[str, Any]) -> bool:
+    """Whether an archived sweep ran before the closed loop existed (2026-11-30), when rapid's
+    partitioning was open loop: none of its server commands names a closed-loop flag and none of
+    its measured rows has the `sm_feedback` column `bench sweep` writes since then.
+    NOTE: today's default is --closed-loop, so replaying such a sweep as recorded would simulate
+    a policy that did not run."""
+    named = any(f in shlex.split(c.get("command") or "") for c in archived.get("configs", ())
+                for f in CLOSED_LOOP_FLAGS)
+    fed_back = any("sm_feedback" in r for r in archived.get("rows", ()) if r.get("status") == "ok")
+    return not named and not fed_back
+
+
+def _flag_value(cmd: Sequence[str], flag: str) -> str | None:
+    """The value of the last `flag V` or `flag=V` in a command line."""
+    value = None
+    for i, x in enumerate(cmd):
+        if x == flag and i + 1 < len(cmd):
+            value = cmd[i + 1]
+        elif x.startswith(flag + "="):
+            value = x[len(flag) + 1:]
+    return value
+
+
 def replay_args(sweep_dir: Path, args: argparse.Namespace) -> tuple[argparse.Namespace, list[tuple[SweepConfig, list[str]]]]:
     """The archived sweep's workload, seeds, rates and SLOs in `args` (what the command line
     gave explicitly for --profile, --cost-error, --output-dir and memory stays), and each
-    configuration with its recorded server command."""
+    configuration with its recorded server command, plus --no-closed-loop on a rapid command of
+    a sweep that predates the closed loop (`predates_closed_loop`) and then --server-args.
+    `args.replay_notes` says what was added."""
     archived = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
     a = archived["args"]
     for key in ("dataset_name", "dataset_path", "num_prompts", "random_input_len", "random_output_len",
@@ -332,10 +360,21 @@ def replay_args(sweep_dir: Path, args: argparse.Namespace) -> tuple[argparse.Nam
     if args.profile is None:
         args.profile = a.get("profile")
     configs = []
+    open_loop = predates_closed_loop(archived)
+    args.replay_notes = []
     for entry in archived["configs"]:
         if not entry.get("command"):
             continue
         cmd = shlex.split(entry["command"])
+        extra = shlex.split(args.server_args or "")
+        if open_loop and _flag_value(cmd, "--mode") == "rapid":
+            cmd.append("--no-closed-loop")
+            overridden = any(f in extra for f in CLOSED_LOOP_FLAGS)
+            args.replay_notes.append(
+                f"{entry['name']}: --no-closed-loop added (the sweep ran before the closed loop existed: open loop)"
+                + (f", then --server-args {args.server_args!r}" if overridden else ""))
+        # NOTE: after the archived flags, so that they override them (the engine's parser: last wins)
+        cmd += extra
         # NOTE: the policy decides from the profile its server had (a path in this checkout, as
         # the archives record it); --profile only prices the steps. Where the server's profile is
         # not here, --profile stands in for it too.
@@ -371,7 +410,8 @@ def fidelity(sweep_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
                   None)
         if sr is not None:
             best[entry["name"]] = {"measured": mr, "simulated": sr}
-    return {"sweep": str(sweep_dir), "rows": rows, "max_rate_at_attainment_p95_itl": best}
+    return {"sweep": str(sweep_dir), "rows": rows, "max_rate_at_attainment_p95_itl": best,
+            "notes": list(result["args"].get("replay_notes") or ())}
 
 
 def _rel(sim: float | None, meas: float | None) -> str:
@@ -397,6 +437,8 @@ def format_fidelity(f: dict[str, Any]) -> str:
             r = x.get("rate")
             return (x.get("note") or "-") if r is None else f"{r:.3g}" + (" (or more)" if x.get("note") == "lower bound" else "")
         lines.append(f"- {name}: {fmt(b['simulated'])} / {fmt(b['measured'])}")
+    if f.get("notes"):
+        lines += ["", "The server commands as replayed:", ""] + [f"- {n}" for n in f["notes"]]
     return "\n".join(lines)
 
 
@@ -461,6 +503,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"simulated {len(result['rows'])} runs in {wall:.1f} s")
     for note in result["simulated"]["limitations"]:
         print(f"note: {note}")
+    for note in getattr(args, "replay_notes", ()):
+        print(f"replay: {note}")
     if replay is not None:
         f = fidelity(replay, result)
         (out_dir / "fidelity.json").write_text(json.dumps(_json_safe(f), indent=2), encoding="utf-8")
