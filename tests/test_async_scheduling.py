@@ -13,7 +13,8 @@ from conftest import random_prompts
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
-from rapidserve.engine import LLMEngine, create_engine
+from rapidserve.engine import create_engine
+from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.request import Request, RequestStatus
 from rapidserve.runner.inputs import StepInputs

@@ -16,7 +16,8 @@ from rapidserve.bench.floors import (
 )
 from rapidserve.bench.throughput import Workload, _serial_floor
 from rapidserve.config import EngineConfig
-from rapidserve.engine import LLMEngine, StepStats
+from rapidserve.serving.front import StepStats
+from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.entrypoints.cli import main
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.loader import load_model

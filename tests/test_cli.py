@@ -13,7 +13,7 @@ import pytest
 
 from rapidserve import SamplingParams
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineFront, load_chat_template
+from rapidserve.serving.front import EngineFront, load_chat_template
 from rapidserve.entrypoints import cli
 from rapidserve.entrypoints.args import engine_config_from_args, served_names
 from rapidserve.entrypoints.cli import build_parser

@@ -22,7 +22,8 @@ from conftest import LiveServer, random_prompts
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine
 from rapidserve.config import EngineConfig
-from rapidserve.engine import LLMEngine, create_engine
+from rapidserve.engine import create_engine
+from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.entrypoints.openai.server import ServerConfig, build_app
 from rapidserve.runner.model_runner import ModelRunner, is_device_failure
 

@@ -10,7 +10,8 @@ from conftest import random_prompts
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineStats, create_engine
+from rapidserve.engine import create_engine
+from rapidserve.serving.front import EngineStats
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.resources.partition import Granted, Partition, PhaseStreams
 from rapidserve.resources.policy import PartitionStats

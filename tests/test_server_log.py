@@ -11,7 +11,7 @@ import pytest
 
 from rapidserve.async_engine import AsyncEngine
 from rapidserve.config import EngineConfig
-from rapidserve.engine import LLMEngine
+from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.entrypoints.openai.server import ServerConfig, build_app
 from rapidserve.entrypoints.openai.server_log import StatsLogger
 

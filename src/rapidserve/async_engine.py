@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, TypeVar
 
-from rapidserve.engine import EngineFront, EngineStats
+from rapidserve.serving.front import EngineFront, EngineStats
 from rapidserve.outputs import RequestOutput
 from rapidserve.sampling_params import SamplingParams
 

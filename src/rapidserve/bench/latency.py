@@ -231,7 +231,7 @@ def _decode_row(p: DecodePoint) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rapidserve.engine import LLMEngine
+    from rapidserve.serving.hybrid import LLMEngine
     from rapidserve.runner.setup import resolve_device
 
     if args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.prefill_len < 0:

@@ -571,8 +571,7 @@ def _run_rapidserve(
     config: Any, workload: Workload, rates: DeviceRates | None, warmup_prompts: int
 ) -> tuple[ThroughputFigures, dict[str, Any], torch.dtype, torch.device, list[list[int]]]:
     """The engine lives only in here, so its GPU memory is free for the peer afterwards."""
-    from rapidserve.engine import LLMEngine
-
+    from rapidserve.serving.hybrid import LLMEngine
     engine = LLMEngine(config)
     try:
         prompts = workload.prompts(engine.model_config.vocab_size)

@@ -50,7 +50,6 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from rapidserve.engine import create_engine
-
     params = _sampling_params(args)
     engine = create_engine(engine_config_from_args(args))
     try:

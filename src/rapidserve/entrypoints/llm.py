@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineFront, create_engine
+from rapidserve.engine import create_engine
+from rapidserve.serving.front import EngineFront
 from rapidserve.entrypoints.args import NOT_BUILT, check_not_built
 from rapidserve.outputs import RequestOutput
 from rapidserve.sampling_params import SamplingParams

@@ -677,8 +677,7 @@ def _print_estimate(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rapidserve.engine import LLMEngine
-
+    from rapidserve.serving.hybrid import LLMEngine
     if (args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.beside_prefill_tokens < 1
             or args.beside_decode_batch < 1):
         raise ValueError("need --num-steps >= 1, --warmup-steps >= 0, --prefill-repeats >= 1, "

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from rapidserve.config import EngineConfig, parse_disagg_devices
-from rapidserve.engine import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
+from rapidserve.serving.front import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.resources.partition import Partition, Partitioner, make_partitioner, round_to_granularity
 from rapidserve.runner.model_runner import ModelRunner

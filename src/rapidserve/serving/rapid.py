@@ -20,7 +20,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineFront, EngineStats
+from rapidserve.serving.front import EngineFront, EngineStats
 from rapidserve.model.loader import model_config, resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.outputs import RequestOutput

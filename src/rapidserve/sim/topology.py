@@ -25,7 +25,8 @@ import torch
 from rapidserve.bench.metrics import RequestRecord
 from rapidserve.bench.workloads import SampleRequest
 from rapidserve.config import EngineConfig
-from rapidserve.engine import EngineFront, LLMEngine
+from rapidserve.serving.front import EngineFront
+from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.loader import resolve_max_model_len

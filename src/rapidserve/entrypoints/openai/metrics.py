@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from rapidserve.async_engine import RequestStream
-from rapidserve.engine import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
+from rapidserve.serving.front import KV_TRANSFER_BUCKETS, EngineStats, KVTransferStats
 from rapidserve.resources.policy import REACTION_BUCKETS, PartitionStats
 
 _LATENCY_BUCKETS = (

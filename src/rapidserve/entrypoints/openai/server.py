@@ -30,7 +30,7 @@ from rapidserve import __version__
 from rapidserve.async_engine import (
     AsyncEngine, ChatPrompt, EngineDeadError, Prompt, RequestStream, prompt_token_ids,
 )
-from rapidserve.engine import EngineFront, check_unicode
+from rapidserve.serving.front import EngineFront, check_unicode
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.entrypoints.openai.server_log import RequestLogMiddleware, StatsLogger, record_streams
 from rapidserve.entrypoints.openai.protocol import (
