@@ -172,3 +172,13 @@ def test_llm_refuses_unbuilt_vllm_options(tiny):
         LLM(tiny, device="cpu", quantization="awq")
     with pytest.raises(ValueError, match="tensor parallelism"):
         LLM(tiny, device="cpu", tensor_parallel_size=2)
+
+
+def test_demo_simulates_the_modes_then_answers_with_the_rapid_mode(tmp_path, capsys):
+    """The README's main job, end to end (fewer simulated requests)."""
+    assert cli.main(["demo", "--num-prompts", "12", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for config in ("hybrid-512", "hybrid-2048", "disagg", "rapid-rapid"):
+        assert config in out
+    assert "A: " in out and "Paris" in out.split("A: ", 1)[1]
+    assert (tmp_path / "sweep.json").exists()

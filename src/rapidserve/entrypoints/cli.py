@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parsers(sub)
     _add_profile_parser(sub)
     _add_simulate_parser(sub)
+    from rapidserve.entrypoints import demo
+
+    demo.add_cli_args(_subparser(
+        sub, "demo", "the project's point in a minute: every serving mode simulated on the shipped H100 "
+                     "profile, then one real request answered by the embedded model in the rapid mode"))
     return parser
 
 
