@@ -24,6 +24,7 @@ from rapidserve.attention.metadata import AttentionMetadata, forward_context
 from rapidserve.kv.cache import KVCache, KVCacheSpec
 from rapidserve.model.loader import load_model
 from rapidserve.ops.fp8 import FP8_DTYPE
+from conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -74,14 +75,6 @@ def _score(model, ids: list[int], kv_dtype: torch.dtype, chunk: int = CHUNK) -> 
     return Scored(torch.cat(nll), torch.cat(top1))
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The reference's greedy continuation (one full prefill per token: n is small)."""
-    out: list[int] = []
-    for _ in range(n):
-        out.append(int(_score(model, prompt + out, torch.float32, chunk=1 << 30).top1[-1]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     ref = load_model(None, "auto", "float32", CPU)
@@ -115,7 +108,7 @@ def test_fp8_perplexity_and_top1_agreement(smollm2, english, weights, kv, min_to
     assert agree >= min_top1 and ratio <= max_ppl_ratio
 
 
-def test_readme_chat_greedy_text_with_fp8(smollm2):
+def test_readme_chat_greedy_text_with_fp8(smollm2, smollm2_hf):
     """Greedy decoding is unchanged iff at every step the FP8 model's argmax over the prompt and
     the reference's continuation so far is the reference's next token: one prefill checks all.
 
@@ -125,7 +118,10 @@ def test_readme_chat_greedy_text_with_fp8(smollm2):
     # as the engine renders a chat (LLMEngine.chat_prompt)
     text = tok.apply_chat_template(README_CHAT, tokenize=False, add_generation_prompt=True)
     chat = list(tok.encode(text, add_special_tokens=False))
-    want = _greedy(ref_model, chat, CHAT_TOKENS)
+    # The reference's greedy continuation: transformers' on the same weights (the oracle, with
+    # its own KV cache; the fp32 model here gives the same tokens: tests/test_hf_equivalence.py).
+    want = hf_greedy(smollm2_hf, chat, CHAT_TOKENS)
+    assert _score(ref_model, chat + want, torch.float32, chunk=1 << 30).top1[len(chat) - 1:-1].tolist() == want
     kept = {}
     for name, model, kv in [("fp8 kv", ref_model, FP8_DTYPE), ("fp8 weights", fp8_model, torch.float32),
                             ("both", fp8_model, FP8_DTYPE)]:
