@@ -24,12 +24,12 @@ CONFIGS=$CONFIGS,rapid-static:16,rapid-static:32,rapid-static:48,rapid-static:64
 
 case_args() {  # name -> profile dataset rates
     case "$1" in
-        8b-h100-lmsys)   echo "$H100 lmsys-like 1,2,3,4,5,6,8,10" ;;
-        8b-h100-arxiv)   echo "$H100 arxiv-like 0.25,0.5,0.75,1,1.25,1.5,2,2.5" ;;
-        8b-h200-lmsys)   echo "$RES/profiles/llama-3.1-8b-h200.json lmsys-like 1,2,3,4,5,6,8,10" ;;
+        8b-h100-lmsys)   echo "$H100 lmsys-like 2,4,6,8,10,12,16,20" ;;
+        8b-h100-arxiv)   echo "$H100 arxiv-like 0.5,1,1.5,2,2.5,3,4,5" ;;
+        8b-h200-lmsys)   echo "$RES/profiles/llama-3.1-8b-h200.json lmsys-like 2,4,6,8,10,12,16,20" ;;
         32b-h100-lmsys)  echo "$RES/profiles/qwen2.5-32b-h100.json lmsys-like 0.25,0.5,0.75,1,1.25,1.5,2,2.5" ;;
         32b-h100-arxiv)  echo "$RES/profiles/qwen2.5-32b-h100.json arxiv-like 0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.7" ;;
-        32b-h200-lmsys)  echo "$RES/profiles/qwen2.5-32b-h200.json lmsys-like 0.25,0.5,0.75,1,1.25,1.5,2,2.5" ;;
+        32b-h200-lmsys)  echo "$RES/profiles/qwen2.5-32b-h200.json lmsys-like 0.5,1,1.5,2,2.5,3,4,5" ;;
         32b-h200-arxiv)  echo "$RES/profiles/qwen2.5-32b-h200.json arxiv-like 0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.7" ;;
         *) echo "unknown case $1" >&2; exit 2 ;;
     esac
