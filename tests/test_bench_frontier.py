@@ -185,3 +185,30 @@ def test_best_static_split_per_slo(tmp_path):
     assert rows[0].endswith(",best_static") and all(r.endswith("rapid-static:32") for r in rows if r.startswith("50"))
     png = fr.plot_frontier(result, tmp_path)
     assert png.stat().st_size > 10_000
+
+
+def test_a_configuration_that_could_not_run_has_no_ratio():
+    """disagg failing at every rate (e.g. two copies of a 32B model on 80 GB): "no data", and no
+    0.00x against the best chunk nor as anyone's disagg denominator."""
+    from rapidserve.bench.sweep import failed_row
+
+    def result(rows: list[dict]) -> dict:
+        names = list(dict.fromkeys(r["config"] for r in rows))
+        return {"attainment_target": 0.9, "configs": [{"name": n, "status": "ok"} for n in names], "rows": rows}
+
+    def ok(config: str, rate: float, attained: float) -> dict:
+        row = failed_row(config, rate, "")
+        row.update(status="ok", error=None, attainment_p95_itl=attained)
+        return row
+
+    shared = result([ok("hybrid-256", 1.0, 1.0), ok("hybrid-256", 2.0, 0.0), ok("rapid-static:32", 1.0, 1.0),
+                     ok("rapid-static:32", 2.0, 0.0), failed_row("disagg", None, "ValueError: no memory left")])
+    f = fr.build_frontier([50.0], {50.0: shared}, {})
+    e = f["per_slo"][0]
+    notes = {p["config"]: p["note"] for p in f["points"]}
+    assert notes["disagg"] == "no data"
+    assert e["ratios"]["disagg"] == {"vs_best_hybrid": None, "vs_disagg": None}
+    assert e["ratios"]["rapid-static:32"]["vs_disagg"] is None
+    assert e["ratios"]["rapid-static:32"]["vs_best_hybrid"] == pytest.approx(1.0)
+    line = fr.format_frontier(f).splitlines()[1]
+    assert "0.00x" not in line

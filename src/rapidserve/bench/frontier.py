@@ -146,13 +146,17 @@ def build_frontier(slos: Sequence[float], shared: dict[float, dict[str, Any]] | 
         statics = [p for p in pts if is_static(p.config) and p.rate is not None]
         best_static = max(statics, key=lambda p: p.rate, default=None)
         ratios: dict[str, dict[str, float | None]] = {}
+        # NOTE: a configuration that could not run ("no data": e.g. disagg's two copies of a large
+        # model do not fit) has no ratio, neither as numerator nor as the disagg denominator.
+        ran = {p.config for p in pts if p.note != "no data"}
         for p in pts:
             if p.config.startswith("hybrid-"):
                 continue
             ratios[p.config] = {
                 # No chunk reaching the target counts as 0: a configuration that does is inf x.
-                "vs_best_hybrid": _ratio(p.rate, best.rate if best else None) if any_hybrid else None,
-                "vs_disagg": _ratio(p.rate, rates["disagg"]) if "disagg" in rates and p.config != "disagg" else None,
+                "vs_best_hybrid": _ratio(p.rate, best.rate if best else None) if any_hybrid and p.config in ran else None,
+                "vs_disagg": _ratio(p.rate, rates["disagg"]) if "disagg" in ran and p.config != "disagg"
+                and p.config in ran else None,
             }
         per.append({"slo_itl_ms": slo, "rates": rates,
                     "best_hybrid": None if best is None else {"config": best.config, "rate": best.rate},
