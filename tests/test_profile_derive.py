@@ -80,3 +80,21 @@ def test_cli_writes_a_profile_the_simulator_loads(tmp_path):
                  "--bandwidth-scale", "1.433", "--gpu-name", "NVIDIA H200 141GB HBM3e"]) == 0
     p = load_profile(out)
     assert is_derived(p) and gpu_memory_from_name(p.metadata.gpu_name) == 141 << 30
+
+
+def test_derived_contexts_match_held_out_measured_points():
+    """Derived at a context the source never measured: the one-context 2026-11-22 profile, derived
+    (same model) at 2560, against the 2026-11-23 profile's measured 2560 points (40, alone and
+    beside a prefill): the step-cost model's held-out error (docs/cost-model.md: 7.2 % mean, 22 % max)."""
+    src, truth = load_profile("docs/results/2026-11-22-h100/profile.json"), load_profile(H100)
+    d = derive_profile(src, preset_target("preset:llama-3.1-8b"), context_lens=[1024, 2560])
+    assert d.decode.context_lens == (1024, 2560)
+    _close([g[0] for g in d.decode.alone_ms], [g[0] for g in src.decode.alone_ms])  # measured: given back
+    errs = [abs(a[1][k] - b[1][k]) / b[1][k]
+            for new, old in ((d.decode.alone_ms, truth.decode.alone_ms),
+                             (d.decode.beside_prefill_ms, truth.decode.beside_prefill_ms))
+            for a, b in zip(new, old) for k in range(len(truth.decode.batch_sizes))]
+    assert len(errs) == 40
+    assert sum(errs) / len(errs) < 0.09 and max(errs) < 0.25
+    with pytest.raises(ValueError, match=">= 1"):
+        derive_profile(src, preset_target("preset:llama-3.1-8b"), batch_sizes=[0, 4])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -127,9 +128,12 @@ def _retargeted(model: StepCostModel, target: Target, layer_scale: float) -> Ste
     return clone
 
 
-def derive_profile(measured: Profile, target: Target) -> Profile:
+def derive_profile(measured: Profile, target: Target, context_lens: Sequence[int] | None = None,
+                   batch_sizes: Sequence[int] | None = None) -> Profile:
     """The profile `target` would measure on the same GPU (or one `bandwidth_scale` faster in
-    memory), derived point by point from `measured` (see the module doc)."""
+    memory), derived point by point from `measured` (see the module doc). The decode table's
+    contexts and batches default to the measured ones; others are the measured model's step-cost
+    prediction there (the fit times its interpolated residual), scaled likewise."""
     if not target.bandwidth_scale > 0:
         raise ValueError(f"--bandwidth-scale must be > 0, got {target.bandwidth_scale}")
     old = StepCostModel.from_profile(measured)
@@ -146,20 +150,28 @@ def derive_profile(measured: Profile, target: Target) -> Profile:
         return f
 
     d = measured.decode
+    ctxs = tuple(sorted(set(context_lens))) if context_lens else d.context_lens
+    batches = tuple(sorted(set(batch_sizes))) if batch_sizes else d.batch_sizes
+    if ctxs[0] < 1 or batches[0] < 1:
+        raise ValueError("derived context lengths and batch sizes must be >= 1")
+    beside_load = [PrefillLoad(measured.metadata.prefill_tokens_beside)]
 
-    def decode_grid(grid: tuple, beside: bool) -> tuple:
+    def measured_decode_ms(n: int, b: int, c: int, beside: bool) -> float:
+        # NOTE: at a measured point the step-cost model returns the measurement itself
+        return 1e3 * old.decode_step_s(b, b * c, sms=None if n >= total else n, beside=beside_load if beside else ())
+
+    def decode_grid(beside: bool) -> tuple:
         out = []
-        for i, n in enumerate(d.sm_counts):
+        for n in d.sm_counts:
             name = "decode_alone" if not beside else (
                 "decode_overallocated" if n >= total else "decode_beside_prefill")
             if old._fits.get(name) is None:
                 name = "decode_alone"
-            out.append(tuple(tuple(grid[i][j][k] * ratio("_decode_fit_s", name, n / total, b, b * c)
-                                   for k, b in enumerate(d.batch_sizes)) for j, c in enumerate(d.context_lens)))
+            out.append(tuple(tuple(measured_decode_ms(n, b, c, beside) * ratio("_decode_fit_s", name, n / total, b, b * c)
+                                   for b in batches) for c in ctxs))
         return tuple(out)
 
-    decode = DecodeTable(d.sm_counts, d.context_lens, d.batch_sizes, decode_grid(d.alone_ms, False),
-                         decode_grid(d.beside_prefill_ms, True))
+    decode = DecodeTable(d.sm_counts, ctxs, batches, decode_grid(False), decode_grid(True))
     p = measured.prefill
 
     def prefill_grid(grid: tuple, beside: bool) -> tuple:

@@ -641,6 +641,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-name", default=None,
                    help="with --derive-from: the target GPU's name (its memory is read from it by the simulator, "
                         "e.g. 'NVIDIA H200 141GB HBM3e'); default: the measured GPU's")
+    g.add_argument("--derive-context-lens", type=_sorted_list, default=None,
+                   help="with --derive-from: the derived decode table's contexts (default: the measured ones; others "
+                        "are the step-cost model's predictions)")
+    g.add_argument("--derive-batch-sizes", type=_sorted_list, default=None,
+                   help="with --derive-from: the derived decode table's batch sizes (default: the measured ones)")
     g.add_argument("--num-steps", type=int, default=8, help="timed steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3, help="timed runs of each prefill point (the median is kept)")
@@ -684,7 +689,7 @@ def _derive(args: argparse.Namespace) -> int:
     measured = load_profile(args.derive_from)
     dtype = None if args.dtype == "auto" else args.dtype
     target = preset_target(args.model, dtype, args.gpu_name, args.bandwidth_scale)
-    profile = derive_profile(measured, target)
+    profile = derive_profile(measured, target, args.derive_context_lens, args.derive_batch_sizes)
     profile.save(args.output)
     print(profile.metadata.notes)
     print(f"wrote {args.output}")
