@@ -7,7 +7,11 @@ import json
 import pytest
 
 from rapidserve.resources.profile import load_profile
-from rapidserve.resources.profile_derive import derive_profile, is_derived, preset_target
+from rapidserve.resources.profile_derive import (
+    derive_profile,
+    is_derived,
+    preset_target,
+)
 
 H100 = "docs/results/2026-11-23-h100/profile.json"
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import datetime, timezone
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import numpy as np
@@ -226,7 +226,7 @@ def derive_profile(measured: Profile, target: Target, context_lens: Sequence[int
     # NOTE: the decode steps beside the timed prefills keep the measured batch and context; their
     # weights and KV are the new model's only through the fits.
     meta = dataclasses.replace(m, model=target.model, dtype=target.dtype, gpu_name=gpu, notes=notes,
-                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                               created=datetime.now(UTC).isoformat(timespec="seconds"))
     return Profile(meta, decode, prefill, model_shape=target.shape, hybrid=hybrid, decode_beside_prompts=dbp,
                    kv_transfer=kv, host_overhead_ms=measured.host_overhead_ms)
 
