@@ -48,6 +48,10 @@ def _timing(config: str, rate: float, slo: float) -> tuple[float, float]:
         return 10.0, (500.0 if rate <= 1 else 2000.0)
     if config == "rapid-rapid":
         return 0.8 * slo, 500.0  # aims under whatever SLO it is given
+    if config == "rapid-static:32":  # a small decode group: slow steps, prompts keep up
+        return 30.0, 500.0
+    if config == "rapid-static:64":  # a large one: fast steps, prompts fall behind past 1 req/s
+        return 12.0, (500.0 if rate <= 1 else 1500.0)
     raise AssertionError(config)
 
 
@@ -111,7 +115,7 @@ def test_frontier_from_hand_built_runs(tmp_path):
 
     paths = fr.write_frontier(result, tmp_path)
     rows = (tmp_path / "frontier.csv").read_text().splitlines()
-    assert rows[0] == "slo_itl_ms,config,max_good_rate,note,best_hybrid,vs_best_hybrid"
+    assert rows[0] == "slo_itl_ms,config,max_good_rate,note,best_hybrid,vs_best_hybrid,best_static"
     assert len(rows) == 1 + 3 * 4
     assert json.loads(paths[0].read_text())["per_slo"][1]["best_hybrid"]["config"] == "hybrid-256"
     table = fr.format_frontier(result)
@@ -149,3 +153,62 @@ def test_simulated_frontier(tmp_path, capsys):
     for slo in result["slos"]:
         sweep = json.loads((tmp_path / f"slo-itl-{slo:g}" / "sweep.json").read_text())
         assert sweep["args"]["slo_itl_ms"] == slo and "simulated" in sweep
+
+
+def test_best_static_split_per_slo(tmp_path):
+    """The best static split at each SLO (the reference an adaptive policy must beat): the static
+    configurations run once and are rescored, and the best one changes with the SLO."""
+    calls: list[tuple[str, float]] = []
+    args = build_parser().parse_args([
+        "bench", "frontier", "--configs", "hybrid-256,hybrid-512,rapid-static:32,rapid-static:64",
+        "--itl-slos", "15,25,50", "--request-rates", "1,2,4", "--output-dir", str(tmp_path), "--no-plots"])
+    result = fr.run_frontier(args, _fake_sweep(calls))
+    assert sorted(c for c, _ in calls) == ["hybrid-256", "hybrid-512", "rapid-static:32", "rapid-static:64"]
+    per = {e["slo_itl_ms"]: e for e in result["per_slo"]}
+    approx = pytest.approx
+    # 15 ms: only D64 meets it (to 1.1 req/s); no chunk does: inf x.
+    assert per[15.0]["best_static"]["config"] == "rapid-static:64"
+    assert per[15.0]["best_static"]["rate"] == approx(1.1)
+    assert math.isinf(per[15.0]["best_static"]["vs_best_hybrid"])
+    # 25 ms: D64 still the only one (D32's 30 ms steps break it); hybrid-256 holds to 2.2.
+    assert per[25.0]["best_static"] == {"config": "rapid-static:64", "rate": approx(1.1),
+                                        "vs_best_hybrid": approx(1.1 / 2.2)}
+    # 50 ms: D32 holds at every rate (4.0+), past D64's 1.1.
+    assert per[50.0]["best_static"] == {"config": "rapid-static:32", "rate": approx(4.0),
+                                        "vs_best_hybrid": approx(1.0)}
+    table = fr.format_frontier(result)
+    assert "best static" in table and "static/best" in table
+    line25 = next(line for line in table.splitlines() if line.strip().startswith("25"))
+    assert "static:64" in line25 and "0.50x" in line25
+    fr.write_frontier(result, tmp_path)
+    rows = (tmp_path / "frontier.csv").read_text().splitlines()
+    assert rows[0].endswith(",best_static") and all(r.endswith("rapid-static:32") for r in rows if r.startswith("50"))
+    png = fr.plot_frontier(result, tmp_path)
+    assert png.stat().st_size > 10_000
+
+
+def test_a_configuration_that_could_not_run_has_no_ratio():
+    """disagg failing at every rate (e.g. two copies of a 32B model on 80 GB): "no data", and no
+    0.00x against the best chunk nor as anyone's disagg denominator."""
+    from rapidserve.bench.sweep import failed_row
+
+    def result(rows: list[dict]) -> dict:
+        names = list(dict.fromkeys(r["config"] for r in rows))
+        return {"attainment_target": 0.9, "configs": [{"name": n, "status": "ok"} for n in names], "rows": rows}
+
+    def ok(config: str, rate: float, attained: float) -> dict:
+        row = failed_row(config, rate, "")
+        row.update(status="ok", error=None, attainment_p95_itl=attained)
+        return row
+
+    shared = result([ok("hybrid-256", 1.0, 1.0), ok("hybrid-256", 2.0, 0.0), ok("rapid-static:32", 1.0, 1.0),
+                     ok("rapid-static:32", 2.0, 0.0), failed_row("disagg", None, "ValueError: no memory left")])
+    f = fr.build_frontier([50.0], {50.0: shared}, {})
+    e = f["per_slo"][0]
+    notes = {p["config"]: p["note"] for p in f["points"]}
+    assert notes["disagg"] == "no data"
+    assert e["ratios"]["disagg"] == {"vs_best_hybrid": None, "vs_disagg": None}
+    assert e["ratios"]["rapid-static:32"]["vs_disagg"] is None
+    assert e["ratios"]["rapid-static:32"]["vs_best_hybrid"] == pytest.approx(1.0)
+    line = fr.format_frontier(f).splitlines()[1]
+    assert "0.00x" not in line

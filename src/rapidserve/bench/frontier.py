@@ -53,6 +53,11 @@ def slo_dependent(config: str) -> bool:
     return config.startswith("rapid-") and config.removeprefix("rapid-") in _SLO_AIMING_POLICIES
 
 
+def is_static(config: str) -> bool:
+    """A rapid configuration with a fixed SM split (`rapid-static:N`: N decode SMs)."""
+    return config.startswith("rapid-static:")
+
+
 def reference_step_ms(profile_path: str, batch: int = REFERENCE_BATCH) -> float:
     """The model's decode step at `batch` on the whole device, alone, at the profile's shortest
     measured context (interpolated over batch): what `--itl-slos 2x` multiplies."""
@@ -136,17 +141,28 @@ def build_frontier(slos: Sequence[float], shared: dict[float, dict[str, Any]] | 
         # The best chunk: the highest good rate; on a tie the smaller chunk (its ITL is lower).
         best = max(hybrids, key=lambda p: (p.rate, -int(p.config.removeprefix("hybrid-"))), default=None)
         any_hybrid = any(p.config.startswith("hybrid-") for p in pts)
+        # The best static split: the reference an adaptive policy must beat at this SLO. On a tie
+        # the one listed first.
+        statics = [p for p in pts if is_static(p.config) and p.rate is not None]
+        best_static = max(statics, key=lambda p: p.rate, default=None)
         ratios: dict[str, dict[str, float | None]] = {}
+        # NOTE: a configuration that could not run ("no data": e.g. disagg's two copies of a large
+        # model do not fit) has no ratio, neither as numerator nor as the disagg denominator.
+        ran = {p.config for p in pts if p.note != "no data"}
         for p in pts:
             if p.config.startswith("hybrid-"):
                 continue
             ratios[p.config] = {
                 # No chunk reaching the target counts as 0: a configuration that does is inf x.
-                "vs_best_hybrid": _ratio(p.rate, best.rate if best else None) if any_hybrid else None,
-                "vs_disagg": _ratio(p.rate, rates["disagg"]) if "disagg" in rates and p.config != "disagg" else None,
+                "vs_best_hybrid": _ratio(p.rate, best.rate if best else None) if any_hybrid and p.config in ran else None,
+                "vs_disagg": _ratio(p.rate, rates["disagg"]) if "disagg" in ran and p.config != "disagg"
+                and p.config in ran else None,
             }
         per.append({"slo_itl_ms": slo, "rates": rates,
                     "best_hybrid": None if best is None else {"config": best.config, "rate": best.rate},
+                    "best_static": None if best_static is None else {
+                        "config": best_static.config, "rate": best_static.rate,
+                        "vs_best_hybrid": _ratio(best_static.rate, best.rate if best else None) if any_hybrid else None},
                     "ratios": ratios})
     return {"variant": VARIANT, "attainment_target": ATTAINMENT_TARGET, "slos": list(slos),
             "points": [p._asdict() for p in points], "per_slo": per}
@@ -214,7 +230,9 @@ def format_frontier(frontier: dict[str, Any]) -> str:
     notes = {(p["slo_itl_ms"], p["config"]): p["note"] for p in frontier["points"]}
     configs = list(dict.fromkeys(p["config"] for p in frontier["points"]))
     others = [c for c in configs if not c.startswith("hybrid-")]
-    header = ["ITL SLO ms", *configs, "best hybrid", *(f"{c}/best" for c in others)]
+    any_static = any(is_static(c) for c in configs)
+    header = ["ITL SLO ms", *configs, "best hybrid", *(["best static", "static/best"] if any_static else []),
+              *(f"{c}/best" for c in others)]
     lines = []
     for entry in frontier["per_slo"]:
         slo = entry["slo_itl_ms"]
@@ -222,6 +240,10 @@ def format_frontier(frontier: dict[str, Any]) -> str:
         row = [f"{slo:g}"]
         row += [_fmt_rate(entry["rates"].get(c), notes.get((slo, c), "no data")) for c in configs]
         row.append("-" if best is None else best["config"])
+        if any_static:
+            bs = entry.get("best_static")
+            row += ["-" if bs is None else bs["config"].removeprefix("rapid-"),
+                    "-" if bs is None else _fmt_ratio(bs["vs_best_hybrid"])]
         row += [_fmt_ratio(entry["ratios"].get(c, {}).get("vs_best_hybrid")) for c in others]
         lines.append(row)
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -237,15 +259,16 @@ def write_frontier(frontier: dict[str, Any], out_dir: Path) -> list[Path]:
     json_path, csv_path = out_dir / "frontier.json", out_dir / "frontier.csv"
     json_path.write_text(json.dumps(_json_safe(frontier), indent=2), encoding="utf-8")
     best = {e["slo_itl_ms"]: e["best_hybrid"] for e in frontier["per_slo"]}
+    best_static = {e["slo_itl_ms"]: e.get("best_static") for e in frontier["per_slo"]}
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["slo_itl_ms", "config", "max_good_rate", "note", "best_hybrid", "vs_best_hybrid"])
+        w.writerow(["slo_itl_ms", "config", "max_good_rate", "note", "best_hybrid", "vs_best_hybrid", "best_static"])
         ratios = {e["slo_itl_ms"]: e["ratios"] for e in frontier["per_slo"]}
         for p in frontier["points"]:
-            b = best[p["slo_itl_ms"]]
+            b, bs = best[p["slo_itl_ms"]], best_static[p["slo_itl_ms"]]
             r = ratios[p["slo_itl_ms"]].get(p["config"], {}).get("vs_best_hybrid")
             w.writerow([p["slo_itl_ms"], p["config"], "" if p["rate"] is None else p["rate"], p["note"],
-                        "" if b is None else b["config"], "" if r is None else r])
+                        "" if b is None else b["config"], "" if r is None else r, "" if bs is None else bs["config"]])
     return [json_path, csv_path]
 
 
@@ -266,7 +289,16 @@ def plot_frontier(frontier: dict[str, Any], out_dir: Path) -> Path:
         for x, y, b in zip(slos, ys, best):
             ax.annotate("none" if b is None else b["config"].removeprefix("hybrid-"), (x, y),
                         textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    configs = list(dict.fromkeys(p["config"] for p in frontier["points"] if not p["config"].startswith("hybrid-")))
+    if any(is_static(p["config"]) for p in frontier["points"]):
+        # The static splits drawn as the best one at each SLO (labelled with its decode SMs).
+        bs = [e.get("best_static") for e in frontier["per_slo"]]
+        ys = [b["rate"] if b is not None else 0.0 for b in bs]
+        ax.plot(slos, ys, "s-", color="tab:gray", lw=1.5, label="rapid static (best split)")
+        for x, y, b in zip(slos, ys, bs):
+            ax.annotate("none" if b is None else "D" + b["config"].removeprefix("rapid-static:"), (x, y),
+                        textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7, color="tab:gray")
+    configs = list(dict.fromkeys(p["config"] for p in frontier["points"]
+                                 if not p["config"].startswith("hybrid-") and not is_static(p["config"])))
     for c in configs:
         ys = [(e["rates"].get(c) or 0.0) if c in e["rates"] else math.nan for e in frontier["per_slo"]]
         ax.plot(slos, ys, marker=next(markers, "o"), ls="--", label=c, alpha=0.85)

@@ -194,6 +194,8 @@ class Profile:
                 "longer than predicted and the ITL SLO can break (measured on the H100: batch 64 on 16 SMs, "
                 "28.6 ms at 1024 vs 40.3 ms at 2048); profile two or more (`rapidserve profile --context-lens "
                 "1024,4096`)")
+        if self.metadata.notes.startswith("DERIVED"):
+            notes.append(f"the profile was not measured: {self.metadata.notes}")
         return notes
 
     def model_shape_or_preset(self) -> tuple[ModelShape | None, str]:

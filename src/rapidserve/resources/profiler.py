@@ -642,6 +642,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--estimate-from", default=None, metavar="PROFILE",
                    help="print how long this grid would take, priced by the step-cost model of an earlier profile "
                         "of the same GPU and model (no engine is started), and exit")
+    g.add_argument("--derive-from", default=None, metavar="PROFILE",
+                   help="measure nothing: derive the profile of --model (a preset:NAME) from this measured one by "
+                        "the step-cost model's roofline fit (see docs/cost-model.md); marked DERIVED, owed a "
+                        "measurement")
+    g.add_argument("--bandwidth-scale", type=float, default=1.0,
+                   help="with --derive-from: the target GPU's memory bandwidth / the measured GPU's (an H200 from an "
+                        "H100: 4.8 / 3.35 = 1.43); same SMs and compute assumed")
+    g.add_argument("--gpu-name", default=None,
+                   help="with --derive-from: the target GPU's name (its memory is read from it by the simulator, "
+                        "e.g. 'NVIDIA H200 141GB HBM3e'); default: the measured GPU's")
+    g.add_argument("--derive-context-lens", type=_sorted_list, default=None,
+                   help="with --derive-from: the derived decode table's contexts (default: the measured ones; others "
+                        "are the step-cost model's predictions)")
+    g.add_argument("--derive-batch-sizes", type=_sorted_list, default=None,
+                   help="with --derive-from: the derived decode table's batch sizes (default: the measured ones)")
     g.add_argument("--num-steps", type=int, default=8, help="timed steps per point")
     g.add_argument("--warmup-steps", type=int, default=3, help="untimed decode steps before them")
     g.add_argument("--prefill-repeats", type=int, default=3, help="timed runs of each prefill point (the median is kept)")
@@ -676,6 +691,22 @@ def _print_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _derive(args: argparse.Namespace) -> int:
+    from rapidserve.resources.profile import load_profile
+    from rapidserve.resources.profile_derive import derive_profile, preset_target
+
+    if args.model is None:
+        raise ValueError("--derive-from needs --model preset:NAME (the model to derive the profile for)")
+    measured = load_profile(args.derive_from)
+    dtype = None if args.dtype == "auto" else args.dtype
+    target = preset_target(args.model, dtype, args.gpu_name, args.bandwidth_scale)
+    profile = derive_profile(measured, target, args.derive_context_lens, args.derive_batch_sizes)
+    profile.save(args.output)
+    print(profile.metadata.notes)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from rapidserve.serving.hybrid import LLMEngine
     if (args.num_steps < 1 or args.warmup_steps < 0 or args.prefill_repeats < 1 or args.beside_prefill_tokens < 1
@@ -684,6 +715,8 @@ def main(args: argparse.Namespace) -> int:
                          "--beside-prefill-tokens >= 1, --beside-decode-batch >= 1")
     if args.estimate_from is not None:
         return _print_estimate(args)
+    if args.derive_from is not None:
+        return _derive(args)
     config = engine_config_from_args(args)
     if args.beside_decode_batch > config.max_num_seqs:
         raise ValueError(f"--beside-decode-batch {args.beside_decode_batch} > --max-num-seqs {config.max_num_seqs}: "
