@@ -120,14 +120,20 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+        if q_len == seq_len:
+            # A whole prompt: the plain causal mask, which SDPA's fused CPU kernel takes (an
+            # explicit mask sends it to the slow path).
+            mask, causal = None, True
+        else:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            k_pos = torch.arange(seq_len, device=q.device)
+            mask, causal = k_pos[None, :] <= q_pos[:, None], False  # [q_len, seq_len]
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1),  # [Hq, q_len, D]
             k.transpose(0, 1),
             v.transpose(0, 1),
             attn_mask=mask,
+            is_causal=causal,
             scale=scale,
         )
         out[s:e] = o.transpose(0, 1)
