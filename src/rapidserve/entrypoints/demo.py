@@ -40,7 +40,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rapidserve.entrypoints.cli import build_parser
+    from rapidserve.sim import simulate
 
     profile = Path(args.profile) if args.profile else default_profile()
     if profile is None or not profile.is_file():
@@ -50,8 +50,10 @@ def main(args: argparse.Namespace) -> int:
           "   arxiv-like prompts (~8K tokens), 1-4 req/s; a request is good when its p95 time between tokens\n"
           "   is <= 50 ms and its first token comes within 1 s per 1K prompt tokens.\n", flush=True)
     t0 = time.perf_counter()
-    sim = build_parser().parse_args([
-        "simulate", "--profile", str(profile), "--configs", CONFIGS, "--dataset-name", "arxiv-like",
+    parser = argparse.ArgumentParser(prog="rapidserve simulate")
+    simulate.add_cli_args(parser)
+    sim = parser.parse_args([
+        "--profile", str(profile), "--configs", CONFIGS, "--dataset-name", "arxiv-like",
         "--num-prompts", str(args.num_prompts), "--request-rates", "1,2,3,4", "--slo-itl-ms", "50",
         "--output-dir", args.output_dir, "--quiet",
     ])
