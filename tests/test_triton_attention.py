@@ -371,9 +371,10 @@ def test_decode_cuda_graph_replay_with_new_lengths_and_tables():
 def test_batched_decodes_match_the_reference(dtype, group, num_kv_heads, head_dim, block_size):
     # Decodes of different lengths (one token, partial and full blocks) mixed with prompts and
     # chunks; unused cache slots and table padding hold NaN blocks, which must not leak in.
-    q_lens = [1, 7, 1, 1, 0, 1, 5, 1]
-    seq_lens = [1, 7, 40, block_size, 3, 2 * block_size + 1, 30, 9]
+    q_lens = [1, 1, 1, 1, 7, 0, 5, 1]
+    seq_lens = [1, 40, block_size, 2 * block_size + 1, 7, 3, 30, 9]
     c = make_case(q_lens, seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=3)
+    c.meta.num_decodes = 4  # the leading one-token sequences, as the runner counts them
     torch_ref.write_kv(c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta.slot_mapping)
     ref = torch_ref.paged_attention(c.q, c.k_cache, c.v_cache, c.meta, c.scale)
     out = torch_ref.batched_paged_attention(c.q, c.k_cache, c.v_cache, c.meta, c.scale)
@@ -382,6 +383,7 @@ def test_batched_decodes_match_the_reference(dtype, group, num_kv_heads, head_di
     # Only decodes, and a single decode (the loop's path).
     for qs, ss in (([1, 1, 1], [5, 50, 17]), ([1], [33])):
         c = make_case(qs, ss, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=4)
+        c.meta.num_decodes = len(qs)
         torch_ref.write_kv(c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta.slot_mapping)
         torch.testing.assert_close(torch_ref.batched_paged_attention(c.q, c.k_cache, c.v_cache, c.meta, c.scale).float(),
                                    torch_ref.paged_attention(c.q, c.k_cache, c.v_cache, c.meta, c.scale).float(),

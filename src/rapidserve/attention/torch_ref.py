@@ -84,19 +84,18 @@ def batched_paged_attention(
     scale: float,
     kv_scales: KVScales | None = None,  # an FP8 cache's scales
 ) -> torch.Tensor:  # [T, Hq, D]
-    """`paged_attention` with the sequences that have one new token (decodes) in one batched
-    pass (`decode_attention`): the reference's loop costs a dozen small ops per sequence per
-    layer, most of a CPU decode step's time. The others as in the reference."""
+    """`paged_attention` with the step's leading one-token sequences (`meta.num_decodes`, as the
+    runner counts them for the Triton decode kernel) in one batched pass (`decode_attention`):
+    the reference's loop costs a dozen small ops per sequence per layer, most of a CPU decode
+    step's time. The others as in the reference."""
     out = torch.empty_like(q)
-    starts = meta.query_start_loc_host
-    single = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1 and meta.seq_lens_host[i] > 0]
-    if len(single) < 2:
-        single = []
-    else:
-        rows = torch.tensor([starts[i] for i in single], device=q.device)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, meta.block_tables[single],
-                                     [meta.seq_lens_host[i] for i in single], scale, kv_scales)
-    return _paged_attention(q, k_cache, v_cache, meta, scale, out, frozenset(single), kv_scales)
+    nd = meta.num_decodes
+    if nd < 2 or min(meta.seq_lens_host[:nd]) == 0:
+        nd = 0
+    else:  # rows 0..nd-1 of q are those sequences' tokens
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens_host[:nd],
+                                    scale, kv_scales)
+    return _paged_attention(q, k_cache, v_cache, meta, scale, out, range(nd), kv_scales)
 
 
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
