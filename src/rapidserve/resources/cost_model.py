@@ -16,7 +16,8 @@ How: each measured table of the profile gets a least-squares fit (in relative er
 non-negative coefficients) on roofline-shaped features: weight bytes and KV bytes streamed by the
 SMs a step has (the bandwidth a share of the SMs can draw saturates at some share: "SM
 saturation", fitted), FLOPs of the linear layers and of attention over those SMs, and a fixed
-per-step cost. The model's shapes (weight bytes, KV bytes per token, FLOPs per token) come from
+per-step cost. The model's shapes (weight bytes, KV bytes per token, FLOPs per token; for a
+mixture of experts the routed experts a step's tokens touch, under uniform routing) come from
 the profile (schema version 3) or, for older profiles, from the preset its metadata names; where
 neither is known the features are shape-free counts (tokens, KV tokens) and `limitations` says
 so. At a measured point a prediction is the measurement; elsewhere it is the fit times its

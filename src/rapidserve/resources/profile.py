@@ -10,7 +10,8 @@ Two tables, measured on the target GPU and model:
 
 The decode table's SM counts include the whole device (`metadata.total_sms`): the over-allocated
 partition. Schema version 3 adds, all optional (what the step-cost model, resources/cost_model.py, needs):
-- `model_shape`: the model's weight bytes, KV bytes per token and FLOPs (its roofline features);
+- `model_shape`: the model's weight bytes, KV bytes per token and FLOPs (its roofline features),
+  and for a mixture of experts its routed experts (optional fields: absent, a dense model);
 - `hybrid`: hybrid (chunked-prefill) steps on the whole device: one prefill chunk at a context
   offset plus a decode batch at that context, over chunk tokens × decode batch × context;
 - `decode_beside_prompts`: decode steps beside prefills of several prompt lengths (the decode
