@@ -53,7 +53,7 @@ case_args() {  # name -> profile dataset rates ("-" profile: the measured H100 o
         mixtral-h200-lmsys)  echo "mixtral-8x7b-h200.json lmsys-like 0.5,1,1.5,2,3,4,6,8" ;;
         mixtral-h200-arxiv)  echo "mixtral-8x7b-h200.json arxiv-like 0.1,0.2,0.3,0.5,0.75,1,1.5,2" ;;
         70b-fp8-h200-lmsys)  echo "llama-3.1-70b-fp8-h200.json lmsys-like 0.25,0.5,0.75,1,1.25,1.5,2,2.5" ;;
-        70b-fp8-h200-arxiv)  echo "llama-3.1-70b-fp8-h200.json arxiv-like RATES_TBD" ;;
+        70b-fp8-h200-arxiv)  echo "llama-3.1-70b-fp8-h200.json arxiv-like 0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.7" ;;
         *) echo "unknown case $1" >&2; exit 2 ;;
     esac
 }
