@@ -568,6 +568,10 @@ def test_a_moe_decode_step_grows_with_the_experts_its_batch_touches(mixtral_h200
     split = mixtral_h200.decode_step_s(32, 32 * 1024, sms=64, beside=[PrefillLoad(2048)]) - \
         mixtral_h200.decode_step_s(1, 1024, sms=64, beside=[PrefillLoad(2048)])
     assert split > 3 * grow_dense
+    # over-allocated (both phases on every SM): its own fit, the same experts
+    over = mixtral_h200.decode_step_s(32, 32 * 1024, beside=[PrefillLoad(2048)]) - \
+        mixtral_h200.decode_step_s(1, 1024, beside=[PrefillLoad(2048)])
+    assert over > 3 * grow_dense
 
 
 def test_each_hybrid_chunk_of_a_moe_prompt_reads_the_experts_again(mixtral_h200):
@@ -592,3 +596,22 @@ def test_each_hybrid_chunk_of_a_moe_prompt_reads_the_experts_again(mixtral_h200)
     assert alone - big == pytest.approx(experts_s, rel=0.2)  # at the decode fit's weight rates
     # a short prompt alone is held at the read of the experts its tokens touch, not the dense weights'
     assert mixtral_h200.prefill_step_s([PrefillLoad(64)]) > MOE.weight_bytes_read(64) / (3.35e12 * 1.433)
+
+
+def test_a_measured_hybrid_table_carries_the_experts_to_a_moe_derivation():
+    """Derived from a profile with a hybrid table: a Mixtral chunk reads the experts its tokens
+    touch, at the rate of the dense weight read in the fitted fixed cost (here the truth's
+    6 TB/s), on top of what the same shape without routed experts costs."""
+    from rapidserve.resources.profile_derive import derive_profile, preset_target
+
+    src = v3_profile()
+    t = preset_target("preset:mixtral-8x7b")
+    moe = derive_profile(src, t)
+    dense = derive_profile(src, t._replace(shape=t.shape._replace(expert_bytes=0, moe_layers=0, num_experts=0,
+                                                                  experts_per_token=0)))
+    h = moe.hybrid
+    for n in h.chunk_tokens:
+        for b in h.decode_batches:
+            i, j, k = h.chunk_tokens.index(n), h.decode_batches.index(b), h.context_lens.index(4096)
+            extra_s = (h.latency_ms[i][j][k] - dense.hybrid.latency_ms[i][j][k]) / 1e3
+            assert extra_s == pytest.approx(MOE.routed_bytes_read(n + b) / 6e12, rel=0.02)
