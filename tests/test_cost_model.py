@@ -526,12 +526,14 @@ def test_a_moe_profile_fits_the_experts_a_batch_reads():
     prof = roofline_profile("mixtral-8x7b")
     prof = Profile(prof.metadata, DecodeTable(SMS, CTX, batches, grid, grid), prof.prefill, model_shape=shape)
     model = StepCostModel.from_profile(prof)
+    assert any("uniform routing" in x for x in model.limitations)
     for s, b, c in ((132, 2, 1024), (32, 8, 2048), (48, 16, 4096), (132, 300, 8192)):
         want = _moe_truth_decode(shape, s, b, b * c)
         assert model.decode_step_s(b, b * c, None if s == TOTAL else s) == pytest.approx(want, rel=1e-3)
     dense = dataclasses.replace(prof, model_shape=shape._replace(num_experts=0, experts_per_token=0, moe_layers=0,
                                                                   expert_bytes=0))
     off = StepCostModel.from_profile(dense)
+    assert not any("uniform routing" in x for x in off.limitations)
     errs = [abs(off.decode_step_s(b, b * 1024, None) / _moe_truth_decode(shape, TOTAL, b, b * 1024) - 1) for b in (2, 8)]
     assert max(errs) > 0.05
 

@@ -386,6 +386,11 @@ class StepCostModel:
             self.limitations.append(
                 f"the profile does not record the model's shapes and {profile.metadata.model!r} is no preset: the "
                 "cost model's features are shape-free counts (tokens, KV tokens) rather than bytes and FLOPs")
+        if shape.is_moe:
+            self.limitations.append(
+                f"the routed experts a step reads ({shape.num_experts} per MoE layer, top-{shape.experts_per_token}) are "
+                "counted under uniform routing: a trained router is skewed, so a small batch touches fewer experts "
+                "than priced (an upper-ish estimate past the measured batches)")
         d = self.profile.decode
         self._decode_sms = d.sm_counts
         self._split_sms = tuple(n for n in d.sm_counts if n < self.total_sms)
