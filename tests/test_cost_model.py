@@ -2,6 +2,7 @@
 extrapolation past the measured range, the derived tables of older profiles, the shipped H100
 profiles, and --cost-error."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -456,3 +457,163 @@ def test_extrapolation_on_held_out_h100_points():
     model, interp = _held_out(StepCostModel.from_profile(cut), cut.decode_ms,
                               [(i, j, 3) for i in range(5) for j in range(2)])
     assert model < 0.06 and model <= interp * 1.05
+
+
+# ---- mixture of experts and FP8 ----------------------------------------------------------------
+
+MIXTRAL = ModelConfig.from_hf(load_preset("mixtral-8x7b"))
+MOE = ModelShape.from_config(MIXTRAL, "bfloat16")
+
+
+def test_a_dense_shape_is_unchanged():
+    """The numbers before the MoE fields (the archived profiles and derivations rest on them)."""
+    assert SHAPE[:5] == (15_009_316_864, 131_072, 13_958_643_712, 1_050_673_152, 524_288)
+    assert SHAPE[5:] == (0, 0, 0, 0, 0) and not SHAPE.is_moe
+    assert SHAPE.weight_bytes_read(1) == SHAPE.weight_bytes_read(4096) == SHAPE.weight_bytes
+
+
+def test_a_moe_shape_reads_the_experts_its_tokens_touch():
+    from rapidserve.bench.floors import model_cost, step_weight_bytes_read
+
+    expert = 3 * 4096 * 14336 * 2  # one Mixtral expert's gate, up and down in bf16
+    assert (MOE.expert_bytes, MOE.moe_layers, MOE.num_experts, MOE.experts_per_token) == (expert, 32, 8, 2)
+    assert MOE.weight_bytes_read(0) == MOE.weight_bytes  # the dense weights only
+    assert MOE.weight_bytes_read(1) == MOE.weight_bytes + 32 * 2 * expert  # batch 1: 2 of 8 experts per layer
+    assert MOE.weight_bytes_read(32) == pytest.approx(MOE.weight_bytes + 32 * 8 * expert, rel=1e-3)  # nearly all
+    # FLOPs per token: the active experts (top-2), not all 8; the same count as the engine's floors
+    import torch
+
+    cost = model_cost(MIXTRAL, torch.bfloat16)
+    assert MOE.flops_per_token == cost.linear_flops_per_token
+    assert 12.5e9 < MOE.flops_per_token / 2 < 12.8e9  # Mixtral's ~12.9B active parameters less the embedding
+    for n in (1, 4, 32, 512):  # the floors' bytes (norms and biases aside)
+        assert MOE.weight_bytes_read(n) == pytest.approx(step_weight_bytes_read(cost, n), rel=1e-3)
+    qwen = ModelShape.from_config(ModelConfig.from_hf(load_preset("qwen3-30b-a3b")), "bfloat16")
+    assert (qwen.num_experts, qwen.experts_per_token, qwen.moe_layers) == (128, 8, 48)
+    assert qwen.weight_bytes_read(1) < 0.15 * qwen.weight_bytes_read(4096)  # 8 of 128 experts
+
+
+def test_fp8_counts_one_byte_per_projection_weight_and_kv_entry():
+    cfg = ModelConfig.from_hf(load_preset("llama-3.1-70b"))
+    bf16 = ModelShape.from_config(cfg, "bfloat16")
+    fp8 = ModelShape.from_config(cfg, "bfloat16+fp8-weights+fp8-kv")
+    head = 2 * cfg.vocab_size * cfg.hidden_size  # the LM head stays bf16
+    assert fp8.weight_bytes - head == (bf16.weight_bytes - head) // 2
+    assert 70e9 < fp8.weight_bytes < 71e9 and bf16.weight_bytes > 138e9
+    assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token // 2
+    assert fp8.flops_per_token == bf16.flops_per_token == fp8.fp8_flops_per_token  # every projection in FP8
+    assert ModelShape.from_config(cfg, "bfloat16+fp8-weights").kv_bytes_per_token == bf16.kv_bytes_per_token
+    assert ModelShape.from_config(dataclasses.replace(cfg, quantization="fp8"), "bfloat16") == \
+        ModelShape.from_config(cfg, "bfloat16+fp8-weights")  # a loaded config says it too
+    with pytest.raises(ValueError, match="unknown part 'int4'"):
+        ModelShape.from_config(cfg, "bfloat16+int4")
+
+
+def _moe_truth_decode(shape: ModelShape, sms: int, b: int, kv: int) -> float:
+    s = sms / TOTAL
+    u = 1 / max(s, 64 / TOTAL)
+    kvb = shape.kv_bytes_per_token * kv
+    return 4e-3 + 1e-6 * b + (shape.weight_bytes_read(b) + kvb) * u / 6e12 + shape.flops_per_token * b / s / 4e14
+
+
+def test_a_moe_profile_fits_the_experts_a_batch_reads():
+    """A measured MoE profile whose truth reads the experts its batch touches: the fit recovers
+    it between and past the measured batches; with the experts' bytes fixed (as a dense model's
+    weights) the same fit cannot."""
+    shape = MOE._replace(lm_head_flops=0)
+    batches = (1, 4, 64, 128)
+    grid = tuple(tuple(tuple(1e3 * _moe_truth_decode(shape, s, b, b * c) for b in batches) for c in CTX) for s in SMS)
+    prof = roofline_profile("mixtral-8x7b")
+    prof = Profile(prof.metadata, DecodeTable(SMS, CTX, batches, grid, grid), prof.prefill, model_shape=shape)
+    model = StepCostModel.from_profile(prof)
+    assert any("uniform routing" in x for x in model.limitations)
+    for s, b, c in ((132, 2, 1024), (32, 8, 2048), (48, 16, 4096), (132, 300, 8192)):
+        want = _moe_truth_decode(shape, s, b, b * c)
+        assert model.decode_step_s(b, b * c, None if s == TOTAL else s) == pytest.approx(want, rel=1e-3)
+    dense = dataclasses.replace(prof, model_shape=shape._replace(num_experts=0, experts_per_token=0, moe_layers=0,
+                                                                  expert_bytes=0))
+    off = StepCostModel.from_profile(dense)
+    assert not any("uniform routing" in x for x in off.limitations)
+    errs = [abs(off.decode_step_s(b, b * 1024, None) / _moe_truth_decode(shape, TOTAL, b, b * 1024) - 1) for b in (2, 8)]
+    assert max(errs) > 0.05
+
+
+def _derived(model: str, shape: ModelShape | None = None, **kw) -> StepCostModel:
+    from rapidserve.resources.profile_derive import derive_profile, preset_target
+
+    t = preset_target(model, gpu_name="NVIDIA H200 141GB HBM3e", bandwidth_scale=1.433, **kw)
+    if shape is not None:
+        t = t._replace(shape=shape)
+    return StepCostModel.from_profile(derive_profile(load_profile(RESULTS / "2026-11-23-h100/profile.json"), t))
+
+
+@pytest.fixture(scope="module")
+def mixtral_h200():
+    return _derived("preset:mixtral-8x7b")
+
+
+def test_a_moe_decode_step_grows_with_the_experts_its_batch_touches(mixtral_h200):
+    """Derived Mixtral on the H200: batch 1 reads 2 of 8 experts per layer, batch 32 nearly all.
+    A dense model of the same active parameters (its weights: the dense ones plus two experts per
+    layer) grows by its per-sequence and KV costs only; Mixtral by those plus ~6 experts x 32
+    layers at the weights' bandwidth (~68 GB at 3.19 x 1.433 TB/s: ~15 ms)."""
+    active = MOE._replace(weight_bytes=int(MOE.weight_bytes_read(1)), expert_bytes=0, moe_layers=0, num_experts=0,
+                          experts_per_token=0)
+    dense = _derived("preset:mixtral-8x7b", shape=active)
+    grow_moe = mixtral_h200.decode_step_s(32, 32 * 1024) - mixtral_h200.decode_step_s(1, 1024)
+    grow_dense = dense.decode_step_s(32, 32 * 1024) - dense.decode_step_s(1, 1024)
+    assert dense.decode_step_s(1, 1024) == pytest.approx(mixtral_h200.decode_step_s(1, 1024), rel=0.02)
+    extra_s = (MOE.weight_bytes_read(32) - MOE.weight_bytes_read(1)) / (3.19e12 * 1.433)
+    assert grow_moe > 3 * grow_dense
+    assert grow_moe - grow_dense == pytest.approx(extra_s, rel=0.25)
+    # on a split the weights stream at the split's bandwidth: the experts cost at least as much there
+    split = mixtral_h200.decode_step_s(32, 32 * 1024, sms=64, beside=[PrefillLoad(2048)]) - \
+        mixtral_h200.decode_step_s(1, 1024, sms=64, beside=[PrefillLoad(2048)])
+    assert split > 3 * grow_dense
+    # over-allocated (both phases on every SM): its own fit, the same experts
+    over = mixtral_h200.decode_step_s(32, 32 * 1024, beside=[PrefillLoad(2048)]) - \
+        mixtral_h200.decode_step_s(1, 1024, beside=[PrefillLoad(2048)])
+    assert over > 3 * grow_dense
+
+
+def test_each_hybrid_chunk_of_a_moe_prompt_reads_the_experts_again(mixtral_h200):
+    """The layered-prefill argument: a prompt prefilled in chunks beside a small decode batch
+    pays, in every chunk, the experts its tokens route to beyond the decode rows'; one prefill
+    step of the whole prompt reads them once. A dense model's chunks ride on the decode step's
+    weight read."""
+    dense = _derived("preset:llama-3.1-8b")
+    chunk, k, b = 256, 8, 1
+
+    def overhead(m: StepCostModel) -> float:
+        steps = sum(m.hybrid_step_s([PrefillLoad(chunk, i * chunk)], b, b * 1024) - m.decode_step_s(b, b * 1024)
+                    for i in range(k))
+        return steps - m.prefill_step_s([PrefillLoad(chunk * k)])
+
+    experts_s = (MOE.weight_bytes_read(chunk + b) - MOE.weight_bytes_read(b)) / (3.19e12 * 1.433)
+    assert overhead(mixtral_h200) > 0.7 * (k - 1) * experts_s  # (k - 1) more reads of ~6 experts x 32 layers
+    assert overhead(dense) < 0.2 * overhead(mixtral_h200)
+    # with every expert already read by the decode rows, a chunk adds only its compute
+    big = mixtral_h200.hybrid_step_s([PrefillLoad(chunk, 0)], 128, 128 * 1024) - mixtral_h200.decode_step_s(128, 128 * 1024)
+    alone = mixtral_h200.hybrid_step_s([PrefillLoad(chunk, 0)], 1, 1024) - mixtral_h200.decode_step_s(1, 1024)
+    assert alone - big == pytest.approx(experts_s, rel=0.2)  # at the decode fit's weight rates
+    # a short prompt alone is held at the read of the experts its tokens touch, not the dense weights'
+    assert mixtral_h200.prefill_step_s([PrefillLoad(64)]) > MOE.weight_bytes_read(64) / (3.35e12 * 1.433)
+
+
+def test_a_measured_hybrid_table_carries_the_experts_to_a_moe_derivation():
+    """Derived from a profile with a hybrid table: a Mixtral chunk reads the experts its tokens
+    touch, at the rate of the dense weight read in the fitted fixed cost (here the truth's
+    6 TB/s), on top of what the same shape without routed experts costs."""
+    from rapidserve.resources.profile_derive import derive_profile, preset_target
+
+    src = v3_profile()
+    t = preset_target("preset:mixtral-8x7b")
+    moe = derive_profile(src, t)
+    dense = derive_profile(src, t._replace(shape=t.shape._replace(expert_bytes=0, moe_layers=0, num_experts=0,
+                                                                  experts_per_token=0)))
+    h = moe.hybrid
+    for n in h.chunk_tokens:
+        for b in h.decode_batches:
+            i, j, k = h.chunk_tokens.index(n), h.decode_batches.index(b), h.context_lens.index(4096)
+            extra_s = (h.latency_ms[i][j][k] - dense.hybrid.latency_ms[i][j][k]) / 1e3
+            assert extra_s == pytest.approx(MOE.routed_bytes_read(n + b) / 6e12, rel=0.02)

@@ -373,6 +373,12 @@ def test_profile_command_runs_an_moe_model(tiny_model_dir, tmp_path, capsys):
     assert profile.decode.batch_sizes == (3,) and profile.prefill.prompt_tokens == (8,)
     assert all(ms > 0 for ctx in profile.decode.alone_ms[0] for ms in ctx)
     assert all(ms > 0 for ms in profile.prefill.latency_ms[0])
+    # the profile records the experts: 2 layers, layer 0 dense; an expert's gate/up/down, 64 x 48 in fp32
+    shape = profile.model_shape
+    assert (shape.num_experts, shape.experts_per_token, shape.moe_layers) == (4, 2, 1)
+    assert shape.expert_bytes == 3 * 64 * 48 * 4
+    assert shape.weight_bytes_read(1) == shape.weight_bytes + 2 * shape.expert_bytes  # 2 of 4 experts, then all
+    assert shape.weight_bytes_read(64) == pytest.approx(shape.weight_bytes + 4 * shape.expert_bytes)
 
 
 # -------------------------------------------------------------------------------- benchmarks

@@ -102,3 +102,75 @@ def test_derived_contexts_match_held_out_measured_points():
     assert sum(errs) / len(errs) < 0.09 and max(errs) < 0.25
     with pytest.raises(ValueError, match=">= 1"):
         derive_profile(src, preset_target("preset:llama-3.1-8b"), batch_sizes=[0, 4])
+
+
+def test_fp8_70b_reads_half_the_weights_and_prefills_at_the_fp8_rate(measured):
+    """--quantization fp8 --kv-cache-dtype fp8 from the bf16 8B profile: one byte per projection
+    weight and KV entry; the linear layers' FLOPs at --fp8-flops-scale x the measured bf16 rate."""
+    bf16 = derive_profile(measured, preset_target("preset:llama-3.1-70b"))
+    fp8 = derive_profile(measured, preset_target("preset:llama-3.1-70b", quantization="fp8", kv_cache_dtype="fp8"))
+    same_rate = derive_profile(measured, preset_target("preset:llama-3.1-70b", quantization="fp8",
+                                                       kv_cache_dtype="fp8", fp8_flops_scale=1.0))
+    assert fp8.metadata.dtype == "bfloat16+fp8-weights+fp8-kv" and bf16.metadata.dtype == "bfloat16"
+    assert 70e9 < fp8.model_shape.weight_bytes < 71e9 and bf16.model_shape.weight_bytes > 138e9
+    assert fp8.model_shape.kv_bytes_per_token * 2 == bf16.model_shape.kv_bytes_per_token
+    # prefill (compute): the FP8 rate halves the linear layers' time; at scale 1 it is bf16's
+    for j, n in enumerate(measured.prefill.prompt_tokens):
+        r = fp8.prefill.latency_ms[-1][j] / bf16.prefill.latency_ms[-1][j]
+        assert 0.5 <= r < 0.56, n  # the LM head and attention stay at the bf16 rate
+        assert same_rate.prefill.latency_ms[-1][j] == pytest.approx(bf16.prefill.latency_ms[-1][j], rel=1e-9)
+    # decode (memory): batch 1 on the whole device, about the weight bytes ratio faster
+    r = fp8.decode.alone_ms[-1][0][0] / bf16.decode.alone_ms[-1][0][0]
+    assert 0.5 < r < 0.7
+    assert "FP8 GEMMs at x2 the measured bf16" in fp8.metadata.notes and "x1 the measured" in same_rate.metadata.notes
+    assert "FP8" not in bf16.metadata.notes
+    with pytest.raises(ValueError, match="--fp8-flops-scale"):
+        preset_target("preset:llama-3.1-70b", quantization="fp8", fp8_flops_scale=0)
+    with pytest.raises(ValueError, match="--kv-cache-dtype"):
+        preset_target("preset:llama-3.1-70b", kv_cache_dtype="int8")
+
+
+def test_a_moe_preset_is_derived_with_its_experts(measured, tmp_path):
+    d = derive_profile(measured, preset_target("preset:mixtral-8x7b"))
+    shape = d.model_shape
+    assert (shape.num_experts, shape.experts_per_token, shape.moe_layers) == (8, 2, 32)
+    assert "routed uniformly" in d.metadata.notes
+    # decode on the whole device: batch 1 reads ~2 of 8 experts per layer, batch 64 all of them
+    full = d.decode.alone_ms[-1][0]
+    b = dict(zip(d.decode.batch_sizes, full))
+    assert b[64] - b[1] > 0.8 * (shape.weight_bytes_read(64) - shape.weight_bytes_read(1)) / 3.19e12 * 1e3
+    # the saved profile records the expert fields and loads with them
+    d.save(tmp_path / "m.json")
+    again = load_profile(tmp_path / "m.json")
+    assert again.model_shape == shape
+    assert json.loads((tmp_path / "m.json").read_text())["model_shape"]["num_experts"] == 8
+
+
+def test_the_model_shape_schema_old_and_bad(measured, tmp_path):
+    """A version 3 profile without the MoE / FP8 fields loads as dense; inconsistent ones are named."""
+    d = derive_profile(measured, preset_target("preset:qwen2.5-32b"))
+    data = d.to_json()
+    for k in ("expert_bytes", "moe_layers", "num_experts", "experts_per_token", "fp8_flops_per_token"):
+        del data["model_shape"][k]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_profile(tmp_path / "old.json").model_shape == d.model_shape
+    moe = derive_profile(measured, preset_target("preset:mixtral-8x7b")).to_json()
+    for change, match in (({"experts_per_token": 0}, "all 0 .dense."), ({"experts_per_token": 9}, "at most num_experts"),
+                          ({"fp8_flops_per_token": 10 ** 15}, "fp8_flops_per_token"),
+                          ({"num_experts": -1}, r"model_shape.num_experts: must be at least 0")):
+        bad = json.loads(json.dumps(moe))
+        bad["model_shape"].update(change)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_profile(tmp_path / "bad.json")
+
+
+def test_cli_derives_an_fp8_profile(tmp_path):
+    from rapidserve.entrypoints.cli import main
+
+    out = tmp_path / "70b.json"
+    assert main(["profile", "--derive-from", H100, "--model", "preset:llama-3.1-70b", "--quantization", "fp8",
+                 "--kv-cache-dtype", "fp8", "--fp8-flops-scale", "1.8", "--bandwidth-scale", "1.433",
+                 "--gpu-name", "NVIDIA H200 141GB HBM3e", "--output", str(out)]) == 0
+    p = load_profile(out)
+    assert p.metadata.dtype == "bfloat16+fp8-weights+fp8-kv" and "x1.8 the measured bf16" in p.metadata.notes

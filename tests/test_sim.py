@@ -1,6 +1,7 @@
 """The simulator (rapidserve.sim): the event loop on hand-computed cases with a hand-written cost
 model, determinism, a policy's decision reaching the result, and `simulate` end to end."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -358,3 +359,57 @@ def test_replay_runs_a_sweep_from_before_the_closed_loop_open_loop(tmp_path):
     cmds = replay("closed", "--server-args=--closed-loop")
     assert cmds["rapid-static:20"].endswith("--no-closed-loop --closed-loop")
     assert "then --server-args '--closed-loop'" in (tmp_path / "closed" / "fidelity.md").read_text()
+
+
+# ---- MoE and FP8 models: their weights and KV size the pools -----------------------------------
+
+
+def test_moe_and_fp8_models_size_the_kv_pool_from_their_weights():
+    import torch
+
+    from rapidserve.bench.floors import model_cost
+    from rapidserve.sim.topology import kv_blocks
+
+    h200 = 141 << 30
+    for model, kw in (("preset:mixtral-8x7b", {}), ("preset:llama-3.1-70b", {"quantization": "fp8"})):
+        c = EngineConfig(model=f"{model}", load_format="dummy", **kw)
+        s = ModelShape.of(c)
+        # every expert of every layer (Mixtral: 46.7B parameters), FP8 projections one byte each
+        assert s.weight_bytes == pytest.approx(model_cost(s.config, torch.bfloat16).weight_bytes, rel=2e-3)
+    mixtral = ModelShape.of(EngineConfig(model="preset:mixtral-8x7b", load_format="dummy"))
+    assert 93e9 < mixtral.weight_bytes < 94e9
+    bf16 = ModelShape.of(EngineConfig(model="preset:llama-3.1-70b", load_format="dummy"))
+    fp8 = ModelShape.of(EngineConfig(model="preset:llama-3.1-70b", load_format="dummy", quantization="fp8"))
+    fp8kv = ModelShape.of(EngineConfig(model="preset:llama-3.1-70b", load_format="dummy", quantization="fp8",
+                                       kv_cache_dtype="fp8"))
+    assert 72e9 < fp8.weight_bytes < 73e9 and bf16.weight_bytes > 141e9
+    assert fp8kv.block_bytes(16) * 2 == fp8.block_bytes(16) == bf16.block_bytes(16)
+    with pytest.raises(ValueError, match="no memory left"):  # 141 GB of bf16 weights on a 141 GiB GPU at 0.9
+        kv_blocks(EngineConfig(model="preset:llama-3.1-70b", load_format="dummy"), bf16, h200)
+    cfg = EngineConfig(model="preset:llama-3.1-70b", load_format="dummy", quantization="fp8", kv_cache_dtype="fp8")
+    blocks = kv_blocks(cfg, fp8kv, h200)
+    assert blocks * fp8kv.block_bytes(16) > 50e9  # issue 18: >= 50 GB of KV beside an FP8 70B on one H200
+    bf16_kv = kv_blocks(dataclasses.replace(cfg, kv_cache_dtype="auto"), fp8, h200)
+    assert abs(blocks - 2 * bf16_kv) <= 1  # the same bytes, half a block each
+
+
+def test_simulate_an_fp8_profile_runs_its_servers_in_fp8(tmp_path):
+    """A profile of FP8 weights and KV (metadata.dtype) makes every simulated server FP8: the
+    server command carries the flags, and the pools are sized from one byte per weight and entry."""
+    from rapidserve.entrypoints.cli import main
+    from rapidserve.resources.profile_derive import derive_profile, preset_target
+
+    measured = Profile.from_json(json.loads(Path("docs/results/2026-11-23-h100/profile.json").read_text()))
+    p = derive_profile(measured, preset_target("preset:llama-3.1-70b", quantization="fp8", kv_cache_dtype="fp8",
+                                               gpu_name="NVIDIA H200 141GB HBM3e", bandwidth_scale=1.433))
+    p.save(tmp_path / "70b.json")
+    out = tmp_path / "sim"
+    assert main(["simulate", "--profile", str(tmp_path / "70b.json"), "--configs", "hybrid-512,rapid-static:64",
+                 "--request-rates", "0.5", "--dataset-name", "lmsys-like", "--num-prompts", "6", "--slo-itl-ms", "100",
+                 "--output-dir", str(out), "--no-plots", "--quiet"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert all("--quantization fp8" in c["command"] and "--kv-cache-dtype fp8" in c["command"]
+               for c in result["configs"])
+    assert all(r["status"] == "ok" and r["completed"] == 6 for r in result["rows"])
+    blocks = {r["num_kv_blocks"] for r in result["simulated"]["runs"]}
+    assert min(blocks) * 16 * p.model_shape.kv_bytes_per_token > 50e9

@@ -16,7 +16,8 @@ How: each measured table of the profile gets a least-squares fit (in relative er
 non-negative coefficients) on roofline-shaped features: weight bytes and KV bytes streamed by the
 SMs a step has (the bandwidth a share of the SMs can draw saturates at some share: "SM
 saturation", fitted), FLOPs of the linear layers and of attention over those SMs, and a fixed
-per-step cost. The model's shapes (weight bytes, KV bytes per token, FLOPs per token) come from
+per-step cost. The model's shapes (weight bytes, KV bytes per token, FLOPs per token; for a
+mixture of experts the routed experts a step's tokens touch, under uniform routing) come from
 the profile (schema version 3) or, for older profiles, from the preset its metadata names; where
 neither is known the features are shape-free counts (tokens, KV tokens) and `limitations` says
 so. At a measured point a prediction is the measurement; elsewhere it is the fit times its
@@ -264,17 +265,27 @@ def _fit_table(build: Callable[[float], np.ndarray], y: np.ndarray, shares: np.n
 # ---- features: one row per step -----------------------------------------------------------------
 
 
-def _decode_row(shape: ModelShape, s: float, b: float, kv: float, s_bw: float) -> list[float]:
+def _decode_row(shape: ModelShape, s: float, b: float, kv: float, s_bw: float,
+                routed_tokens: float | None = None) -> list[float]:
     """A decode step of b sequences over kv KV tokens on share s of the SMs: fixed cost, per
     sequence cost, KV bytes at the device's bandwidth, weights and KV streamed by s of the SMs
-    (saturating at s_bw), FLOPs (linear layers and the LM head per sequence) over s of the SMs."""
+    (saturating at s_bw), FLOPs (linear layers and the LM head per sequence) over s of the SMs,
+    and the routed experts' bytes at the device's bandwidth (MoE: the experts b tokens touch;
+    `routed_tokens` for another count, e.g. a prefill's tokens with nothing to decode).
+
+    NOTE: a dense model's weights are the same every step, so the fixed cost carries their read
+    at the device's bandwidth (collinear with it); a MoE model's routed experts grow with the
+    tokens routed, so they have a column of their own, always 0 for a dense model (its fit is
+    unchanged: NNLS leaves a zero column at 0)."""
     kvb = shape.kv_bytes_per_token * kv
     u = _u(s, s_bw)
-    return [1.0, b, kvb, shape.weight_bytes * u, kvb * u, (shape.flops_per_token + shape.lm_head_flops) * b / s]
+    n = b if routed_tokens is None else routed_tokens
+    return [1.0, b, kvb, shape.weight_bytes_read(n) * u, kvb * u, (shape.flops_per_token + shape.lm_head_flops) * b / s,
+            shape.routed_bytes_read(n)]
 
 
 def _decode_full_row(shape: ModelShape, b: float, kv: float) -> list[float]:
-    return [1.0, b, shape.kv_bytes_per_token * kv]
+    return [1.0, b, shape.kv_bytes_per_token * kv, shape.routed_bytes_read(b)]
 
 
 def _pairs(loads: Sequence[PrefillLoad]) -> float:
@@ -303,12 +314,13 @@ def _prefill_flops(shape: ModelShape, loads: Sequence[PrefillLoad]) -> tuple[flo
 
 
 def _hybrid_row(shape: ModelShape, loads: Sequence[PrefillLoad], b: float, kv: float) -> list[float]:
-    """A hybrid step on the whole device: fixed cost (weights read once), per decode sequence,
-    decode KV bytes, linear FLOPs over every row, prefill attention FLOPs."""
+    """A hybrid step on the whole device: fixed cost (dense weights read once), per decode
+    sequence, decode KV bytes, linear FLOPs over every row, prefill attention FLOPs, and the
+    routed experts the chunk's and the decode rows' tokens touch (MoE; 0 for a dense model)."""
     n = float(sum(x.tokens for x in loads))
     return [1.0, b, shape.kv_bytes_per_token * kv,
             shape.flops_per_token * (n + b) + shape.lm_head_flops * (len(loads) + b),
-            shape.attention_flops_per_pair * _pairs(loads)]
+            shape.attention_flops_per_pair * _pairs(loads), shape.routed_bytes_read(n + b)]
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -374,6 +386,11 @@ class StepCostModel:
             self.limitations.append(
                 f"the profile does not record the model's shapes and {profile.metadata.model!r} is no preset: the "
                 "cost model's features are shape-free counts (tokens, KV tokens) rather than bytes and FLOPs")
+        if shape.is_moe:
+            self.limitations.append(
+                f"the routed experts a step reads ({shape.num_experts} per MoE layer, top-{shape.experts_per_token}) are "
+                "counted under uniform routing: a trained router is skewed, so a small batch touches fewer experts "
+                "than priced (an upper-ish estimate past the measured batches)")
         d = self.profile.decode
         self._decode_sms = d.sm_counts
         self._split_sms = tuple(n for n in d.sm_counts if n < self.total_sms)
@@ -617,10 +634,10 @@ class StepCostModel:
         # NOTE: plain floats: numpy's per-call overhead on six numbers is most of a policy's step
         return max(sum(a * c for a, c in zip(row(fit.s_bw), fit.coef_list)), 1e-9)
 
-    def _decode_fit_s(self, name: str, s: float, b: float, kv: float) -> float:
+    def _decode_fit_s(self, name: str, s: float, b: float, kv: float, routed_tokens: float | None = None) -> float:
         if name == "decode_overallocated":
             return self._eval(name, lambda _: _decode_full_row(self.shape, b, kv))
-        return self._eval(name, lambda s_bw: _decode_row(self.shape, s, b, kv, s_bw))
+        return self._eval(name, lambda s_bw: _decode_row(self.shape, s, b, kv, s_bw, routed_tokens))
 
     def _decode_which(self, sms: int, beside: bool) -> tuple[str, tuple[int, ...], int]:
         """(fit name, its measured SM counts, the SMs it prices at)."""
@@ -686,13 +703,24 @@ class StepCostModel:
         if beside and not measured_beside:
             cost *= 1 + (PREFILL_CONTENTION_FULL if sms >= total else PREFILL_CONTENTION_SPLIT)
         # NOTE: never below the weight read on these SMs (the decode fit's step with nothing to
-        # decode): a short prompt is memory-bound, and the compute fit alone would price it near 0.
-        return max(cost, self._weight_floor(sms)) if floor else cost
+        # decode, reading the experts these tokens route to): a short prompt is memory-bound, and
+        # the compute fit alone would price it near 0.
+        return max(cost, self._weight_floor(sms, n)) if floor else cost
 
-    def _weight_floor(self, sms: int) -> float:
+    def _weight_floor(self, sms: int, tokens: float) -> float:
+        """The weight read of a forward over `tokens` tokens on `sms` SMs (a MoE model: the
+        dense weights and the experts they route to)."""
         if self._fits["decode_alone"] is None:
             return 0.0
-        return self._decode_fit_s("decode_alone", sms / self.total_sms, 0.0, 0.0)
+        return self._decode_fit_s("decode_alone", sms / self.total_sms, 0.0, 0.0, routed_tokens=tokens)
+
+    def _experts_beyond_s(self, tokens: float, more: float) -> float:
+        """MoE: the read of the routed experts `more` tokens touch beyond those `tokens` tokens
+        touch (the decode fit's weight terms on the whole device); 0 for a dense model."""
+        if not self.shape.is_moe or self._fits["decode_alone"] is None or more <= 0:
+            return 0.0
+        return (self._decode_fit_s("decode_alone", 1.0, 0.0, 0.0, routed_tokens=tokens + more)
+                - self._decode_fit_s("decode_alone", 1.0, 0.0, 0.0, routed_tokens=tokens))
 
     # ---- deliberate error ---------------------------------------------------------------------------
 
@@ -768,8 +796,9 @@ class StepCostModel:
         if not loads:
             return self._decode_anchored(total, b, kv, False) if b else 0.0
         chunks = self._chunks_compute_s(loads)
+        n = sum(x.tokens for x in loads)
         if b == 0:  # the chunks read the weights themselves
-            return max(chunks, self._weight_floor(total))
+            return max(chunks, self._weight_floor(total, n))
         dec = self._decode_anchored(total, b, kv, False)
         # NOTE: measured, not the roofline: a hybrid step costs the decode batch's whole step plus
         # the chunks' compute. The roofline's "weights read once" (the chunks' step plus only the
@@ -781,7 +810,9 @@ class StepCostModel:
         # chunks, docs/cost-model.md): the sum prices the prompts' TTFT within +2 %, the
         # roofline 9-25 % low. The chunks' compute is the whole device's prefill fit without the
         # weight-read floor: a short chunk is memory-bound and rides on the decode step's weight read.
-        return dec + chunks
+        # A MoE chunk also reads the routed experts its tokens touch that the decode rows' do not:
+        # every chunk of a prompt pays them again (where one prefill step reads them once).
+        return dec + chunks + self._experts_beyond_s(b, n)
 
     def kv_transfer_s(self, num_bytes: int) -> float:
         _check_counts(num_bytes=num_bytes)

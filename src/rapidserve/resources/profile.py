@@ -10,7 +10,8 @@ Two tables, measured on the target GPU and model:
 
 The decode table's SM counts include the whole device (`metadata.total_sms`): the over-allocated
 partition. Schema version 3 adds, all optional (what the step-cost model, resources/cost_model.py, needs):
-- `model_shape`: the model's weight bytes, KV bytes per token and FLOPs (its roofline features);
+- `model_shape`: the model's weight bytes, KV bytes per token and FLOPs (its roofline features),
+  and for a mixture of experts its routed experts (optional fields: absent, a dense model);
 - `hybrid`: hybrid (chunked-prefill) steps on the whole device: one prefill chunk at a context
   offset plus a decode batch at that context, over chunk tokens × decode batch × context;
 - `decode_beside_prompts`: decode steps beside prefills of several prompt lengths (the decode
@@ -33,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from rapidserve.model.config import expected_distinct_experts
+
 if TYPE_CHECKING:
     from rapidserve.model.config import ModelConfig
 
@@ -45,29 +48,103 @@ Grid4 = tuple[Grid3, ...]  # [prompt tokens][sm][context][batch], ms
 
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
+FP8_WEIGHTS_LABEL, FP8_KV_LABEL = "+fp8-weights", "+fp8-kv"
+
+
+class DtypeLabel(NamedTuple):
+    """A profile's `metadata.dtype`: the compute dtype, and whether the decoder's projections
+    hold FP8 weights (`--quantization fp8`) and the KV cache FP8 entries (`--kv-cache-dtype fp8`),
+    e.g. "bfloat16+fp8-weights+fp8-kv" (a profile measured with them holds other step times)."""
+
+    compute: str
+    fp8_weights: bool = False
+    fp8_kv: bool = False
+
+    def __str__(self) -> str:
+        return self.compute + (FP8_WEIGHTS_LABEL if self.fp8_weights else "") + (FP8_KV_LABEL if self.fp8_kv else "")
+
+    @classmethod
+    def parse(cls, label: str) -> DtypeLabel:
+        compute, *parts = label.replace("torch.", "").split("+")
+        flags = {"+" + f for f in parts}
+        unknown = sorted(flags - {FP8_WEIGHTS_LABEL, FP8_KV_LABEL})
+        if unknown:
+            raise ValueError(f"dtype {label!r}: unknown part {unknown[0][1:]!r} (expected e.g. "
+                             f"bfloat16{FP8_WEIGHTS_LABEL}{FP8_KV_LABEL})")
+        return cls(compute, FP8_WEIGHTS_LABEL in flags, FP8_KV_LABEL in flags)
 
 
 class ModelShape(NamedTuple):
-    """What a step of the model moves and computes, for the step-cost model's roofline features."""
+    """What a step of the model moves and computes, for the step-cost model's roofline features.
 
-    weight_bytes: int  # every weight a step reads (embedding rows aside: a step reads only its own)
-    kv_bytes_per_token: int  # K and V of one token, all layers
-    flops_per_token: int  # the layers' linear FLOPs per token (2 x their parameters)
+    A mixture-of-experts model reads its dense weights every step, but of its routed experts
+    only those its tokens route to: `weight_bytes_read(n)` counts them under uniform, independent
+    routing (`expected_distinct_experts`). A trained router is skewed (popular experts take more
+    tokens), so a real batch tends to touch fewer: for small decode batches this is an upper-ish
+    estimate. Its FLOPs per token are the active experts' (top-k), not all experts'."""
+
+    # Every dense weight a step reads, at its bytes per weight (1 for FP8 projections): attention,
+    # dense MLPs, the MoE layers' routers and shared experts, the LM head. Embedding rows aside (a
+    # step reads only its own), and the norms and biases too (a few MB, under 0.01 %).
+    weight_bytes: int
+    kv_bytes_per_token: int  # K and V of one token, all layers, at the KV cache's bytes per entry
+    flops_per_token: int  # the layers' linear FLOPs per token: 2 x the parameters one token uses
     lm_head_flops: int  # per sampled row (decode: every sequence; prefill: the prompt's last token)
     attention_flops_per_pair: int  # QK^T and PV over one (query, key) pair, all layers
+    # ---- mixture of experts (all 0: a dense model) ----
+    expert_bytes: int = 0  # one routed expert (gate, up, down) of one MoE layer
+    moe_layers: int = 0
+    num_experts: int = 0  # routed experts per MoE layer
+    experts_per_token: int = 0  # top-k
+    # ---- FP8 ----
+    fp8_flops_per_token: int = 0  # the part of flops_per_token that runs as FP8 GEMMs (FP8 weights)
+
+    def routed_bytes_read(self, num_tokens: float) -> float:
+        """Expected bytes of routed experts a forward over `num_tokens` tokens reads, all MoE
+        layers (uniform routing); 0 for a dense model."""
+        if not self.num_experts or num_tokens <= 0:
+            return 0.0
+        touched = expected_distinct_experts(self.num_experts, self.experts_per_token, num_tokens)  # type: ignore[arg-type]
+        return self.moe_layers * self.expert_bytes * touched
+
+    def weight_bytes_read(self, num_tokens: float) -> float:
+        """Weight bytes a forward over `num_tokens` tokens reads: the dense weights, plus the
+        routed experts its tokens are expected to touch (a dense model: `weight_bytes`)."""
+        return self.weight_bytes + self.routed_bytes_read(num_tokens) if self.num_experts else float(self.weight_bytes)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype: str) -> ModelShape:
-        nbytes = _DTYPE_BYTES.get(dtype.replace("torch.", ""), 2)
+    def from_config(cls, cfg: ModelConfig, dtype: str, kv_dtype: str | None = None) -> ModelShape:
+        """dtype: a torch dtype name or a profile's dtype label ("bfloat16+fp8-weights+fp8-kv");
+        FP8 weights also where `cfg.quantization == "fp8"`. kv_dtype: "fp8" (or the label's
+        "+fp8-kv") for one byte per KV entry; default the compute dtype's."""
+        label = DtypeLabel.parse(dtype)
+        nbytes = _DTYPE_BYTES.get(label.compute, 2)
+        fp8 = label.fp8_weights or cfg.quantization == "fp8"
+        # NOTE: as the engine quantizes (model/quant.py, bench/floors.py): --quantization fp8 makes
+        # the decoder's projections (q/k/v, o, the dense MLPs, a shared expert) one byte per weight;
+        # the routed experts, the router and the LM head stay in the model's dtype.
+        proj_bytes = 1 if fp8 else nbytes
+        kv_bytes = 1 if (label.fp8_kv or kv_dtype == "fp8") else nbytes
         h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
-        per_layer = (h * (cfg.q_size + 2 * cfg.kv_size)  # fused q/k/v
-                     + cfg.q_size * h  # o_proj
-                     + 3 * h * cfg.intermediate_size)  # fused gate/up, down
+        attn = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h  # fused q/k/v, o_proj
+        mlp = 3 * h * cfg.intermediate_size  # fused gate/up, down
+        n_moe = cfg.num_moe_layers if cfg.is_moe else 0
+        shared = 3 * h * cfg.shared_expert_intermediate_size if cfg.is_moe else 0
+        router = h * cfg.num_experts + (h if shared else 0)  # + the shared expert's gate
+        proj = layers * attn + (layers - n_moe) * mlp + n_moe * shared  # what FP8 quantizes
         head = cfg.vocab_size * h
-        return cls(weight_bytes=(layers * per_layer + head) * nbytes,
-                   kv_bytes_per_token=2 * layers * cfg.num_kv_heads * hd * nbytes,
-                   flops_per_token=2 * layers * per_layer, lm_head_flops=2 * head,
-                   attention_flops_per_pair=4 * layers * cfg.num_heads * hd)
+        active = proj + n_moe * (router + cfg.experts_per_token * cfg.expert_params)
+        return cls(weight_bytes=proj * proj_bytes + (n_moe * router + head) * nbytes,
+                   kv_bytes_per_token=2 * layers * cfg.num_kv_heads * hd * kv_bytes,
+                   flops_per_token=2 * active, lm_head_flops=2 * head,
+                   attention_flops_per_pair=4 * layers * cfg.num_heads * hd,
+                   expert_bytes=cfg.expert_params * nbytes if n_moe else 0, moe_layers=n_moe,
+                   num_experts=cfg.num_experts if n_moe else 0, experts_per_token=cfg.experts_per_token if n_moe else 0,
+                   fp8_flops_per_token=2 * proj if fp8 else 0)
 
     @classmethod
     def unit(cls) -> ModelShape:
@@ -457,10 +534,22 @@ def _check_v3(data: dict[str, Any], total: int) -> None:
         if not isinstance(shape, dict):
             raise ValueError(f"model_shape: expected an object, got {type(shape).__name__}")
         for key in ModelShape._fields:
+            if key in ModelShape._field_defaults and key not in shape:  # absent: a dense bf16 model
+                continue
             _int(_field(shape, key, "model_shape"), f"model_shape.{key}", minimum=0)
         extra = set(shape) - set(ModelShape._fields)
         if extra:
             raise ValueError(f"model_shape: unknown field {sorted(extra)[0]!r}")
+        moe = [shape.get(k, 0) for k in ("expert_bytes", "moe_layers", "num_experts", "experts_per_token")]
+        if any(moe) and not all(moe):
+            raise ValueError("model_shape: expert_bytes, moe_layers, num_experts and experts_per_token must be all "
+                             f"> 0 (a mixture of experts) or all 0 (dense), got {moe}")
+        if shape.get("experts_per_token", 0) > shape.get("num_experts", 0):
+            raise ValueError(f"model_shape.experts_per_token: must be at most num_experts ({shape['num_experts']}), "
+                             f"got {shape['experts_per_token']}")
+        if shape.get("fp8_flops_per_token", 0) > shape["flops_per_token"]:
+            raise ValueError(f"model_shape.fp8_flops_per_token: must be at most flops_per_token "
+                             f"({shape['flops_per_token']}), got {shape['fp8_flops_per_token']}")
     hyb = data.get("hybrid")
     if hyb is not None:
         w = "hybrid"

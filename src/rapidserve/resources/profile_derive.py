@@ -37,6 +37,7 @@ from rapidserve.resources.cost_model import PrefillLoad, StepCostModel, _Fit
 from rapidserve.resources.profile import (
     DecodeBesidePromptsTable,
     DecodeTable,
+    DtypeLabel,
     HybridTable,
     KVTransferTable,
     ModelShape,
@@ -48,8 +49,11 @@ DERIVED_PREFIX = "DERIVED"
 
 # Columns of each fit's features that are bytes (see cost_model's _decode_row, _decode_full_row,
 # _hybrid_row); the rest are FLOPs (compute), fixed costs or per-sequence costs.
-_BYTES_COLUMNS = {"decode_alone": (2, 3, 4), "decode_beside_prefill": (2, 3, 4), "decode_overallocated": (2,),
-                  "hybrid": (2,)}
+_BYTES_COLUMNS = {"decode_alone": (2, 3, 4, 6), "decode_beside_prefill": (2, 3, 4, 6), "decode_overallocated": (2, 3),
+                  "hybrid": (2, 5)}
+# The column of the routed experts' bytes (MoE) in each fit with a fixed cost.
+_ROUTED_COLUMN = {"decode_alone": 6, "decode_beside_prefill": 6, "decode_overallocated": 3, "hybrid": 5}
+DEFAULT_FP8_FLOPS_SCALE = 2.0  # FP8 matmul rate / bf16 on Hopper (dense tensor cores): assumed, owed a measurement
 # Fits with a fixed cost (column 0, the weight read in it) and a per-sequence cost (column 1).
 _LAYER_COLUMNS = ("decode_alone", "decode_beside_prefill", "decode_overallocated", "hybrid")
 
@@ -63,11 +67,16 @@ class Target(NamedTuple):
     num_layers: int
     gpu_name: str | None = None  # None: the measured profile's
     bandwidth_scale: float = 1.0  # the target GPU's memory bandwidth / the measured GPU's
+    # FP8 GEMMs' FLOP rate / the measured bf16 rate, for the target's FP8 FLOPs
+    # (shape.fp8_flops_per_token) where the measured model had none
+    fp8_flops_scale: float = DEFAULT_FP8_FLOPS_SCALE
 
 
 def preset_target(model: str, dtype: str | None = None, gpu_name: str | None = None,
-                  bandwidth_scale: float = 1.0) -> Target:
-    """A Target for `preset:NAME` (or NAME), in `dtype` (default: the preset's torch_dtype)."""
+                  bandwidth_scale: float = 1.0, quantization: str | None = None, kv_cache_dtype: str = "auto",
+                  fp8_flops_scale: float = DEFAULT_FP8_FLOPS_SCALE) -> Target:
+    """A Target for `preset:NAME` (or NAME), in `dtype` (default: the preset's torch_dtype),
+    with FP8 weights (quantization "fp8") and/or an FP8 KV cache (kv_cache_dtype "fp8")."""
     from rapidserve.model.config import ModelConfig
     from rapidserve.model.presets import list_presets, load_preset
 
@@ -75,10 +84,18 @@ def preset_target(model: str, dtype: str | None = None, gpu_name: str | None = N
     if name not in list_presets():
         raise ValueError(f"--model: deriving a profile needs a preset (preset:NAME), one of "
                          f"{', '.join(list_presets())}; got {model!r}")
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"--quantization: deriving knows fp8 only, got {quantization!r}")
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"--kv-cache-dtype: expected auto or fp8, got {kv_cache_dtype!r}")
+    if not (fp8_flops_scale > 0 and math.isfinite(fp8_flops_scale)):
+        raise ValueError(f"--fp8-flops-scale must be a finite number > 0, got {fp8_flops_scale}")
     hf = load_preset(name)
     cfg = ModelConfig.from_hf(hf)
-    dt = dtype or str(hf.get("torch_dtype", "bfloat16"))
-    return Target(name, dt, ModelShape.from_config(cfg, dt), cfg.num_layers, gpu_name, bandwidth_scale)
+    label = DtypeLabel(DtypeLabel.parse(dtype or str(hf.get("torch_dtype", "bfloat16"))).compute,
+                       quantization == "fp8", kv_cache_dtype == "fp8")
+    return Target(name, str(label), ModelShape.from_config(cfg, str(label)), cfg.num_layers, gpu_name,
+                  bandwidth_scale, fp8_flops_scale)
 
 
 def _layers_of(profile: Profile) -> int | None:
@@ -111,18 +128,33 @@ def _scaled_fit(fit: _Fit, name: str, target: Target, old: StepCostModel, layer_
         weights = min(coef[0], old.shape.weight_bytes / _weight_bandwidth(old))
         rest = coef[0] - weights
         rest_scale = flops_scale if name == "decode_overallocated" else layer_scale
-        coef[0] = (rest * rest_scale
-                   + weights * target.shape.weight_bytes / old.shape.weight_bytes / target.bandwidth_scale)
+        per_byte = weights / old.shape.weight_bytes / target.bandwidth_scale
+        coef[0] = rest * rest_scale + per_byte * target.shape.weight_bytes
         coef[1] *= layer_scale
+        if not old.shape.is_moe:
+            # NOTE: a dense measured model gives its fit no rate for routed experts (their column
+            # is 0 throughout): the experts a step touches stream at the rate of the dense weight
+            # read taken out of the fixed cost, per step, as many as its tokens route to.
+            coef[_ROUTED_COLUMN[name]] = per_byte
     return fit._replace(coef=np.array(coef), coef_list=coef)
+
+
+def _compute_shape(target: Target, measured: ModelShape) -> ModelShape:
+    """The target's shape as the measured GPU's bf16 fits see its compute: FP8 FLOPs count
+    1 / fp8_flops_scale each (they run that much faster), where the measured model had none."""
+    fp8 = target.shape.fp8_flops_per_token
+    if not fp8 or measured.fp8_flops_per_token:
+        return target.shape
+    flops = target.shape.flops_per_token - fp8 + fp8 / target.fp8_flops_scale
+    return target.shape._replace(flops_per_token=round(flops), fp8_flops_per_token=round(fp8 / target.fp8_flops_scale))
 
 
 def _retargeted(model: StepCostModel, target: Target, layer_scale: float) -> StepCostModel:
     """The same fits (not fitted again) with the target's shapes and scaled coefficients."""
     clone = object.__new__(StepCostModel)
     clone.__dict__.update(model.__dict__)
-    clone.shape = target.shape
-    flops_scale = target.shape.flops_per_token / model.shape.flops_per_token
+    clone.shape = _compute_shape(target, model.shape)
+    flops_scale = clone.shape.flops_per_token / model.shape.flops_per_token
     clone._fits = {k: None if f is None else _scaled_fit(f, k, target, model, layer_scale, flops_scale)
                    for k, f in model._fits.items()}
     return clone
@@ -219,6 +251,11 @@ def derive_profile(measured: Profile, target: Target, context_lens: Sequence[int
            f"to {target.model} {target.dtype}"]
     if gpu != m.gpu_name or target.bandwidth_scale != 1.0:
         how.append(f"on {gpu} (memory bandwidth x{target.bandwidth_scale:g}, same SMs and compute assumed)")
+    if target.shape.is_moe:
+        how.append(f"routed experts read as {target.shape.num_experts} experts, top-{target.shape.experts_per_token}, "
+                   "routed uniformly (a real router is skewed: fewer experts per small batch)")
+    if _compute_shape(target, old.shape) is not target.shape:
+        how.append(f"FP8 GEMMs at x{target.fp8_flops_scale:g} the measured bf16 FLOP rate (assumed)")
     notes = (f"{DERIVED_PREFIX} (owed a measurement): every point is the measured one scaled by the step-cost "
              f"model's roofline fit, {'; '.join(how)}; the weight read taken out of the fits' fixed "
              f"cost at {_weight_bandwidth(old) / 1e12:.2f} TB/s, the rest of it and the per-sequence cost scaled by "

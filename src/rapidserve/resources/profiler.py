@@ -64,6 +64,7 @@ from rapidserve.resources.cost_model import PrefillLoad, StepCostModel
 from rapidserve.resources.profile import (
     DecodeBesidePromptsTable,
     DecodeTable,
+    DtypeLabel,
     HybridTable,
     KVTransferTable,
     ModelShape,
@@ -71,6 +72,7 @@ from rapidserve.resources.profile import (
     Profile,
     ProfileMetadata,
 )
+from rapidserve.resources.profile_derive import DEFAULT_FP8_FLOPS_SCALE
 from rapidserve.runner.model_runner import ModelRunner
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ScheduledRequest
@@ -598,12 +600,8 @@ def _list_from_zero(text: str) -> list[int]:
 def _dtype_label(engine: Any) -> str:
     """The compute dtype, and FP8 weights / KV when on: a profile measured with them holds
     other step times."""
-    label = str(engine.dtype).replace("torch.", "")
-    if engine.config.quantization == "fp8":
-        label += "+fp8-weights"
-    if engine.config.kv_cache_dtype != "auto":
-        label += "+fp8-kv"
-    return label
+    return str(DtypeLabel(str(engine.dtype).replace("torch.", ""), engine.config.quantization == "fp8",
+                          engine.config.kv_cache_dtype != "auto"))
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -652,6 +650,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-name", default=None,
                    help="with --derive-from: the target GPU's name (its memory is read from it by the simulator, "
                         "e.g. 'NVIDIA H200 141GB HBM3e'); default: the measured GPU's")
+    g.add_argument("--fp8-flops-scale", type=float, default=DEFAULT_FP8_FLOPS_SCALE,
+                   help="with --derive-from and --quantization fp8 (from a bf16 profile): the FP8 GEMMs' FLOP rate over "
+                        "the measured bf16 rate (an assumption owed a measurement: ~2 on Hopper's dense tensor cores)")
     g.add_argument("--derive-context-lens", type=_sorted_list, default=None,
                    help="with --derive-from: the derived decode table's contexts (default: the measured ones; others "
                         "are the step-cost model's predictions)")
@@ -699,7 +700,8 @@ def _derive(args: argparse.Namespace) -> int:
         raise ValueError("--derive-from needs --model preset:NAME (the model to derive the profile for)")
     measured = load_profile(args.derive_from)
     dtype = None if args.dtype == "auto" else args.dtype
-    target = preset_target(args.model, dtype, args.gpu_name, args.bandwidth_scale)
+    target = preset_target(args.model, dtype, args.gpu_name, args.bandwidth_scale, args.quantization,
+                           args.kv_cache_dtype, args.fp8_flops_scale)
     profile = derive_profile(measured, target, args.derive_context_lens, args.derive_batch_sizes)
     profile.save(args.output)
     print(profile.metadata.notes)

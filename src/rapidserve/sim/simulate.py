@@ -48,7 +48,7 @@ from rapidserve.bench.workloads import SampleRequest, arrival_times
 from rapidserve.config import EngineConfig
 from rapidserve.entrypoints.args import add_engine_args, engine_config_from_args
 from rapidserve.model.presets import list_presets
-from rapidserve.resources.profile import Profile, load_profile
+from rapidserve.resources.profile import DtypeLabel, Profile, load_profile
 from rapidserve.sim import costs
 from rapidserve.sim.topology import (
     ModelShape,
@@ -128,7 +128,11 @@ def _record_dict(r: RequestRecord) -> dict[str, Any]:
 
 
 def _model_default(args: argparse.Namespace, profile: Profile) -> None:
-    """The profile's model when none is given (`preset:NAME` if the presets have it)."""
+    """The profile's model when none is given (`preset:NAME` if the presets have it), and its
+    weight and KV formats: a profile of FP8 weights / KV (metadata.dtype "...+fp8-weights",
+    "...+fp8-kv") adds --quantization fp8 / --kv-cache-dtype fp8 to every server's flags unless
+    --server-args names them. NOTE: the simulated KV pool is sized from them (an FP8 70B holds
+    70 GB of weights, not 141, and one byte per KV entry)."""
     if args.model is None:
         name = profile.metadata.model
         if name not in list_presets():
@@ -136,6 +140,14 @@ def _model_default(args: argparse.Namespace, profile: Profile) -> None:
         args.model = f"preset:{name}"
         if args.load_format is None:
             args.load_format = "dummy"
+    label = DtypeLabel.parse(profile.metadata.dtype)
+    extra = shlex.split(args.server_args or "")
+    named = {x.split("=", 1)[0] for x in extra}
+    if label.fp8_weights and not named & {"--quantization", "-q"}:
+        extra += ["--quantization", "fp8"]
+    if label.fp8_kv and "--kv-cache-dtype" not in named:
+        extra += ["--kv-cache-dtype", "fp8"]
+    args.server_args = shlex.join(extra)
 
 
 def load_simulator(args: argparse.Namespace) -> tuple[Simulator, Profile]:

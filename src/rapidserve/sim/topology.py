@@ -29,7 +29,7 @@ from rapidserve.serving.front import EngineFront
 from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.kv.block_manager import BlockManager
 from rapidserve.model.config import ModelConfig
-from rapidserve.model.loader import resolve_max_model_len
+from rapidserve.model.loader import model_config, resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.partition import Granted, Partition, PhaseStreams, round_to_granularity
@@ -58,30 +58,44 @@ _CPU_DEVICE = torch.device("cpu")
 
 @dataclass(frozen=True)
 class ModelShape:
-    config: ModelConfig
+    config: ModelConfig  # with its weight format (config.quantization: None or "fp8")
     max_model_len: int
     dtype_bytes: int
+    kv_dtype_bytes: int = 0  # bytes per KV entry (--kv-cache-dtype fp8: 1); 0: dtype_bytes
 
     @classmethod
     def of(cls, engine: EngineConfig) -> ModelShape:
-        """The configured model's shape (its config only: no weights are read)."""
+        """The configured model's shape (its config only: no weights are read), with the weight
+        format (--quantization, or the checkpoint's) and the KV cache's dtype the engine would use."""
         source = resolve_model(engine.model)
         meta = load_source(source, "dummy")
-        cfg = ModelConfig.from_hf(meta.config)
+        cfg = model_config(meta.config, engine.quantization)
         dtype = engine.dtype if engine.dtype != "auto" else cfg.config_dtype
-        return cls(cfg, resolve_max_model_len(engine.max_model_len, cfg), _DTYPE_BYTES.get(dtype, 2))
+        nbytes = _DTYPE_BYTES.get(dtype, 2)
+        return cls(cfg, resolve_max_model_len(engine.max_model_len, cfg), nbytes,
+                   1 if engine.kv_cache_dtype == "fp8" else nbytes)
 
     @property
     def weight_bytes(self) -> int:
+        """Every weight the engine holds: embedding and LM head, and per layer attention and the
+        MLP, or for a MoE layer its router, every routed expert and a shared expert. FP8 weights
+        (--quantization fp8): one byte each for the projections the engine quantizes (attention,
+        dense MLPs, shared experts; model/quant.py), the rest in the model's dtype."""
         c = self.config
-        attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
-        mlp = 3 * c.hidden_size * c.intermediate_size
-        embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-        return (c.num_layers * (attn + mlp) + embed) * self.dtype_bytes
+        h = c.hidden_size
+        attn = h * (c.q_size + 2 * c.kv_size) + c.q_size * h
+        mlp = 3 * h * c.intermediate_size
+        n_moe = c.num_moe_layers if c.is_moe else 0
+        shared = 3 * h * c.shared_expert_intermediate_size if c.is_moe else 0
+        proj = c.num_layers * attn + (c.num_layers - n_moe) * mlp + n_moe * shared
+        moe = n_moe * (h * c.num_experts + (h if shared else 0) + c.num_experts * c.expert_params)
+        embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+        proj_bytes = 1 if c.quantization == "fp8" else self.dtype_bytes
+        return proj * proj_bytes + (moe + embed) * self.dtype_bytes
 
     def block_bytes(self, block_size: int) -> int:
         c = self.config
-        return c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.dtype_bytes * block_size
+        return c.num_layers * 2 * c.num_kv_heads * c.head_dim * (self.kv_dtype_bytes or self.dtype_bytes) * block_size
 
     def peak_bytes(self, engine: EngineConfig) -> int:
         """Weights plus the largest step's activations and logits, as the engine probes them."""
