@@ -8,6 +8,8 @@
 #   bash scripts/sim_frontier_map.sh 32b-h200-lmsys     # one case (derives only the profile it needs)
 #   bash scripts/sim_frontier_map.sh profiles           # every derived profile, no simulation
 #   JOBS=1 nice -n 19 bash scripts/sim_frontier_map.sh mixtral-h200-lmsys   # on shared cores
+# JOBS (default 2): simulations at once. COST_ERROR (e.g. decode:split:+40%): passed as
+# --cost-error; the results then go to frontier-<case>-split-error/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -76,12 +78,13 @@ for c in "${CASES[@]}"; do
         profile=$RES/profiles/$profile
     fi
     start=$SECONDS
-    rm -rf "$WORK/$c"
+    out=$c${COST_ERROR:+-split-error}
+    rm -rf "$WORK/$out"
     $RS simulate --profile "$profile" --configs "$CONFIGS" --request-rates "$rates" --dataset-name "$dataset" \
-        --num-prompts 200 --seed 0 --itl-slos 1.5x,2x,3x,6x --jobs "$JOBS" --quiet --output-dir "$WORK/$c" \
-        | tee "$WORK/$c.txt"
-    mkdir -p "$RES/frontier-$c"
-    cp "$WORK/$c"/frontier.{json,csv,png} "$WORK/$c.txt" "$RES/frontier-$c/"
-    mv "$RES/frontier-$c/$c.txt" "$RES/frontier-$c/frontier.txt"
-    echo "$c: $((SECONDS - start)) s wall"
+        --num-prompts 200 --seed 0 --itl-slos 1.5x,2x,3x,6x --jobs "$JOBS" --quiet --output-dir "$WORK/$out" \
+        ${COST_ERROR:+--cost-error "$COST_ERROR"} | tee "$WORK/$out.txt"
+    mkdir -p "$RES/frontier-$out"
+    cp "$WORK/$out"/frontier.{json,csv,png} "$WORK/$out.txt" "$RES/frontier-$out/"
+    mv "$RES/frontier-$out/$out.txt" "$RES/frontier-$out/frontier.txt"
+    echo "$out: $((SECONDS - start)) s wall"
 done
