@@ -12,7 +12,7 @@
 #   bash scripts/gpu_evidence.sh disagg                  # ~4 min: KV transfer per request, 2K and 8K prompts
 #   bash scripts/gpu_evidence.sh sweep                   # ~10 min: a small lmsys-like sweep (env: see the stage)
 #   bash scripts/gpu_evidence.sh frontier                # ~10 min: the SLO frontier, in parts (env: see the stage)
-#   FRONTIER_PRESET=32b-h200 bash scripts/gpu_evidence.sh frontier   # ~9 min: the simulated map's next point
+#   FRONTIER_PRESET=32b-h200 bash scripts/gpu_evidence.sh frontier   # ~5 min: the simulated map's next point
 #   bash scripts/gpu_evidence.sh moe moe-throughput      # Mixtral-8x7B: latency vs floors (~4 min), then vs the peer
 #   bash scripts/gpu_evidence.sh fp8                     # FP8 weights + KV: 8B bf16 vs fp8, 70B fp8 (issue 18)
 #
@@ -118,12 +118,13 @@ for stage in "$@"; do
         # FRONTIER_FROM: an earlier part's frontier.tgz to add to (--resume). Limits as the sweep's.
         # FRONTIER_PRESET=32b-h200: the point the simulated map (docs/benchmarks.md, "Simulated SLO
         # frontier") says to measure next: Qwen2.5-32B on the H200, lmsys-like, at the 2x SLO,
-        # the best chunk against the best static split and rapid-rapid, rates around their knees
-        # (~9 min; the explicit FRONTIER_* variables still win).
+        # hybrid-256 against rapid-rapid at 1.5 req/s, where the map's three readings (as priced,
+        # with the split bias, with cheaper mixed steps) disagree (~5 min; the explicit FRONTIER_*
+        # variables still win; FRONTIER_RATES=1,1.5 if time is left).
         if [ "${FRONTIER_PRESET:-}" = "32b-h200" ]; then
             : "${FRONTIER_MODEL:=preset:qwen2.5-32b}" "${FRONTIER_DATASET:=lmsys-like}" "${FRONTIER_PROMPTS:=80}"
-            : "${FRONTIER_RATES:=1.5,2.5}" "${FRONTIER_SLOS:=2x}"
-            : "${FRONTIER_CONFIGS:=hybrid-256,rapid-static:32,rapid-rapid}"
+            : "${FRONTIER_RATES:=1.5}" "${FRONTIER_SLOS:=2x}"
+            : "${FRONTIER_CONFIGS:=hybrid-256,rapid-rapid}"
             : "${FRONTIER_PROFILE:=docs/results/2026-11-30-sim/profiles/qwen2.5-32b-h200.json}"
         elif [ -n "${FRONTIER_PRESET:-}" ]; then
             echo "unknown FRONTIER_PRESET ${FRONTIER_PRESET} (32b-h200)"; exit 2
