@@ -26,12 +26,12 @@ import time
 import pytest
 
 from rapidserve.config import EngineConfig
+from rapidserve.resources.leftovers import remove_stale_tmpdirs
 from rapidserve.serving.liveness import (
     INJECT_STEP_HANG_ENV,
     Heartbeats,
     StepWatch,
     beat_interval,
-    remove_stale_tmpdirs,
     worker_entry,
 )
 
@@ -506,6 +506,7 @@ def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placeme
         # prefill step, once the requests were sent).
         stall = max([t_load, *load.last_token])
         code = proc.wait(30)
+        t_exit = time.monotonic() - stall
         stop_polling.set()
         poller.join(5)
         assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
@@ -515,7 +516,7 @@ def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placeme
         age = float(re.search(r"in one step for ([\d.]+) s", reason).group(1))
         print(f"\nWEDGED {placement} {hang}: detected (503) {detect:.2f} s after the last token, step age "
               f"{age:.1f} s, requests {len(outcomes)} ended within {end_s:.2f} s {sorted(set(outcomes))}, "
-              f"lost {len(lost)}, exit code {code}, processes left 0")
+              f"lost {len(lost)}, exit code {code} at {t_exit:.2f} s, processes left 0")
         assert not lost and set(outcomes) == {"error"}, (lost, outcomes)
         assert role in reason and "--step-timeout-s 3" in reason and "\n" not in reason, reason
         assert STEP_TIMEOUT_S - 0.1 < detect < STEP_TIMEOUT_S + 1.5, detect

@@ -40,10 +40,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
-import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -294,69 +291,3 @@ def inject_step_hang(role: str, runner: Any) -> None:
         return real(*args, **kwargs)
 
     runner.submit_isolated = submit_isolated
-
-
-# ---- leftovers of a killed server ----------------------------------------------------------------
-
-_TMPDIR_RE = re.compile(r"rapidserve-(\d+)-[A-Za-z0-9_]+")
-_REUSE_SLACK_S = 2.0  # a process's start time is known to a clock tick plus the boot time's second
-
-
-def tmpdir_prefix(pid: int) -> str:
-    """The name a front's temporary directory starts with (tempfile.mkdtemp adds a suffix)."""
-    return f"rapidserve-{pid}-"
-
-
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch, to about a second), or None if there
-    is no such process (or it is a zombie: it has exited). Without /proc (not Linux) a live
-    pid gives -inf: its start is unknown, so it is taken as the directory's maker."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # another user's process: alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, IndexError, ValueError):
-        return float("-inf")
-    if fields[0] in ("Z", "X"):
-        return None
-    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: starttime
-
-
-def remove_stale_tmpdirs(root: str | None = None) -> list[str]:
-    """Remove the temporary directories (`$TMPDIR/rapidserve-<pid>-*`) that fronts killed by
-    SIGKILL left behind; returns those removed. Only directories of this naming, owned by this
-    user, whose server is gone: its pid runs no process, or the process that has it now started
-    after the directory was last changed (the pid was reused: the server that made and used the
-    directory started before that). A live process that may be the maker keeps its directory."""
-    root = root or tempfile.gettempdir()
-    removed = []
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return removed
-    for name in names:
-        match = _TMPDIR_RE.fullmatch(name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        path = os.path.join(root, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            continue
-        started = _process_start(int(match.group(1)))
-        if started is not None and started <= st.st_mtime + _REUSE_SLACK_S:
-            continue  # its server may still be running
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
-            removed.append(path)
-            log.info("removed %s, left by a server (pid %s) that is gone", path, match.group(1))
-    return removed

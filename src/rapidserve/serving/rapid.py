@@ -26,10 +26,11 @@ from rapidserve.model.loader import model_config, resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.outputs import RequestOutput
 from rapidserve.request import Request, RequestStatus
+from rapidserve.resources.leftovers import remove_stale_tmpdirs, tmpdir_prefix
 from rapidserve.resources.mps import MpsDaemon, ensure_mps
 from rapidserve.runner.setup import resolve_device
 from rapidserve.serving import messages as m
-from rapidserve.serving.liveness import Heartbeats, StepWatch, remove_stale_tmpdirs, tmpdir_prefix, worker_entry
+from rapidserve.serving.liveness import Heartbeats, StepWatch, worker_entry
 from rapidserve.serving.workers import decode_main, prefill_main
 
 log = logging.getLogger("rapidserve.engine")
