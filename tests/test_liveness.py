@@ -221,6 +221,21 @@ def test_stale_tmpdirs_of_dead_servers_are_removed_and_no_others(tmp_path):
         live.wait()
 
 
+def test_a_temporary_directory_too_long_for_the_workers_sockets_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    """Under process placement on CPU the workers hand tensors over Unix sockets in $TMPDIR; a
+    path too long for them used to fail the first request with an unrelated error."""
+    from rapidserve.engine import create_engine
+
+    long_dir = tmp_path / ("x" * 60)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    children = set(mp.active_children())
+    with pytest.raises(ValueError, match="too long for the workers' Unix sockets"):
+        create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process", num_kv_blocks=16))
+    assert set(mp.active_children()) == children  # refused before any worker was spawned
+    assert not os.listdir(long_dir)
+
+
 def _long_step(seconds: float) -> None:
     """A worker's main thread inside one long step (matmuls, as a CPU prefill of a big prompt)."""
     import torch

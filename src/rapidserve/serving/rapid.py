@@ -41,6 +41,25 @@ _JOIN_S = 10.0  # shutdown: how long the workers may take to stop when asked
 _KILL_S = 2.0  # then: how long SIGTERM may take before SIGKILL
 
 
+# A Unix socket's path holds at most 107 bytes (sun_path). Under process placement on CPU a worker
+# passes tensors by file descriptor, over a socket multiprocessing makes in the worker's temporary
+# directory: $TMPDIR/rapidserve-<pid>-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX.
+_AF_UNIX_PATH_MAX = 107
+_SOCKET_PATH_TAIL = len("/rapidserve-4194304-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_socket_room(tmp_root: str) -> None:
+    """ValueError if the workers' sockets under `tmp_root` ($TMPDIR) could not be made. NOTE:
+    without this, the decode worker's first hand-over of tensors fails in a queue's feeder thread
+    (only printed there) and the prefill worker fails at the first request with an unrelated
+    error."""
+    if len(os.fsencode(tmp_root)) + _SOCKET_PATH_TAIL > _AF_UNIX_PATH_MAX:
+        raise ValueError(
+            f"the temporary directory {tmp_root!r} is too long for the workers' Unix sockets (at most "
+            f"{_AF_UNIX_PATH_MAX - _SOCKET_PATH_TAIL} bytes under process placement on CPU): set TMPDIR "
+            "to a shorter directory (e.g. /tmp), or use --placement thread")
+
+
 class WorkerError(RuntimeError):
     """A worker of the rapid topology died; every pending request failed with it."""
 
@@ -108,6 +127,8 @@ class RapidEngine(EngineFront):
             # NOTE: the parent-death signal is tied to the spawning *thread*: only ask for it
             # from the main thread (which ends only with the process); see serving/liveness.py.
             pdeathsig = threading.current_thread() is threading.main_thread()
+            if resolve_device(self.config.device).type == "cpu":
+                check_socket_room(tempfile.gettempdir())
             remove_stale_tmpdirs()  # those of servers killed before they could (SIGKILL)
             self._tmpdir = tempfile.mkdtemp(prefix=tmpdir_prefix(os.getpid()))  # the workers' temp files
             self.workers = {
