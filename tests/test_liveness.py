@@ -181,6 +181,38 @@ def test_step_watch_flags_a_step_older_than_the_bound_once_armed():
     assert build_parser().parse_args(["serve", "--step-timeout-s", "0"]).step_timeout_s == 0.0
 
 
+def test_a_workers_step_clock_runs_inside_its_turns_only():
+    """A step is one turn of the worker's loop; the wait on its inbox is not (an idle worker is
+    never wedged)."""
+    import ctypes
+    import queue
+
+    from rapidserve.serving.liveness import StepClock
+    from rapidserve.serving.workers import drive
+
+    clock = StepClock(ctypes.c_double(0.0))
+    seen: list[tuple[list, float]] = []
+
+    class Worker:
+        idle = True  # waits on its inbox between turns
+
+        def turn(self, msgs: list) -> bool:
+            seen.append((list(msgs), clock.slot.value))
+            return "stop" not in msgs
+
+    inbox: queue.Queue = queue.Queue()
+    t = threading.Thread(target=drive, args=(Worker(), inbox, clock), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    assert clock.slot.value == 0.0  # waiting on the inbox
+    inbox.put("work")
+    assert _wait_until(lambda: any(msgs == ["work"] for msgs, _ in seen), 5)
+    inbox.put("stop")
+    t.join(5)
+    assert not t.is_alive() and clock.slot.value == 0.0
+    assert seen and all(started > 0 for _, started in seen)
+
+
 def _make_tmpdirs(root: str, dead: int, live: int) -> dict[str, str]:
     """Directories named as fronts name theirs: of a dead server, of a live one, of a live pid
     that started after the directory was last changed (reused), and look-alikes to leave be."""
