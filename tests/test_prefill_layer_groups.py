@@ -154,6 +154,23 @@ def test_prefill_worker_moves_between_layer_groups(tiny_model_dir, fake_mechanis
     assert moves[-1] == split
 
 
+def test_a_cpu_prefill_worker_runs_long_prompts_in_groups_for_the_step_watch(tiny_model_dir):
+    """On CPU a long prompt's prefill runs in groups of about a second (each a step for
+    --step-timeout-s), unless the step watch is off."""
+    from rapidserve.serving.workers import _CPU_GROUP_S, PrefillWorker
+
+    path, _ = tiny_model_dir("llama")
+    prepared = prepare_model(EngineConfig(model=path, device="cpu", num_kv_blocks=64))
+    shared = m.SharedTensors(prepared.loaded.model, prepared.cache.tensor, prepared.loaded.max_model_len,
+                             prepared.eos_token_ids)
+    for timeout, grouped in ((300.0, True), (0.0, False)):
+        config = EngineConfig(model=path, device="cpu", mode="rapid", placement="thread", step_timeout_s=timeout)
+        worker = PrefillWorker(config, queue.Queue(), queue.Queue(), shared)
+        assert (worker.runner.layer_groups is not None) == grouped
+        if grouped:
+            assert worker.runner.layer_groups.max_step_s == _CPU_GROUP_S
+
+
 def test_the_step_timeline_keeps_the_switch_marks(tmp_path):
     import time
 

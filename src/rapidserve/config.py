@@ -57,7 +57,8 @@ class EngineConfig:
     worker_heartbeat_timeout_s: float = 5.0
     # rapid / disagg mode: a worker whose one step (one turn of its loop) has run this long is
     # taken as wedged (a kernel that never ends, a deadlock) and the engine fails; 0: no such
-    # check. Generous: a first Triton compile or a CPU prefill of a long prompt is one step.
+    # check. Generous: a first Triton compile is inside a step, and so is a disagg prefill
+    # instance's CPU prefill of long prompts (the rapid prefill worker's runs in short layer groups).
     step_timeout_s: float = 300.0
     max_model_len: int | None = None
     block_size: int = 16

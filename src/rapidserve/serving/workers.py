@@ -38,6 +38,8 @@ from rapidserve.serving.partitioning import DecodePartitioning, PrefillPartition
 
 # How long an idle worker blocks on its inbox before looking again (no busy polling).
 _IDLE_WAIT_S = 0.5
+# The rapid prefill worker on CPU: the length of a group of layers (see PrefillWorker).
+_CPU_GROUP_S = 1.0
 
 
 def _drain(inbox: Any, block: bool) -> list[Any]:
@@ -421,6 +423,11 @@ class PrefillWorker(PrefillTurns):
             # Prompts in groups of layers: a partition switch is followed between two groups.
             self.runner.layer_groups = LayerGroups(config.prefill_max_step_ms / 1e3, len(shared.model.layers),
                                                    self._profiled_prefill_s())
+        elif device.type == "cpu" and config.step_timeout_s > 0:
+            # NOTE: a CPU prefill of one long prompt can take minutes: in groups of layers of about
+            # a second, each a step of its own for the step watch (a CPU forward is synchronous:
+            # a group's end is progress), --step-timeout-s bounds a group, not a whole prompt.
+            self.runner.layer_groups = LayerGroups(_CPU_GROUP_S, len(shared.model.layers))
         self.timeline_dir = _start_timeline(self.runner, config, "prefill")
         inject_step_hang("prefill", self.runner)
 
