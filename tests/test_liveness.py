@@ -459,10 +459,15 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
 
         t_fault = time.monotonic()
         os.kill(proc.pid if target == "server" else pids[target], fault)
+        # A request that needs the stopped prefill side once it is stopped: it must fail, not
+        # hang (the streams in flight may all finish first: their prompts were prefilled).
+        late = _Load(url, n=1, max_tokens=8) if fault == signal.SIGSTOP and target == "prefill" else None
 
         # Every request ends within seconds: finished, or failed with an error (never a hang).
-        for t in load.threads:
+        for t in load.threads + (late.threads if late else []):
             t.join(max(0.0, t_fault + 20 - time.monotonic()))
+        if late is not None:
+            assert late.ended[0] is not None and late.ended[0][0] == "error", late.ended
         lost = [i for i, e in enumerate(load.ended) if e is None]
         outcomes = [e[0] for e in load.ended if e is not None]
         end_s = max((e[1] for e in load.ended if e is not None), default=t_fault) - t_fault
@@ -489,7 +494,7 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
             assert not tmp_left, tmp_left
             # The engine failed: the pending requests got an error (or had finished), /health said
             # why in one short line, and the server exited 1 for a supervisor to restart it.
-            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n), outcomes
+            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n or late), outcomes
             assert detect is not None, health[-3:]
             assert detect < (1.5 if fault == signal.SIGKILL else HEARTBEAT_TIMEOUT_S + 1.5)
             body = next(text for _, status, text in health if status == 503)
