@@ -26,7 +26,14 @@ import time
 import pytest
 
 from rapidserve.config import EngineConfig
-from rapidserve.serving.liveness import Heartbeats, beat_interval, worker_entry
+from rapidserve.resources.leftovers import remove_stale_tmpdirs
+from rapidserve.serving.liveness import (
+    INJECT_STEP_HANG_ENV,
+    Heartbeats,
+    StepWatch,
+    beat_interval,
+    worker_entry,
+)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -142,6 +149,125 @@ def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
     assert args.worker_heartbeat_timeout_s == 3.0
 
 
+def test_step_watch_flags_a_step_older_than_the_bound_once_armed():
+    import ctypes
+
+    sw = StepWatch(["decode", "prefill"], 1.0, lambda: ctypes.c_double(0.0))
+    now = time.monotonic()
+    sw.slots["decode"].value = now - 100  # in one step for long, but not armed: start-up's bound
+    assert sw.hung() is None
+    sw.arm()
+    assert sw.hung() is None  # the bound counts from arming
+    sw._armed_at = now - 3
+    role, age = sw.hung()
+    assert role == "decode" and 99 < age < 110  # the step's own age is what is reported
+    sw.slots["decode"].value = 0.0  # between steps (waiting on its inbox): never hung
+    assert sw.hung() is None
+    sw.slots["prefill"].value = time.monotonic() - 0.5  # a step younger than the bound
+    assert sw.hung() is None
+    sw._checked_at = time.monotonic() - 30  # the front was not looking: a fresh bound
+    sw.slots["prefill"].value = time.monotonic() - 30
+    assert sw.hung() is None
+    off = StepWatch(["decode"], 0, lambda: ctypes.c_double(0.0))
+    off.arm()
+    off.slots["decode"].value = 1.0
+    assert off.hung() is None
+    for bad in (-1, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="step_timeout_s"):
+            EngineConfig(step_timeout_s=bad)
+    from rapidserve.entrypoints.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).step_timeout_s == 300.0
+    assert build_parser().parse_args(["serve", "--step-timeout-s", "0"]).step_timeout_s == 0.0
+
+
+def test_a_workers_step_clock_runs_inside_its_turns_only():
+    """A step is one turn of the worker's loop; the wait on its inbox is not (an idle worker is
+    never wedged)."""
+    import ctypes
+    import queue
+
+    from rapidserve.serving.liveness import StepClock
+    from rapidserve.serving.workers import drive
+
+    clock = StepClock(ctypes.c_double(0.0))
+    seen: list[tuple[list, float]] = []
+
+    class Worker:
+        idle = True  # waits on its inbox between turns
+
+        def turn(self, msgs: list) -> bool:
+            seen.append((list(msgs), clock.slot.value))
+            return "stop" not in msgs
+
+    inbox: queue.Queue = queue.Queue()
+    t = threading.Thread(target=drive, args=(Worker(), inbox, clock), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    assert clock.slot.value == 0.0  # waiting on the inbox
+    inbox.put("work")
+    assert _wait_until(lambda: any(msgs == ["work"] for msgs, _ in seen), 5)
+    inbox.put("stop")
+    t.join(5)
+    assert not t.is_alive() and clock.slot.value == 0.0
+    assert seen and all(started > 0 for _, started in seen)
+
+
+def _make_tmpdirs(root: str, dead: int, live: int) -> dict[str, str]:
+    """Directories named as fronts name theirs: of a dead server, of a live one, of a live pid
+    that started after the directory was last changed (reused), and look-alikes to leave be."""
+    paths = {
+        "dead": os.path.join(root, f"rapidserve-{dead}-ab_c1"),
+        "live": os.path.join(root, f"rapidserve-{live}-de0f"),
+        "reused": os.path.join(root, f"rapidserve-{live}-old9"),
+        "other": os.path.join(root, f"rapidserve-test-cache-{dead}"),
+        "file": os.path.join(root, f"rapidserve-{dead}-file"),
+    }
+    for key, path in paths.items():
+        if key == "file":
+            open(path, "w").close()
+        else:
+            os.makedirs(os.path.join(path, "pymp-x"))
+    old = time.time() - 3600
+    os.utime(paths["reused"], (old, old))
+    return paths
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@linux_only
+def test_stale_tmpdirs_of_dead_servers_are_removed_and_no_others(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.1)
+        paths = _make_tmpdirs(str(tmp_path), _dead_pid(), live.pid)
+        removed = remove_stale_tmpdirs(str(tmp_path))
+        assert sorted(removed) == sorted([paths["dead"], paths["reused"]])
+        assert {k for k, p in paths.items() if os.path.exists(p)} == {"live", "other", "file"}
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_temporary_directory_too_long_for_the_workers_sockets_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    """Under process placement on CPU the workers hand tensors over Unix sockets in $TMPDIR; a
+    path too long for them used to fail the first request with an unrelated error."""
+    from rapidserve.engine import create_engine
+
+    long_dir = tmp_path / ("x" * 60)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    children = set(mp.active_children())
+    with pytest.raises(ValueError, match="too long for the workers' Unix sockets"):
+        create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement="process", num_kv_blocks=16))
+    assert set(mp.active_children()) == children  # refused before any worker was spawned
+    assert not os.listdir(long_dir)
+
+
 def _long_step(seconds: float) -> None:
     """A worker's main thread inside one long step (matmuls, as a CPU prefill of a big prompt)."""
     import torch
@@ -221,6 +347,7 @@ class _Load:
     def __init__(self, url: str, n: int, max_tokens: int) -> None:
         self.url, self.max_tokens = url, max_tokens
         self.first_token = [threading.Event() for _ in range(n)]
+        self.last_token = [0.0] * n  # when each stream's latest token came
         self.ended: list[tuple[str, float] | None] = [None] * n
         self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True) for i in range(n)]
         for t in self.threads:
@@ -244,6 +371,8 @@ class _Load:
                             break
                         if "error" in json.loads(line[6:]):
                             outcome = "error"
+                        else:
+                            self.last_token[i] = time.monotonic()
                         self.first_token[i].set()
         except Exception:  # noqa: BLE001 - a broken connection is an outcome too
             outcome = "broken"
@@ -263,14 +392,15 @@ def _poll_health(url: str, seen: list[tuple[float, int, str]], stop: threading.E
         time.sleep(0.05)
 
 
-def _start_server(model: str, mode: str, log_path: str, *extra: str) -> tuple[subprocess.Popen, str, dict[str, int]]:
+def _start_server(model: str, mode: str, log_path: str, *extra: str, placement: str = "process",
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, dict[str, int]]:
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rapidserve.entrypoints.cli", "--log-level", "INFO", "serve", model,
-         "--device", "cpu", "--port", "0", "--num-kv-blocks", "128", "--mode", mode, "--placement", "process",
+         "--device", "cpu", "--port", "0", "--num-kv-blocks", "128", "--mode", mode, "--placement", placement,
          "--worker-heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S), *extra],
         stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     log.close()
     line = ""
@@ -279,6 +409,8 @@ def _start_server(model: str, mode: str, log_path: str, *extra: str) -> tuple[su
         assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
         line = proc.stdout.readline()
     url = re.search(r"http://\S+/v1", line).group(0)[: -len("/v1")]
+    if placement == "thread":
+        return proc, url, {}
     up = re.search(r"topology up \(process placement; decode pid (\d+), prefill pid (\d+)\)", open(log_path).read())
     assert up, open(log_path).read()[-3000:]
     return proc, url, {"decode": int(up.group(1)), "prefill": int(up.group(2))}
@@ -327,10 +459,15 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
 
         t_fault = time.monotonic()
         os.kill(proc.pid if target == "server" else pids[target], fault)
+        # A request that needs the stopped prefill side once it is stopped: it must fail, not
+        # hang (the streams in flight may all finish first: their prompts were prefilled).
+        late = _Load(url, n=1, max_tokens=8) if fault == signal.SIGSTOP and target == "prefill" else None
 
         # Every request ends within seconds: finished, or failed with an error (never a hang).
-        for t in load.threads:
+        for t in load.threads + (late.threads if late else []):
             t.join(max(0.0, t_fault + 20 - time.monotonic()))
+        if late is not None:
+            assert late.ended[0] is not None and late.ended[0][0] == "error", late.ended
         lost = [i for i, e in enumerate(load.ended) if e is None]
         outcomes = [e[0] for e in load.ended if e is not None]
         end_s = max((e[1] for e in load.ended if e is not None), default=t_fault) - t_fault
@@ -357,7 +494,7 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
             assert not tmp_left, tmp_left
             # The engine failed: the pending requests got an error (or had finished), /health said
             # why in one short line, and the server exited 1 for a supervisor to restart it.
-            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n), outcomes
+            assert set(outcomes) <= {"error", "finished"} and ("error" in outcomes or not n or late), outcomes
             assert detect is not None, health[-3:]
             assert detect < (1.5 if fault == signal.SIGKILL else HEARTBEAT_TIMEOUT_S + 1.5)
             body = next(text for _, status, text in health if status == 503)
@@ -376,6 +513,81 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
         proc.wait(10)
         for d in _tmp_dirs(proc.pid):
             shutil.rmtree(d, ignore_errors=True)
+
+
+STEP_TIMEOUT_S = 3.0  # what the wedged-step servers run with (the default is 300)
+WEDGED = [("process", "decode:30"), ("thread", "prefill:1")]  # (placement, the step that never ends)
+
+
+@linux_only
+@pytest.mark.slow
+@pytest.mark.parametrize("placement,hang", WEDGED, ids=[f"{p}-{h.replace(':', '-step-')}" for p, h in WEDGED])
+def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placement, hang):
+    """A worker whose step never ends (RAPIDSERVE_INJECT_STEP_HANG: as a kernel that never ends)
+    while its process or thread runs on, beating: after --step-timeout-s every pending request
+    ends with an error, /health says which worker and how long, the wedged process is killed
+    and the server exits 1 with nothing left (a wedged thread goes with the process). With
+    process placement the server's start also removes the temporary directories of servers
+    that are gone, and only those."""
+    role = hang.split(":")[0]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    time.sleep(0.1)
+    # NOTE: a short $TMPDIR: multiprocessing's sockets (pymp-*/listener-*) must fit AF_UNIX's 108 bytes
+    tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+    stale = _make_tmpdirs(tmp, _dead_pid(), live.pid)
+    log_path = str(tmp_path / "server.log")
+    proc = None
+    stop_polling = threading.Event()
+    try:
+        proc, url, _ = _start_server(tiny, "rapid", log_path, "--step-timeout-s", str(STEP_TIMEOUT_S),
+                                     placement=placement, env={INJECT_STEP_HANG_ENV: hang, "TMPDIR": tmp})
+        kept = {k for k, p in stale.items() if os.path.exists(p)}
+        assert kept == ({"live", "other", "file"} if placement == "process" else set(stale)), kept
+        own_tmp = glob.glob(os.path.join(tmp, f"rapidserve-{proc.pid}-*"))
+        assert len(own_tmp) == (placement == "process")
+        health: list[tuple[float, int, str]] = []
+        poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
+        poller.start()
+        t_load = time.monotonic()
+        load = _Load(url, n=6, max_tokens=400)
+        for t in load.threads:
+            t.join(STEP_TIMEOUT_S + 30)
+        lost = [i for i, e in enumerate(load.ended) if e is None]
+        outcomes = [e[0] for e in load.ended if e is not None]
+        # The step that never ends began after the last token any stream got (or, for a first
+        # prefill step, once the requests were sent).
+        stall = max([t_load, *load.last_token])
+        code = proc.wait(30)
+        t_exit = time.monotonic() - stall
+        stop_polling.set()
+        poller.join(5)
+        assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
+        detect = next((t - stall for t, status, _ in health if status == 503), None)
+        end_s = max(e[1] for e in load.ended if e is not None) - stall
+        reason = json.loads(next(text for _, status, text in health if status == 503))["error"]
+        age = float(re.search(r"in one step for ([\d.]+) s", reason).group(1))
+        print(f"\nWEDGED {placement} {hang}: detected (503) {detect:.2f} s after the last token, step age "
+              f"{age:.1f} s, requests {len(outcomes)} ended within {end_s:.2f} s {sorted(set(outcomes))}, "
+              f"lost {len(lost)}, exit code {code} at {t_exit:.2f} s, processes left 0")
+        assert not lost and set(outcomes) == {"error"}, (lost, outcomes)
+        assert role in reason and "--step-timeout-s 3" in reason and "\n" not in reason, reason
+        assert STEP_TIMEOUT_S - 0.1 < detect < STEP_TIMEOUT_S + 1.5, detect
+        assert STEP_TIMEOUT_S <= age < STEP_TIMEOUT_S + 1.0, age  # (rounded to 0.1 s)
+        assert end_s < detect + 1.0
+        assert code == 1
+        assert "never ends" in open(log_path).read()  # the hook fired (and nothing else failed first)
+        assert not glob.glob(os.path.join(tmp, f"rapidserve-{proc.pid}-*"))
+    finally:
+        stop_polling.set()
+        live.kill()
+        live.wait()
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- shutdown escalation (no model: RapidEngine's shutdown over stand-in worker processes) ------------

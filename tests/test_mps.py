@@ -1,7 +1,12 @@
 """MPS control with a stand-in for nvidia-cuda-mps-control (the real one needs an NVIDIA GPU)."""
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
@@ -70,3 +75,80 @@ def test_no_control_binary(monkeypatch, tmp_path):
     assert daemon is None and "not on the PATH" in why_not
     with pytest.raises(ValueError, match="unknown --mps"):
         mps.ensure_mps("sometimes")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _daemon_dir(root, pid: int, suffix: str):
+    d = root / f"rapidserve-mps-{pid}-{suffix}"
+    (d / "pipe").mkdir(parents=True)
+    (d / "log").mkdir()
+    (d / "pipe" / "control").touch()
+    return d
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_servers_daemon_is_stopped_at_the_next_start(fake_control, tmp_path, monkeypatch):
+    """A private daemon whose server is gone (SIGKILLed before it could stop it) is told to quit
+    and its directories removed when the next server looks for a daemon; one of a live server
+    is left alone."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.1)
+        orphan = _daemon_dir(tmp_path, _dead_pid(), "ab1")
+        other = _daemon_dir(tmp_path, live.pid, "cd2")
+        daemon, why_not = mps.ensure_mps("auto")
+        assert why_not is None and daemon.private
+        assert not orphan.exists()  # quit (the stand-in removed its control pipe), then removed
+        assert (other / "pipe" / "control").exists()
+        assert os.path.basename(os.path.dirname(daemon.pipe_dir)).startswith(f"rapidserve-mps-{os.getpid()}-")
+        daemon.stop()
+        assert not os.path.exists(os.path.dirname(daemon.pipe_dir))
+    finally:
+        live.kill()
+        live.wait()
+
+
+_KILLED_SERVER = """
+from rapidserve.resources import mps
+print(mps.start_private_daemon().pipe_dir, flush=True)
+import time; time.sleep(60)
+"""
+
+
+@pytest.mark.gpu
+def test_a_real_orphaned_daemon_is_stopped(tmp_path):
+    """The real daemon (GPU machines): started by a process that is then SIGKILLed, stopped by
+    stop_orphaned_daemons."""
+    if shutil.which(mps.CONTROL) is None:
+        pytest.skip(f"{mps.CONTROL} is not on the PATH")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-c", _KILLED_SERVER], stdout=subprocess.PIPE, text=True, env=env)
+    pipe_dir = server.stdout.readline().strip()
+    server.kill()
+    server.wait()
+    assert os.path.exists(os.path.join(pipe_dir, "control"))
+    assert mps.stop_orphaned_daemons(str(tmp_path)) == [pipe_dir]
+    assert not os.path.exists(os.path.dirname(pipe_dir))
+
+    def still_running() -> list[str]:
+        out = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", "nvidia-cuda-mps"], capture_output=True, text=True)
+        left = []
+        for pid in out.stdout.split():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if pipe_dir.encode() in f.read():
+                        left.append(pid)
+            except OSError:
+                pass
+        return left
+
+    deadline = time.monotonic() + 10
+    while still_running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not still_running(), "the orphaned daemon still runs"

@@ -114,7 +114,13 @@ def test_prefill_worker_moves_between_layer_groups(tiny_model_dir, fake_mechanis
     shared = m.SharedTensors(prepared.loaded.model, prepared.cache.tensor, prepared.loaded.max_model_len,
                              prepared.eos_token_ids)
     inbox, to_decode = queue.Queue(), queue.Queue()
-    worker = PrefillWorker(config, inbox, to_decode, shared)
+    import ctypes
+
+    from rapidserve.serving.liveness import StepClock
+
+    clock = StepClock(ctypes.c_double(0.0))  # the step watch's: each group restarts it
+    starts: list[tuple[float, float]] = []  # the clock before and after each group's end
+    worker = PrefillWorker(config, inbox, to_decode, shared, clock)
     assert worker.runner.layer_groups is not None and worker.partitioning.switching
     split = Partition.split(8, TOTAL)
     prompt_a, prompt_b = random_prompts(2, min_len=20, max_len=40)
@@ -126,7 +132,9 @@ def test_prefill_worker_moves_between_layer_groups(tiny_model_dir, fake_mechanis
             first_group_done.sent = True
             inbox.put(m.SetPartition(split, decided_s=0.0))
             inbox.put(m.PrefillWork("b", prompt_b, len(prompt_b), GREEDY, 4, [2, 3, 4]))
+        before = clock.slot.value
         between()
+        starts.append((before, clock.slot.value))
 
     monkeypatch.setattr(worker, "_between_groups", first_group_done)
     inbox.put(m.PrefillWork("a", prompt_a, len(prompt_a), GREEDY, 4, [0, 1]))
@@ -136,11 +144,31 @@ def test_prefill_worker_moves_between_layer_groups(tiny_model_dir, fake_mechanis
     inbox.put(m.Shutdown())
     t.join(timeout=60)
     assert not t.is_alive()
+    # in a step at each group's end, and the next group is a step of its own; 0 out of its steps
+    assert len(starts) >= 2 and all(0 < before < after for before, after in starts), starts
+    assert clock.slot.value == 0.0
     # it moved mid-way through a's step (before a's PrefillDone), and b waited for the step's end
     assert [type(x).__name__ for x in got] == ["PartitionFollowed", "PrefillDone", "PrefillDone"]
     assert got[0].partition == split and got[0].moved_s > 0.0 and [x.request_id for x in got[1:]] == ["a", "b"]
     moves = [p for side, what, p in fake_mechanism if side == "prefill" and what == "streams"]
     assert moves[-1] == split
+
+
+def test_a_cpu_prefill_worker_runs_long_prompts_in_groups_for_the_step_watch(tiny_model_dir):
+    """On CPU a long prompt's prefill runs in groups of about a second (each a step for
+    --step-timeout-s), unless the step watch is off."""
+    from rapidserve.serving.workers import _CPU_GROUP_S, PrefillWorker
+
+    path, _ = tiny_model_dir("llama")
+    prepared = prepare_model(EngineConfig(model=path, device="cpu", num_kv_blocks=64))
+    shared = m.SharedTensors(prepared.loaded.model, prepared.cache.tensor, prepared.loaded.max_model_len,
+                             prepared.eos_token_ids)
+    for timeout, grouped in ((300.0, True), (0.0, False)):
+        config = EngineConfig(model=path, device="cpu", mode="rapid", placement="thread", step_timeout_s=timeout)
+        worker = PrefillWorker(config, queue.Queue(), queue.Queue(), shared)
+        assert (worker.runner.layer_groups is not None) == grouped
+        if grouped:
+            assert worker.runner.layer_groups.max_step_s == _CPU_GROUP_S
 
 
 def test_the_step_timeline_keeps_the_switch_marks(tmp_path):

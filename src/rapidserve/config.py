@@ -55,6 +55,11 @@ class EngineConfig:
     # rapid / disagg mode, process placement: a worker that sends no heartbeat for this long is
     # taken as dead (stopped or hung) and the engine fails; 0: no such check
     worker_heartbeat_timeout_s: float = 5.0
+    # rapid / disagg mode: a worker whose one step (one turn of its loop) has run this long is
+    # taken as wedged (a kernel that never ends, a deadlock) and the engine fails; 0: no such
+    # check. Generous: a first Triton compile is inside a step, and so is a disagg prefill
+    # instance's CPU prefill of long prompts (the rapid prefill worker's runs in short layer groups).
+    step_timeout_s: float = 300.0
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -108,9 +113,10 @@ class EngineConfig:
             raise ValueError(f"unknown placement {self.placement!r}; available: {', '.join(PLACEMENTS)}")
         if self.mps not in ("auto", "on", "off"):
             raise ValueError(f"unknown mps setting {self.mps!r}; available: auto, on, off")
-        from rapidserve.serving.liveness import check_heartbeat_timeout
+        from rapidserve.serving.liveness import check_heartbeat_timeout, check_step_timeout
 
         check_heartbeat_timeout(self.worker_heartbeat_timeout_s)
+        check_step_timeout(self.step_timeout_s)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

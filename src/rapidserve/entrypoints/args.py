@@ -103,6 +103,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-heartbeat-timeout-s", type=float, default=5.0,
                    help="rapid and disagg modes, process placement: a worker silent this long (dead, "
                         "stopped or hung) fails the engine and its requests; 0 turns the check off")
+    g.add_argument("--step-timeout-s", type=float, default=300.0,
+                   help="rapid and disagg modes (both placements): a worker whose one step has run this "
+                        "long (a kernel that never ends, a deadlock) fails the engine and its requests and "
+                        "is killed; 0 turns the check off. A first Triton compile is part of a step (and a "
+                        "CPU prefill of the disagg mode's prefill instance): keep it generous")
     g.add_argument("--disagg-decode-sms", type=int, default=None,
                    help="disagg mode on one GPU: SMs of the decode instance's static split (default: half, "
                         "rounded to the granularity); the prefill instance gets the rest")

@@ -69,14 +69,15 @@ from rapidserve.runner.setup import (
 )
 from rapidserve.scheduler.disagg_prefill import DisaggPrefillScheduler
 from rapidserve.serving import messages as m
+from rapidserve.serving.liveness import StepClock, inject_step_hang
 from rapidserve.serving.rapid import _START_TIMEOUT_S, RapidEngine, WorkerError
 from rapidserve.serving.workers import (
     DecodeWorker,
-    _drain,
     _generator_state,
     _worker_setup,
     first_message,
     request_of,
+    drive,
     run_worker,
 )
 
@@ -313,8 +314,10 @@ class PrefillInstance(PrefillInstanceTurns):
     """The prefill instance on a device: its own model and pool, copying KV into the decode
     instance's pool tensor."""
 
-    def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any, dest: torch.Tensor) -> None:
+    def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any, dest: torch.Tensor,
+                 clock: StepClock | None = None) -> None:
         self.inbox = inbox
+        self.clock = clock or StepClock(None)
         prepared = prepare_model(config)
         self.cache = prepared.cache
         _check_compatible(self.cache.tensor, dest)
@@ -328,11 +331,11 @@ class PrefillInstance(PrefillInstanceTurns):
         )
         super().__init__(DisaggPrefillScheduler(blocks, config.max_num_batched_tokens), runner, to_decode, to_front)
         self.inject_failures = [p for p in os.environ.get(INJECT_FAILURE_ENV, "").split(",") if p]
+        inject_step_hang("prefill", self.runner)
         to_front.put(PrefillReady(self.cache.num_blocks))
 
     def run(self) -> None:
-        while self.turn(_drain(self.inbox, block=self.idle)):
-            pass
+        drive(self, self.inbox, self.clock)
 
     def _transfer(self, request_id: str) -> KVTransfer:
         """Copy the request's prompt KV into its blocks of the decode instance's pool and wait
@@ -349,23 +352,25 @@ class PrefillInstance(PrefillInstanceTurns):
 # ---- entry points (a thread's or a process's target) -----------------------------------------
 
 
-def decode_instance_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
+def decode_instance_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool,
+                         step_slot: Any = None) -> None:
     def body() -> None:
         _worker_setup(config)
         split = apply_static_sm_split(config, "decode")  # noqa: F841 - kept alive while it runs
-        DecodeInstance(config, inbox, to_prefill, to_front, share).run()
+        DecodeInstance(config, inbox, to_prefill, to_front, share, StepClock(step_slot)).run()
 
     run_worker("decode", to_prefill, to_front, body)
 
 
-def prefill_instance_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any) -> None:
+def prefill_instance_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any,
+                          step_slot: Any = None) -> None:
     def body() -> None:
         shared = first_message(inbox, SharedKV)  # the decode instance's pool: where the copies go
         if shared is None:
             return
         _worker_setup(config)
         split = apply_static_sm_split(config, "prefill")  # noqa: F841 - kept alive while it runs
-        PrefillInstance(config, inbox, to_decode, to_front, shared.kv_cache).run()
+        PrefillInstance(config, inbox, to_decode, to_front, shared.kv_cache, StepClock(step_slot)).run()
 
     run_worker("prefill", to_decode, to_front, body)
 
@@ -420,9 +425,10 @@ class DisaggEngine(RapidEngine):
         cfg = self.config
         return {
             "decode": (decode_instance_main, (instance_config(cfg, "decode"), self.to_decode,
-                                              self.to_prefill, self.to_front, self.placement == "process")),
+                                              self.to_prefill, self.to_front, self.placement == "process",
+                                              self.steps.slots["decode"])),
             "prefill": (prefill_instance_main, (instance_config(cfg, "prefill"), self.to_prefill,
-                                                self.to_decode, self.to_front)),
+                                                self.to_decode, self.to_front, self.steps.slots["prefill"])),
         }
 
     def _start_workers(self) -> None:

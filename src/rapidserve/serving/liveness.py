@@ -19,7 +19,15 @@ NOTE: the beat comes from a thread of its own, not from the worker's loop. A wor
 long step (a CPU prefill of a big prompt, a first Triton compile on the GPU) is busy, not hung,
 and keeps beating; a worker that is stopped (SIGSTOP), dead, or frozen as a whole process goes
 silent. What a beating thread cannot show is a worker whose main thread is wedged while its
-process runs (e.g. a GPU kernel that never ends): that needs a step watchdog and is not done.
+process runs (a GPU kernel that never ends, a deadlock inside a step): the step watch does.
+- **The front notices a step that never ends.** Each worker's main thread stores when its current
+  step started (`StepClock`, a second shared double beside the beat; 0 between steps); the front
+  (`StepWatch.hung`) fails the engine when one step has run longer than `--step-timeout-s`. A
+  step is one turn of the worker's loop: from taking its inbox's messages to waiting on it
+  again (scheduling, launching the forward, reading its tokens back, replying); a prefill step
+  run in layer groups restarts the clock at each group (between two groups it is back in its
+  loop's hands). Start-up (loading, CUDA graph capture) is not a step: it has its own bound.
+  It works the same under thread placement (the slots are then plain doubles of one process).
 NOTE: PR_SET_PDEATHSIG fires when the *thread* that spawned the worker ends, not the process,
 so the front asks for it only when it spawns from the main thread; from another thread the
 pipe watchdog alone does the job (it also covers platforms without prctl).
@@ -192,3 +200,94 @@ class Heartbeats:
             if age > self.timeout_s:
                 return role, age
         return None
+
+
+# ---- the step watch -------------------------------------------------------------------------------
+
+MIN_STEP_TIMEOUT_S = 1.0  # the front looks every 50 ms while serving, every 0.5 s while idle
+# Test hook (like disagg's RAPIDSERVE_INJECT_KV_TRANSFER_FAILURE): "ROLE:N" makes the worker of that
+# role (decode or prefill) block forever in its N-th device step, as a kernel that never ends would.
+INJECT_STEP_HANG_ENV = "RAPIDSERVE_INJECT_STEP_HANG"
+
+
+def check_step_timeout(timeout_s: float) -> None:
+    if not (timeout_s == 0 or timeout_s >= MIN_STEP_TIMEOUT_S):
+        raise ValueError(f"step_timeout_s must be 0 (off) or at least {MIN_STEP_TIMEOUT_S} s, got {timeout_s}")
+
+
+class StepClock:
+    """A worker's side of the step watch: when its current step started, in `slot` (a shared
+    double; 0.0 between steps). Written only by the worker's main thread, read by the front."""
+
+    def __init__(self, slot: Any | None) -> None:
+        self.slot = slot
+
+    def start(self) -> None:
+        if self.slot is not None:
+            self.slot.value = time.monotonic()
+
+    def stop(self) -> None:
+        if self.slot is not None:
+            self.slot.value = 0.0
+
+
+class StepWatch:
+    """The front's side: one step-start double per worker (`slots`, handed to each worker's
+    StepClock). `make_slot()` makes one: a RawValue of the spawn context for worker processes
+    (unlinked memory, as the beats'), a ctypes double for worker threads. Enforced once `arm()`
+    is called."""
+
+    def __init__(self, roles: list[str], timeout_s: float, make_slot: Callable[[], Any]) -> None:
+        check_step_timeout(timeout_s)
+        self.timeout_s = timeout_s
+        self.slots = {role: make_slot() for role in roles}
+        self.poll_s = min(BEAT_INTERVAL_S, timeout_s / 4) if timeout_s > 0 else BEAT_INTERVAL_S
+        self._armed_at: float | None = None
+        self._checked_at: float | None = None
+
+    def arm(self) -> None:
+        if self.timeout_s > 0:
+            self._armed_at = self._checked_at = time.monotonic()
+
+    def hung(self) -> tuple[str, float] | None:
+        """The first worker whose current step has run longer than the bound, with the step's
+        age; None if none has (or the check is not armed)."""
+        if self._armed_at is None:
+            return None
+        now = time.monotonic()
+        last_check, self._checked_at = self._checked_at, now
+        if last_check is not None and now - last_check > self.timeout_s / 2:
+            # NOTE: as Heartbeats.silent: the front was not looking (stopped with its workers by
+            # Ctrl-Z, starved): a step's age may be ours; it gets a fresh bound from now.
+            self._armed_at = now
+            return None
+        for role, slot in self.slots.items():
+            started = slot.value
+            if started > 0:
+                age = now - max(started, self._armed_at)
+                if age > self.timeout_s:
+                    return role, now - started
+        return None
+
+
+def inject_step_hang(role: str, runner: Any) -> None:
+    """The test hook: with INJECT_STEP_HANG_ENV = "ROLE:N" naming this worker, its N-th call of
+    `runner.submit_isolated` (a device step) blocks forever."""
+    spec = os.environ.get(INJECT_STEP_HANG_ENV, "")
+    if not spec:
+        return
+    target, _, n = spec.partition(":")
+    if target != role:
+        return
+    hang_at = int(n or 1)
+    real = runner.submit_isolated
+    calls = [0]
+
+    def submit_isolated(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == hang_at:
+            log.warning("%s worker: step %d never ends (%s)", role, hang_at, INJECT_STEP_HANG_ENV)
+            threading.Event().wait()
+        return real(*args, **kwargs)
+
+    runner.submit_isolated = submit_isolated

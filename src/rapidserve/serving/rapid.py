@@ -8,6 +8,7 @@ decides stop strings (text) and then aborts the request in the decode worker.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -25,10 +26,11 @@ from rapidserve.model.loader import model_config, resolve_max_model_len
 from rapidserve.model.source import load_source, resolve_model
 from rapidserve.outputs import RequestOutput
 from rapidserve.request import Request, RequestStatus
+from rapidserve.resources.leftovers import remove_stale_tmpdirs, tmpdir_prefix
 from rapidserve.resources.mps import MpsDaemon, ensure_mps
 from rapidserve.runner.setup import resolve_device
 from rapidserve.serving import messages as m
-from rapidserve.serving.liveness import Heartbeats, worker_entry
+from rapidserve.serving.liveness import Heartbeats, StepWatch, worker_entry
 from rapidserve.serving.workers import decode_main, prefill_main
 
 log = logging.getLogger("rapidserve.engine")
@@ -37,6 +39,25 @@ _START_TIMEOUT_S = 900.0  # loading a large model can take minutes
 _POLL_S = 0.05  # step() waits this long for events before returning none
 _JOIN_S = 10.0  # shutdown: how long the workers may take to stop when asked
 _KILL_S = 2.0  # then: how long SIGTERM may take before SIGKILL
+
+
+# A Unix socket's path holds at most 107 bytes (sun_path). Under process placement on CPU a worker
+# passes tensors by file descriptor, over a socket multiprocessing makes in the worker's temporary
+# directory: $TMPDIR/rapidserve-<pid>-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX.
+_AF_UNIX_PATH_MAX = 107
+_SOCKET_PATH_TAIL = len("/rapidserve-4194304-XXXXXXXX/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def check_socket_room(tmp_root: str) -> None:
+    """ValueError if the workers' sockets under `tmp_root` ($TMPDIR) could not be made. NOTE:
+    without this, the decode worker's first hand-over of tensors fails in a queue's feeder thread
+    (only printed there) and the prefill worker fails at the first request with an unrelated
+    error."""
+    if len(os.fsencode(tmp_root)) + _SOCKET_PATH_TAIL > _AF_UNIX_PATH_MAX:
+        raise ValueError(
+            f"the temporary directory {tmp_root!r} is too long for the workers' Unix sockets (at most "
+            f"{_AF_UNIX_PATH_MAX - _SOCKET_PATH_TAIL} bytes under process placement on CPU): set TMPDIR "
+            "to a shorter directory (e.g. /tmp), or use --placement thread")
 
 
 class WorkerError(RuntimeError):
@@ -73,12 +94,20 @@ class RapidEngine(EngineFront):
         self.failed: str | None = None
         self.worker_stats: m.WorkerStats | None = None  # the decode worker's latest report
         self.heartbeats: Heartbeats | None = None  # process placement only
-        self._hung: set[str] = set()  # roles that went silent: shutdown does not wait for them
+        self.steps: StepWatch | None = None  # both placements
+        self._hung: set[str] = set()  # roles that went silent or wedged: shutdown does not wait for them
         try:
             self._start_workers()
+            # every worker is up: from now on, silence or a step without end is a failure
+            self.steps.arm()
+            polls = [self.liveness_poll_s or 0.5]
+            if self.config.step_timeout_s > 0:
+                polls.append(self.steps.poll_s)
             if self.heartbeats is not None:
-                self.heartbeats.arm()  # every worker is up: from now on, silence is a failure
-                self.liveness_poll_s = self.heartbeats.poll_s
+                self.heartbeats.arm()
+                if self.heartbeats.timeout_s > 0:
+                    polls.append(self.heartbeats.poll_s)
+            self.liveness_poll_s = min(polls)
         except BaseException:  # a failure, or SIGTERM/Ctrl-C while starting: no worker outlives us
             self.shutdown()
             raise
@@ -86,8 +115,10 @@ class RapidEngine(EngineFront):
     # ---- workers -----------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
+        roles = ["decode", "prefill"]  # (both topologies: see _worker_targets)
         if self.placement == "process":
             ctx = mp.get_context("spawn")
+            self.steps = StepWatch(roles, self.config.step_timeout_s, lambda: ctx.RawValue("d", 0.0))
             self.to_decode: Any = ctx.Queue()
             self.to_prefill: Any = ctx.Queue()
             self.to_front: Any = ctx.Queue()
@@ -96,13 +127,18 @@ class RapidEngine(EngineFront):
             # NOTE: the parent-death signal is tied to the spawning *thread*: only ask for it
             # from the main thread (which ends only with the process); see serving/liveness.py.
             pdeathsig = threading.current_thread() is threading.main_thread()
-            self._tmpdir = tempfile.mkdtemp(prefix=f"rapidserve-{os.getpid()}-")  # the workers' temp files
+            if resolve_device(self.config.device).type == "cpu":
+                check_socket_room(tempfile.gettempdir())
+            remove_stale_tmpdirs()  # those of servers killed before they could (SIGKILL)
+            self._tmpdir = tempfile.mkdtemp(prefix=tmpdir_prefix(os.getpid()))  # the workers' temp files
             self.workers = {
                 role: ctx.Process(target=worker_entry, name=f"rapidserve-{role}", daemon=True,
                                   args=(role, hb.slots[role], hb.interval, pdeathsig, target, args, self._tmpdir))
                 for role, (target, args) in targets.items()
             }
         else:
+            # NOTE: a thread's step clock is a plain double of this process (written under the GIL)
+            self.steps = StepWatch(roles, self.config.step_timeout_s, lambda: ctypes.c_double(0.0))
             self.to_decode, self.to_prefill, self.to_front = queue.Queue(), queue.Queue(), queue.Queue()
             self.workers = {
                 role: threading.Thread(target=target, name=f"rapidserve-{role}", daemon=True, args=args)
@@ -129,8 +165,9 @@ class RapidEngine(EngineFront):
         cfg = self.config
         return {
             "decode": (decode_main, (cfg, self.to_decode, self.to_prefill, self.to_front,
-                                     self.placement == "process")),
-            "prefill": (prefill_main, (cfg, self.to_prefill, self.to_decode, self.to_front)),
+                                     self.placement == "process", self.steps.slots["decode"])),
+            "prefill": (prefill_main, (cfg, self.to_prefill, self.to_decode, self.to_front,
+                                       self.steps.slots["prefill"])),
         }
 
     def _next_message(self, timeout: float) -> Any:
@@ -167,6 +204,14 @@ class RapidEngine(EngineFront):
             self._hung.add(role)
             self._fail(f"the {role} worker sent no heartbeat for {age:.1f} s (stopped or hung; "
                        f"--worker-heartbeat-timeout-s {self.heartbeats.timeout_s:g})")
+        wedged = self.steps.hung() if self.steps is not None else None
+        if wedged is not None:
+            role, age = wedged
+            self._hung.add(role)
+            # NOTE: a thread cannot be killed: it is left blocked (a daemon: the process's exit
+            # ends it); the engine is failed all the same.
+            self._fail(f"the {role} worker has been in one step for {age:.1f} s (wedged: a kernel that "
+                       f"never ends or a deadlock; --step-timeout-s {self.steps.timeout_s:g})")
 
     def _last_words(self) -> m.WorkerFailed | None:
         """A WorkerFailed still on its way to the front (anything else is dropped: we fail)."""
@@ -192,8 +237,8 @@ class RapidEngine(EngineFront):
         raise WorkerError(short)
 
     def _ask_to_stop(self) -> None:
-        """Shutdown to both workers; SIGKILL to a silent one (stopped or hung: nothing else
-        ends a stopped process)."""
+        """Shutdown to both workers; SIGKILL to a silent or wedged one (stopped or hung: nothing
+        else ends a stopped process, and a wedged one reads no message)."""
         for q in (getattr(self, "to_decode", None), getattr(self, "to_prefill", None)):
             if q is not None:
                 try:

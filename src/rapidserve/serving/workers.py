@@ -33,10 +33,13 @@ from rapidserve.scheduler.chunked import ScheduledRequest, SchedulerConfig
 from rapidserve.scheduler.decode import DecodeScheduler
 from rapidserve.scheduler.prefill import PrefillJob, PrefillScheduler
 from rapidserve.serving import messages as m
+from rapidserve.serving.liveness import StepClock, inject_step_hang
 from rapidserve.serving.partitioning import DecodePartitioning, PrefillPartitioning
 
 # How long an idle worker blocks on its inbox before looking again (no busy polling).
 _IDLE_WAIT_S = 0.5
+# The rapid prefill worker on CPU: the length of a group of layers (see PrefillWorker).
+_CPU_GROUP_S = 1.0
 
 
 def _drain(inbox: Any, block: bool) -> list[Any]:
@@ -49,6 +52,19 @@ def _drain(inbox: Any, block: bool) -> list[Any]:
     except queue.Empty:
         pass
     return out
+
+
+def drive(worker: Any, inbox: Any, clock: StepClock) -> None:
+    """Run a worker's turns over its inbox until one says stop, each turn timed as one step on
+    the step clock (the front's step watch judges its age; 0 while the worker waits on the
+    inbox)."""
+    while True:
+        msgs = _drain(inbox, block=worker.idle)
+        clock.start()
+        go = worker.turn(msgs)
+        clock.stop()
+        if not go:
+            return
 
 
 def _generator_state(runner: ModelRunner, request_id: str) -> torch.Tensor | None:
@@ -246,9 +262,11 @@ class DecodeWorker(DecodeTurns):
     inbox until told to stop."""
 
     def __init__(
-        self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool
+        self, config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool,
+        clock: StepClock | None = None,
     ) -> None:
         self.inbox, self.to_prefill, self.to_front = inbox, to_prefill, to_front
+        self.clock = clock or StepClock(None)
         device = resolve_device(config.device)
         # The rapid mode's SM partitions: made first, so that all this worker runs is on its
         # partition's stream (the disagg mode's decode instance has its static split already).
@@ -270,6 +288,7 @@ class DecodeWorker(DecodeTurns):
             if self.partitioning is not None:
                 self.partitioning.capture_graphs(self.runner)  # a set per partition
         self.timeline_dir = _start_timeline(self.runner, config, "decode")
+        inject_step_hang("decode", self.runner)
         DecodeTurns.__init__(
             self, DecodeScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks),
             self.runner, self.eos, to_prefill, to_front, self.partitioning,
@@ -282,8 +301,7 @@ class DecodeWorker(DecodeTurns):
         self.to_front.put(m.Ready(cache.num_blocks, config.block_size, self.eos))
 
     def run(self) -> None:
-        while self.turn(_drain(self.inbox, block=self.idle)):
-            pass
+        drive(self, self.inbox, self.clock)
 
     def close(self) -> None:
         _dump_timeline(self.runner, self.timeline_dir)
@@ -380,8 +398,10 @@ class PrefillTurns:
 class PrefillWorker(PrefillTurns):
     """The prefill worker on a device: runs on the decode worker's model and KV cache."""
 
-    def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, shared: m.SharedTensors) -> None:
+    def __init__(self, config: EngineConfig, inbox: Any, to_decode: Any, shared: m.SharedTensors,
+                 clock: StepClock | None = None) -> None:
         self.inbox = inbox
+        self.clock = clock or StepClock(None)
         device = resolve_device(config.device)
         partitioning = PrefillPartitioning(config, device)
         scheduler = PrefillScheduler(config.max_num_batched_tokens, config.block_size)
@@ -403,7 +423,13 @@ class PrefillWorker(PrefillTurns):
             # Prompts in groups of layers: a partition switch is followed between two groups.
             self.runner.layer_groups = LayerGroups(config.prefill_max_step_ms / 1e3, len(shared.model.layers),
                                                    self._profiled_prefill_s())
+        elif device.type == "cpu" and config.step_timeout_s > 0:
+            # NOTE: a CPU prefill of one long prompt can take minutes: in groups of layers of about
+            # a second, each a step of its own for the step watch (a CPU forward is synchronous:
+            # a group's end is progress), --step-timeout-s bounds a group, not a whole prompt.
+            self.runner.layer_groups = LayerGroups(_CPU_GROUP_S, len(shared.model.layers))
         self.timeline_dir = _start_timeline(self.runner, config, "prefill")
+        inject_step_hang("prefill", self.runner)
 
     def _profiled_prefill_s(self) -> Callable[[int], float] | None:
         """A prompt's prefill time on the SMs the prefill side has now, from the policy's profile
@@ -418,7 +444,9 @@ class PrefillWorker(PrefillTurns):
 
     def _between_groups(self) -> None:
         """Between two layer groups of a prefill step: follow a partition switch at once; every
-        other message waits for the step's end (in order)."""
+        other message waits for the step's end (in order). A group is a step of its own for the
+        step watch."""
+        self.clock.start()
         for msg in _drain(self.inbox, block=False):
             if isinstance(msg, m.SetPartition):
                 self._follow(msg)
@@ -426,8 +454,7 @@ class PrefillWorker(PrefillTurns):
                 self._held.append(msg)
 
     def run(self) -> None:
-        while self.turn(_drain(self.inbox, block=self.idle)):
-            pass
+        drive(self, self.inbox, self.clock)
 
     def close(self) -> None:
         _dump_timeline(self.runner, self.timeline_dir)
@@ -473,19 +500,21 @@ def first_message(inbox: Any, kind: type) -> Any:
     return first
 
 
-def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool) -> None:
+def decode_main(config: EngineConfig, inbox: Any, to_prefill: Any, to_front: Any, share: bool,
+                step_slot: Any = None) -> None:
+    """`step_slot`: the shared double of the front's StepWatch this worker's StepClock writes."""
     def body() -> None:
         _worker_setup(config)
-        DecodeWorker(config, inbox, to_prefill, to_front, share).run()
+        DecodeWorker(config, inbox, to_prefill, to_front, share, StepClock(step_slot)).run()
 
     run_worker("decode", to_prefill, to_front, body)
 
 
-def prefill_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any) -> None:
+def prefill_main(config: EngineConfig, inbox: Any, to_decode: Any, to_front: Any, step_slot: Any = None) -> None:
     def body() -> None:
         shared = first_message(inbox, m.SharedTensors)  # the decode worker's model and cache
         if shared is not None:
             _worker_setup(config)
-            PrefillWorker(config, inbox, to_decode, shared).run()
+            PrefillWorker(config, inbox, to_decode, shared, StepClock(step_slot)).run()
 
     run_worker("prefill", to_decode, to_front, body)
