@@ -23,6 +23,7 @@ from rapidserve.model import moe
 from rapidserve.model.config import ModelConfig
 from rapidserve.model.quant import Fp8Linear
 from rapidserve.model.rope import RotaryEmbedding
+from rapidserve.ops.linear import linear
 
 
 class Linear(nn.Module):
@@ -34,7 +35,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def projection(cfg: ModelConfig, in_features: int, out_features: int, bias: bool) -> nn.Module:
