@@ -50,6 +50,18 @@ def smollm2_hf(smollm2_gguf):
     ).eval()
 
 
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2 (fp32 on CPU, the engine's default model and dtype there) in one
+    hybrid-mode `LLM` for the whole session: its load (GGUF dequantization, tokenizer) costs
+    seconds on CPU, and the tests that only generate with it need not pay it each.
+    NOTE: shared: a test must leave no request unfinished (the engine is otherwise stateless
+    between requests: blocks are freed when a request ends)."""
+    from rapidserve import LLM
+
+    return LLM(device="cpu", dtype="float32")
+
+
 TINY_COMMON = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
