@@ -136,6 +136,9 @@ def test_heartbeat_timeout_zero_turns_the_check_off_and_negative_is_refused():
     for bad in (-1, 0.1, float("nan")):
         with pytest.raises(ValueError, match="worker_heartbeat_timeout_s"):
             EngineConfig(worker_heartbeat_timeout_s=bad)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="worker_shutdown_timeout_s"):
+            EngineConfig(worker_shutdown_timeout_s=bad)
     from rapidserve.entrypoints.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--worker-heartbeat-timeout-s", "3"])
@@ -434,12 +437,15 @@ def test_shutdown_escalates_to_sigkill(monkeypatch, known_hung):
 @pytest.mark.slow
 def test_sigterm_with_a_stopped_worker_and_no_heartbeat_check_ends_in_bounded_time(tiny, tmp_path):
     """The issue's hang: a stopped worker, nothing watching it (--worker-heartbeat-timeout-s 0),
-    then SIGTERM. The requests wait out the graceful period, the stopped worker is SIGTERMed and
-    then SIGKILLed (a stopped process dies of nothing else), and the server exits 0."""
+    then SIGTERM. The requests wait out the graceful period, the stopped worker is asked to stop
+    (it cannot: 1 s here instead of the default 10 s, the same path), SIGTERMed and then
+    SIGKILLed (a stopped process dies of nothing else), and the server exits 0."""
     import rapidserve.serving.rapid as rapid
 
+    asked_s = 1.0  # --worker-shutdown-timeout-s
     proc, url, pids = _start_server(tiny, "rapid", str(tmp_path / "server.log"),
-                                    "--worker-heartbeat-timeout-s", "0", "--graceful-shutdown-timeout", "1")
+                                    "--worker-heartbeat-timeout-s", "0", "--graceful-shutdown-timeout", "1",
+                                    "--worker-shutdown-timeout-s", str(asked_s))
     try:
         load = _Load(url, n=2, max_tokens=400)
         assert all(e.wait(60) for e in load.first_token), "the load did not start"
@@ -447,7 +453,7 @@ def test_sigterm_with_a_stopped_worker_and_no_heartbeat_check_ends_in_bounded_ti
         time.sleep(0.5)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        bound = 1 + rapid._JOIN_S + 2 * rapid._KILL_S + 15  # graceful, asked, SIGTERM, SIGKILL, exit
+        bound = 1 + asked_s + 2 * rapid._KILL_S + 15  # graceful, asked, SIGTERM, SIGKILL, exit
         code = proc.wait(bound)
         took = time.monotonic() - t0
         assert _wait_until(lambda: not _session(proc.pid), 10), f"left running: {_session(proc.pid)}"
@@ -455,6 +461,7 @@ def test_sigterm_with_a_stopped_worker_and_no_heartbeat_check_ends_in_bounded_ti
             t.join(10)
         print(f"\nSIGTERM with a stopped worker: exit {code} after {took:.1f} s; requests {load.ended}")
         assert code == 0 and all(e is not None for e in load.ended)
+        assert took >= 1 + asked_s  # the graceful period and the ask were waited out, not skipped
         assert "ignored SIGTERM; killing it" in open(tmp_path / "server.log").read()
     finally:
         try:

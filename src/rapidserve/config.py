@@ -55,6 +55,9 @@ class EngineConfig:
     # rapid / disagg mode, process placement: a worker that sends no heartbeat for this long is
     # taken as dead (stopped or hung) and the engine fails; 0: no such check
     worker_heartbeat_timeout_s: float = 5.0
+    # rapid / disagg mode, shutdown: how long the workers may take to stop when asked, before
+    # SIGTERM (then SIGKILL) ends them
+    worker_shutdown_timeout_s: float = 10.0
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -111,6 +114,8 @@ class EngineConfig:
         from rapidserve.serving.liveness import check_heartbeat_timeout
 
         check_heartbeat_timeout(self.worker_heartbeat_timeout_s)
+        if not self.worker_shutdown_timeout_s >= 0:  # NaN too
+            raise ValueError(f"worker_shutdown_timeout_s must be >= 0, got {self.worker_shutdown_timeout_s}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

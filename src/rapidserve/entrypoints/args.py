@@ -103,6 +103,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-heartbeat-timeout-s", type=float, default=5.0,
                    help="rapid and disagg modes, process placement: a worker silent this long (dead, "
                         "stopped or hung) fails the engine and its requests; 0 turns the check off")
+    g.add_argument("--worker-shutdown-timeout-s", type=float, default=10.0,
+                   help="rapid and disagg modes, at shutdown: how long the workers may take to stop "
+                        "when asked before they are sent SIGTERM (then, after 2 s, SIGKILL)")
     g.add_argument("--disagg-decode-sms", type=int, default=None,
                    help="disagg mode on one GPU: SMs of the decode instance's static split (default: half, "
                         "rounded to the granularity); the prefill instance gets the rest")
