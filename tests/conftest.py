@@ -23,6 +23,16 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
+def pytest_configure(config):
+    # `pytest -q` still prints one progress line per file (its name, then its dots), as plain
+    # `pytest` does: which file a slow stretch or a failure belongs to is visible as it runs.
+    # -qq stays silent and -v lists every test as usual.
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() == -1:
+        reporter.showfspath = True
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
