@@ -12,6 +12,13 @@ os.environ.pop("RAPIDSERVE_NO_CACHE", None)
 atexit.register(shutil.rmtree, _cache_dir, True)
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # NOTE: under pytest-xdist (scripts/test.sh: -n 2) each test process gets its share of the
+    # cores for torch's threads, and so do the servers and workers it starts (OMP_NUM_THREADS),
+    # as the rapid topology's worker processes do: two processes each spinning a pool over
+    # every core slow each other several times over (measured on 2 busy cores: 12x).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int(_workers))))
+    _torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import asyncio
 import importlib.util
 import os
