@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv if needed, then runs the whole test suite (GPU tests skip without CUDA), in two
-# processes (pytest-xdist), a test file's tests together in one of them (module fixtures, file
-# order); tests/conftest.py gives each half the cores for torch's threads.
+# processes (pytest-xdist): tests/conftest.py groups each file's tests (module fixtures, file
+# order) and the files that share the SmolLM2 session fixtures, and gives each process half the
+# cores for torch's threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -40,6 +40,27 @@ def pytest_configure(config):
         reporter.showfspath = True
 
 
+# Files whose tests use the session's SmolLM2 fixtures (smollm2_hf, smollm2_llm): under xdist
+# one process runs them all, so each of those loads happens once (session fixtures are per
+# process), not once in each.
+_SMOLLM2_FILES = ("test_fp8_accuracy", "test_hf_equivalence", "test_model_sources", "test_text")
+
+if importlib.util.find_spec("xdist") is not None:  # (an unknown hook would be an error)
+
+    def pytest_xdist_make_scheduler(config, log):
+        """--dist loadfile (scripts/test.sh), except that the SmolLM2 files are one unit."""
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadFileScheduling
+
+        class SharedSmolLM2(LoadFileScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = super()._split_scope(nodeid)
+                return "smollm2" if os.path.splitext(os.path.basename(path))[0] in _SMOLLM2_FILES else path
+
+        return SharedSmolLM2(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
