@@ -12,6 +12,13 @@ os.environ.pop("RAPIDSERVE_NO_CACHE", None)
 atexit.register(shutil.rmtree, _cache_dir, True)
 if not _torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if _workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # NOTE: under pytest-xdist (scripts/test.sh: -n 2) each test process gets its share of the
+    # cores for torch's threads, and so do the servers and workers it starts (OMP_NUM_THREADS),
+    # as the rapid topology's worker processes do: two processes each spinning a pool over
+    # every core slow each other several times over (measured on 2 busy cores: 12x).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // int(_workers))))
+    _torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import asyncio
 import importlib.util
 import os
@@ -21,6 +28,37 @@ import time
 
 import pytest
 import torch
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
+def pytest_configure(config):
+    # `pytest -q` still prints one progress line per file (its name, then its dots), as plain
+    # `pytest` does: which file a slow stretch or a failure belongs to is visible as it runs.
+    # -qq stays silent and -v lists every test as usual.
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() == -1:
+        reporter.showfspath = True
+
+
+# Files whose tests use the session's SmolLM2 fixtures (smollm2_hf, smollm2_llm): under xdist
+# one process runs them all, so each of those loads happens once (session fixtures are per
+# process), not once in each.
+_SMOLLM2_FILES = ("test_fp8_accuracy", "test_hf_equivalence", "test_model_sources", "test_text")
+
+if importlib.util.find_spec("xdist") is not None:  # (an unknown hook would be an error)
+
+    def pytest_xdist_make_scheduler(config, log):
+        """--dist loadfile (scripts/test.sh), except that the SmolLM2 files are one unit."""
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadFileScheduling
+
+        class SharedSmolLM2(LoadFileScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = super()._split_scope(nodeid)
+                return "smollm2" if os.path.splitext(os.path.basename(path))[0] in _SMOLLM2_FILES else path
+
+        return SharedSmolLM2(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +86,18 @@ def smollm2_hf(smollm2_gguf):
     return AutoModelForCausalLM.from_pretrained(
         os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2 (fp32 on CPU, the engine's default model and dtype there) in one
+    hybrid-mode `LLM` for the whole session: its load (GGUF dequantization, tokenizer) costs
+    seconds on CPU, and the tests that only generate with it need not pay it each.
+    NOTE: shared: a test must leave no request unfinished (the engine is otherwise stateless
+    between requests: blocks are freed when a request ends)."""
+    from rapidserve import LLM
+
+    return LLM(device="cpu", dtype="float32")
 
 
 TINY_COMMON = dict(

@@ -22,8 +22,8 @@ def test_tiny_random_models_match_hf(kind, tiny_model_dir):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens"
 
 
-def test_smollm2_gguf_matches_hf(smollm2_hf):
-    llm = LLM(device="cpu", dtype="float32")  # the embedded default model
+def test_smollm2_gguf_matches_hf(smollm2_hf, smollm2_llm):
+    llm = smollm2_llm  # the embedded default model, fp32 (tests/conftest.py)
     tok = llm.tokenizer
     texts = [
         "What is the capital of France?",

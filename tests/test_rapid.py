@@ -171,8 +171,8 @@ def test_interrupted_start_stops_the_workers(tiny, monkeypatch):
         assert not w.is_alive()
 
 
-def test_rapid_mode_stop_strings_and_chat_match_hybrid():
-    hybrid = LLM(device="cpu")
+def test_rapid_mode_stop_strings_and_chat_match_hybrid(smollm2_llm):
+    hybrid = smollm2_llm  # the embedded model in the hybrid mode (tests/conftest.py)
     q = [{"role": "user", "content": "What is the capital of France?"}]
     params = SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"], include_stop_str_in_output=True)
     want = hybrid.chat(q, params)[0].outputs[0]

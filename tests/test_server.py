@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -96,6 +97,13 @@ def _chat(client, **kw):
     return client.chat.completions.create(model=None, messages=QUESTION, **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module")
+def paris(client):
+    """The greedy answer to QUESTION (a live request, once per module): the reference several
+    tests compare their streams, stop strings and extensions with (greedy: the same each time)."""
+    return _chat(client, max_tokens=20, temperature=0)
+
+
 def _sse_events(response: httpx.Response) -> list[str]:
     return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
 
@@ -161,8 +169,8 @@ def test_completion_string_list_and_token_ids(client, url, engine):
     assert len(nested.choices) == 2 and nested.choices[0].text == one.choices[0].text[: len(nested.choices[0].text)]
 
 
-def test_chat_answers_paris(client):
-    out = _chat(client, max_tokens=20, temperature=0)
+def test_chat_answers_paris(client, paris):
+    out = paris
     assert "Paris" in out.choices[0].message.content
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].finish_reason == "stop"
@@ -172,8 +180,8 @@ def test_chat_answers_paris(client):
     assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
 
 
-def test_chat_streaming_with_usage_matches_the_full_answer(client):
-    full = _chat(client, max_tokens=20, temperature=0)
+def test_chat_streaming_with_usage_matches_the_full_answer(client, paris):
+    full = paris
     chunks = list(_chat(client, max_tokens=20, temperature=0, stream=True,
                         stream_options={"include_usage": True}))
     *token_chunks, last = chunks
@@ -224,8 +232,8 @@ def test_streaming_a_batch_of_prompts(url):
 
 
 @pytest.mark.parametrize("stop", ["Paris", "of Fra", "is Par"])
-def test_stop_strings_when_streaming(client, stop):
-    full = _chat(client, max_tokens=20, temperature=0).choices[0].message.content
+def test_stop_strings_when_streaming(client, paris, stop):
+    full = paris.choices[0].message.content
     assert stop in full
     cut = _chat(client, max_tokens=20, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == full[: full.index(stop)]
@@ -235,20 +243,28 @@ def test_stop_strings_when_streaming(client, stop):
     assert len(chunks) == cut.usage.completion_tokens
 
 
-def test_vllm_extensions(client, engine):
+def test_vllm_extensions(client, engine, paris):
     # ignore_eos + min_tokens: exactly max_tokens tokens even though the answer ends earlier
-    natural = _chat(client, max_tokens=30, temperature=0).usage.completion_tokens
-    assert natural < 12
-    out = _chat(client, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
-    assert out.usage.completion_tokens == 12 and out.choices[0].finish_reason == "length"
-    out = _chat(client, max_tokens=12, temperature=0, extra_body={"min_tokens": 10})
-    assert out.usage.completion_tokens >= 10
+    natural = paris.usage.completion_tokens
+    assert natural < 12 and paris.choices[0].finish_reason == "stop"
+    # The requests at once (one batch, a third of the sequential decode steps): each request's
+    # sampling is its own (per-request seeds), whatever else runs beside it.
+    calls = {
+        "ignore_eos": dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True}),
+        "min_tokens": dict(max_tokens=12, temperature=0, extra_body={"min_tokens": 10}),
+        "greedy": dict(max_tokens=8, temperature=0),
+        "top_k=1": dict(max_tokens=8, temperature=1.5, extra_body={"top_k": 1}),
+        "seeded": dict(max_tokens=8, temperature=1.0, seed=7),
+        "seeded again": dict(max_tokens=8, temperature=1.0, seed=7),
+    }
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(_chat, client, **kw) for name, kw in calls.items()}
+        out = {name: f.result() for name, f in futures.items()}
+    assert out["ignore_eos"].usage.completion_tokens == 12 and out["ignore_eos"].choices[0].finish_reason == "length"
+    assert out["min_tokens"].usage.completion_tokens >= 10
     # top_k=1 is greedy whatever the temperature
-    greedy = _chat(client, max_tokens=8, temperature=0).choices[0].message.content
-    k1 = _chat(client, max_tokens=8, temperature=1.5, extra_body={"top_k": 1}).choices[0].message.content
-    assert k1 == greedy
-    seeded = [_chat(client, max_tokens=8, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
-    assert seeded[0] == seeded[1]
+    assert out["top_k=1"].choices[0].message.content == out["greedy"].choices[0].message.content
+    assert out["seeded"].choices[0].message.content == out["seeded again"].choices[0].message.content
 
 
 # ---- load, disconnects ---------------------------------------------------------------------

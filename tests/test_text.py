@@ -2,15 +2,15 @@
 
 import pytest
 
-from rapidserve import LLM, SamplingParams
+from rapidserve import SamplingParams
 from rapidserve.entrypoints.cli import main
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(device="cpu")
+def llm(smollm2_llm):
+    return smollm2_llm  # the session's embedded model (tests/conftest.py)
 
 
 def test_chat_answers_sensibly(llm):
@@ -20,23 +20,30 @@ def test_chat_answers_sensibly(llm):
 
 
 def test_stop_string_cuts_exactly(llm):
-    full = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0].text
+    # The same chat prompt (as llm.chat renders it) under four sampling params, in one batch:
+    # greedy decoding gives each the same tokens as alone, in a quarter of the decode steps.
+    prompt = llm.engine.chat_prompt(QUESTION)
+    params = [SamplingParams(temperature=0.0, max_tokens=20),
+              SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"]),
+              SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"], include_stop_str_in_output=True),
+              # a stop string spanning tokens ("of France" is several tokens)
+              SamplingParams(temperature=0.0, max_tokens=20, stop=["of Fra"])]
+    full, cut, kept, span = (o.outputs[0] for o in llm.generate([prompt] * len(params), params))
+    full = full.text
     assert "Paris" in full
-    cut = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"]))[0].outputs[0]
     assert cut.text == full[: full.index("Paris")]
     assert cut.finish_reason == "stop" and cut.stop_reason == "Paris"
-    kept = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["Paris"],
-                                             include_stop_str_in_output=True))[0].outputs[0]
     assert kept.text == full[: full.index("Paris") + len("Paris")]
-    # a stop string spanning tokens ("of France" is several tokens)
-    span = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=20, stop=["of Fra"]))[0].outputs[0]
     assert span.text == full[: full.index("of Fra")]
 
 
 def test_streamed_deltas_add_up_to_the_text(llm):
     eng = llm.engine
+    # NOTE: 10 tokens: the reply is Japanese, two tokens per character except "、" (one), so
+    # deltas are empty mid-character and the 10th token ends it mid-character (the final text
+    # keeps the incomplete character as U+FFFD, as the tokenizer's decode does).
     rid = eng.add_request(eng.chat_prompt([{"role": "user", "content": "Say hello in Japanese and in Greek."}]),
-                          SamplingParams(temperature=0.0, max_tokens=40))
+                          SamplingParams(temperature=0.0, max_tokens=10))
     deltas, tokens, final = [], [], None
     while eng.has_unfinished_requests():
         for out in eng.step():
@@ -47,6 +54,10 @@ def test_streamed_deltas_add_up_to_the_text(llm):
     assert "".join(deltas) == final.outputs[0].text
     assert tokens == final.outputs[0].token_ids
     assert final.outputs[0].text == llm.tokenizer.decode(final.outputs[0].token_ids, skip_special_tokens=True)
+    # what the 10 tokens are there for: characters split across tokens (empty deltas between
+    # their halves) and a reply cut mid-character
+    assert "" in deltas and any(len(d.encode()) > 1 for d in deltas), deltas
+    assert final.outputs[0].text.endswith("\ufffd"), final.outputs[0].text
 
 
 def test_chat_without_messages_is_an_error(llm):

@@ -60,6 +60,9 @@ class EngineConfig:
     # check. Generous: a first Triton compile is inside a step, and so is a disagg prefill
     # instance's CPU prefill of long prompts (the rapid prefill worker's runs in short layer groups).
     step_timeout_s: float = 300.0
+    # rapid / disagg mode, shutdown: how long the workers may take to stop when asked, before
+    # SIGTERM (then SIGKILL) ends them
+    worker_shutdown_timeout_s: float = 10.0
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -117,6 +120,8 @@ class EngineConfig:
 
         check_heartbeat_timeout(self.worker_heartbeat_timeout_s)
         check_step_timeout(self.step_timeout_s)
+        if not self.worker_shutdown_timeout_s >= 0:  # NaN too
+            raise ValueError(f"worker_shutdown_timeout_s must be >= 0, got {self.worker_shutdown_timeout_s}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load format {self.load_format!r}; available: {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

@@ -108,6 +108,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "long (a kernel that never ends, a deadlock) fails the engine and its requests and "
                         "is killed; 0 turns the check off. A first Triton compile is part of a step (and a "
                         "CPU prefill of the disagg mode's prefill instance): keep it generous")
+    g.add_argument("--worker-shutdown-timeout-s", type=float, default=10.0,
+                   help="rapid and disagg modes, at shutdown: how long the workers may take to stop "
+                        "when asked before they are sent SIGTERM (then, after 2 s, SIGKILL)")
     g.add_argument("--disagg-decode-sms", type=int, default=None,
                    help="disagg mode on one GPU: SMs of the decode instance's static split (default: half, "
                         "rounded to the granularity); the prefill instance gets the rest")

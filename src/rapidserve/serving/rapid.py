@@ -37,7 +37,7 @@ log = logging.getLogger("rapidserve.engine")
 
 _START_TIMEOUT_S = 900.0  # loading a large model can take minutes
 _POLL_S = 0.05  # step() waits this long for events before returning none
-_JOIN_S = 10.0  # shutdown: how long the workers may take to stop when asked
+_JOIN_S = 10.0  # shutdown: how long the workers may take to stop when asked (without a config)
 _KILL_S = 2.0  # then: how long SIGTERM may take before SIGKILL
 
 
@@ -258,7 +258,8 @@ class RapidEngine(EngineFront):
         # silent (stopped or hung) is neither waited for nor asked: only SIGKILL ends a stopped
         # process (a SIGTERM stays pending until it is continued).
         hung = getattr(self, "_hung", set())
-        deadline = time.monotonic() + _JOIN_S
+        config = getattr(self, "config", None)  # None: shut down before __init__ set it
+        deadline = time.monotonic() + (config.worker_shutdown_timeout_s if config is not None else _JOIN_S)
         for role, w in workers.items():
             if w.is_alive() and role not in hung:
                 w.join(timeout=max(0.0, deadline - time.monotonic()))
