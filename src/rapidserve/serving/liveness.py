@@ -154,7 +154,40 @@ def check_heartbeat_timeout(timeout_s: float) -> None:
         raise ValueError(f"worker_heartbeat_timeout_s must be 0 (off) or at least {MIN_TIMEOUT_S} s, got {timeout_s}")
 
 
-class Heartbeats:
+class _Bound:
+    """A bound on how long a worker may stay in some state, judged by the front each time it
+    looks (`_looking()`), enforced only once `arm()` is called (the workers are up)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        # How often the front must look for the bound to be judged fairly (see _looking()).
+        self.poll_s = min(BEAT_INTERVAL_S, timeout_s / 4) if timeout_s > 0 else BEAT_INTERVAL_S
+        self._armed_at: float | None = None
+        self._checked_at: float | None = None
+
+    def arm(self) -> None:
+        if self.timeout_s > 0:
+            self._armed_at = self._checked_at = time.monotonic()
+
+    def _looking(self) -> float | None:
+        """Now, if the bound is to be judged now; None if it is not armed, or if the front itself
+        was not looking for a while."""
+        if self._armed_at is None:
+            return None
+        now = time.monotonic()
+        last_check, self._checked_at = self._checked_at, now
+        if last_check is not None and now - last_check > self.timeout_s / 2:
+            # NOTE: the front itself was not looking for a while: stopped with its workers (a
+            # terminal's Ctrl-Z stops the whole process group; then `fg`), starved, or an offline
+            # caller between two generate() calls. The workers' silence (or a step's age) may be
+            # ours: they get a fresh bound rather than the blame (a truly stopped or wedged one is
+            # caught one bound later).
+            self._armed_at = now
+            return None
+        return now
+
+
+class Heartbeats(_Bound):
     """The front's view of its workers' beats: one shared double per worker, written by the
     worker's `Pulse`, read here. Enforced only once `arm()` is called (the workers are up:
     loading a model can hold a process's GIL for long stretches, and start-up has its own
@@ -162,19 +195,11 @@ class Heartbeats:
 
     def __init__(self, ctx: Any, roles: list[str], timeout_s: float) -> None:
         check_heartbeat_timeout(timeout_s)
-        self.timeout_s = timeout_s
+        super().__init__(timeout_s)
         self.interval = beat_interval(timeout_s) if timeout_s > 0 else BEAT_INTERVAL_S
         # NOTE: RawValue: no lock (one writer, an aligned 8-byte store), and its memory is an
         # unlinked temporary file, so nothing is left in /dev/shm whatever happens.
         self.slots = {role: ctx.RawValue("d", 0.0) for role in roles}
-        # How often the front must look for silence to be judged fairly (see silent()).
-        self.poll_s = min(BEAT_INTERVAL_S, self.timeout_s / 4) if timeout_s > 0 else BEAT_INTERVAL_S
-        self._armed_at: float | None = None
-        self._checked_at: float | None = None
-
-    def arm(self) -> None:
-        if self.timeout_s > 0:
-            self._armed_at = self._checked_at = time.monotonic()
 
     def age(self, role: str) -> float:
         """Seconds since the worker's last beat (counted from arm() if it is later)."""
@@ -184,16 +209,7 @@ class Heartbeats:
     def silent(self) -> tuple[str, float] | None:
         """The first worker whose last beat is older than the bound, with its age; None if all
         beat (or the check is not armed)."""
-        if self._armed_at is None:
-            return None
-        now = time.monotonic()
-        last_check, self._checked_at = self._checked_at, now
-        if last_check is not None and now - last_check > self.timeout_s / 2:
-            # NOTE: the front itself was not looking for a while: stopped with its workers (a
-            # terminal's Ctrl-Z stops the whole process group; then `fg`), starved, or an offline
-            # caller between two generate() calls. The workers' silence may be ours: they get a
-            # fresh bound rather than the blame (a truly stopped one is caught one bound later).
-            self._armed_at = now
+        if self._looking() is None:
             return None
         for role in self.slots:
             age = self.age(role)
@@ -231,7 +247,7 @@ class StepClock:
             self.slot.value = 0.0
 
 
-class StepWatch:
+class StepWatch(_Bound):
     """The front's side: one step-start double per worker (`slots`, handed to each worker's
     StepClock). `make_slot()` makes one: a RawValue of the spawn context for worker processes
     (unlinked memory, as the beats'), a ctypes double for worker threads. Enforced once `arm()`
@@ -239,27 +255,14 @@ class StepWatch:
 
     def __init__(self, roles: list[str], timeout_s: float, make_slot: Callable[[], Any]) -> None:
         check_step_timeout(timeout_s)
-        self.timeout_s = timeout_s
+        super().__init__(timeout_s)
         self.slots = {role: make_slot() for role in roles}
-        self.poll_s = min(BEAT_INTERVAL_S, timeout_s / 4) if timeout_s > 0 else BEAT_INTERVAL_S
-        self._armed_at: float | None = None
-        self._checked_at: float | None = None
-
-    def arm(self) -> None:
-        if self.timeout_s > 0:
-            self._armed_at = self._checked_at = time.monotonic()
 
     def hung(self) -> tuple[str, float] | None:
         """The first worker whose current step has run longer than the bound, with the step's
         age; None if none has (or the check is not armed)."""
-        if self._armed_at is None:
-            return None
-        now = time.monotonic()
-        last_check, self._checked_at = self._checked_at, now
-        if last_check is not None and now - last_check > self.timeout_s / 2:
-            # NOTE: as Heartbeats.silent: the front was not looking (stopped with its workers by
-            # Ctrl-Z, starved): a step's age may be ours; it gets a fresh bound from now.
-            self._armed_at = now
+        now = self._looking()
+        if now is None or self._armed_at is None:
             return None
         for role, slot in self.slots.items():
             started = slot.value
