@@ -15,6 +15,7 @@ import torch
 
 from rapidserve.model import source as source_module
 from rapidserve.model.gguf_file import (
+    dequantize_q4_1,
     hf_tensor_name,
     iter_gguf_weights,
     load_gguf_tokenizer,
@@ -199,6 +200,25 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = _tiny_tensors(np.random.default_rng(0), heads=4, kv_heads=2, head_dim=8, qk_norm=True)
     _write_gguf(path, "qwen3", tensors, head_dim=8)
     return path
+
+
+def test_q4_1_dequantization_is_gguf_bit_for_bit() -> None:
+    from gguf import GGMLQuantizationType, dequantize
+
+    rng = np.random.default_rng(0)
+    rows, blocks = 6, 5
+    raw = rng.integers(0, 256, size=(rows, blocks, 20), dtype=np.uint8)
+    # finite float16 scales and minimums (random bytes can spell inf/NaN), of both signs
+    raw[..., 0:2] = rng.normal(0, 0.05, (rows, blocks)).astype(np.float16)[..., None].view(np.uint8)
+    raw[..., 2:4] = rng.normal(0, 0.5, (rows, blocks)).astype(np.float16)[..., None].view(np.uint8)
+    data = raw.reshape(rows, blocks * 20)
+    ours = dequantize_q4_1(data)
+    assert ours.shape == (rows, blocks * 32) and ours.dtype == np.float32
+    assert np.array_equal(ours, dequantize(data, GGMLQuantizationType.Q4_1))
+    data.setflags(write=False)  # as the file's memmap is
+    assert np.array_equal(dequantize_q4_1(data), ours)
+    with pytest.raises(ValueError, match="20-byte blocks"):
+        dequantize_q4_1(data[:, :-1])
 
 
 # ------------------------------------------------------- GGUF vs transformers (SmolLM2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -366,13 +367,16 @@ def _rope_scaling(reader: GGUFReader, arch: str, path: str) -> dict[str, Any] | 
 def _dequantized(
     names: list[tuple[ReaderTensor, str]], config: Mapping[str, Any], path: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import dequantize
+    from gguf import GGMLQuantizationType, dequantize
 
     heads_of: dict[str, int] = {}
     if config["model_type"] in _QK_PERMUTED_ARCHITECTURES:
         heads_of = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for tensor, hf_name in names:
-        array = dequantize(tensor.data, tensor.tensor_type)
+        if int(tensor.tensor_type) == GGMLQuantizationType.Q4_1:
+            array = dequantize_q4_1(tensor.data)
+        else:
+            array = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dims innermost first; HF's [out, in] is the reverse.
         shape = tuple(int(dim) for dim in reversed(tensor.shape))
         if array.size != int(np.prod(shape)):
@@ -395,3 +399,27 @@ def _dequantized(
         # F32 tensors come back as views of the read-only memmap: copy those only.
         array = np.require(array, dtype=np.float32, requirements=["C", "W"])
         yield hf_name, torch.from_numpy(array)
+
+
+# Q4_1 (ggml): blocks of 32 weights, each 20 bytes: scale d and minimum m (float16), then 16 bytes
+# holding the 32 4-bit codes, low nibbles first (weights 0-15), then high nibbles (16-31).
+_Q4_1_BLOCK_BYTES, _Q4_1_BLOCK = 20, 32
+
+
+def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    """A Q4_1 tensor's raw bytes (uint8 [..., blocks x 20]) -> float32 [..., blocks x 32]: d x code
+    + m, the same float32 operations as gguf's numpy reference (so the same bits), vectorized in
+    torch: the embedded model's weights are Q4_1, and gguf's row-group loop took 1.4 of its 2.8 s
+    load on 2 idle cores."""
+    if data.dtype != np.uint8 or data.shape[-1] % _Q4_1_BLOCK_BYTES:
+        raise ValueError(f"Q4_1 data must be uint8 rows of 20-byte blocks, got {data.dtype} {data.shape}")
+    with warnings.catch_warnings():  # a read-only memmap of the file: read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.ascontiguousarray(data)).view(-1, _Q4_1_BLOCK_BYTES)
+    d = raw[:, 0:2].contiguous().view(torch.float16).float()
+    m = raw[:, 2:4].contiguous().view(torch.float16).float()
+    qs = raw[:, 4:]
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=1).float()  # [blocks, 32]
+    out = d * codes + m
+    lead = data.shape[:-1]
+    return out.numpy().reshape(*lead, data.shape[-1] // _Q4_1_BLOCK_BYTES * _Q4_1_BLOCK)
