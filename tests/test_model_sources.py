@@ -15,7 +15,7 @@ import torch
 
 from rapidserve.model import source as source_module
 from rapidserve.model.gguf_file import (
-    dequantize_q4_1,
+    dequantize_blocks,
     hf_tensor_name,
     iter_gguf_weights,
     load_gguf_tokenizer,
@@ -202,23 +202,25 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_q4_1_dequantization_is_gguf_bit_for_bit() -> None:
+@pytest.mark.parametrize("kind,nbytes", [("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34)])
+def test_block_dequantization_is_gguf_bit_for_bit(kind: str, nbytes: int) -> None:
     from gguf import GGMLQuantizationType, dequantize
 
     rng = np.random.default_rng(0)
     rows, blocks = 6, 5
-    raw = rng.integers(0, 256, size=(rows, blocks, 20), dtype=np.uint8)
-    # finite float16 scales and minimums (random bytes can spell inf/NaN), of both signs
+    raw = rng.integers(0, 256, size=(rows, blocks, nbytes), dtype=np.uint8)
+    # finite float16 scales (and Q4_1's minimums), of both signs: random bytes can spell inf/NaN
     raw[..., 0:2] = rng.normal(0, 0.05, (rows, blocks)).astype(np.float16)[..., None].view(np.uint8)
-    raw[..., 2:4] = rng.normal(0, 0.5, (rows, blocks)).astype(np.float16)[..., None].view(np.uint8)
-    data = raw.reshape(rows, blocks * 20)
-    ours = dequantize_q4_1(data)
+    if kind == "Q4_1":
+        raw[..., 2:4] = rng.normal(0, 0.5, (rows, blocks)).astype(np.float16)[..., None].view(np.uint8)
+    data = raw.reshape(rows, blocks * nbytes)
+    ours = dequantize_blocks(data, kind)
     assert ours.shape == (rows, blocks * 32) and ours.dtype == np.float32
-    assert np.array_equal(ours, dequantize(data, GGMLQuantizationType.Q4_1))
+    assert np.array_equal(ours, dequantize(data, GGMLQuantizationType[kind]))
     data.setflags(write=False)  # as the file's memmap is
-    assert np.array_equal(dequantize_q4_1(data), ours)
-    with pytest.raises(ValueError, match="20-byte blocks"):
-        dequantize_q4_1(data[:, :-1])
+    assert np.array_equal(dequantize_blocks(data, kind), ours)
+    with pytest.raises(ValueError, match=f"{nbytes}-byte blocks"):
+        dequantize_blocks(data[:, :-1], kind)
 
 
 # ------------------------------------------------------- GGUF vs transformers (SmolLM2)

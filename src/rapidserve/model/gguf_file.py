@@ -373,8 +373,9 @@ def _dequantized(
     if config["model_type"] in _QK_PERMUTED_ARCHITECTURES:
         heads_of = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for tensor, hf_name in names:
-        if int(tensor.tensor_type) == GGMLQuantizationType.Q4_1:
-            array = dequantize_q4_1(tensor.data)
+        kind = GGMLQuantizationType(int(tensor.tensor_type)).name
+        if kind in _BLOCK_BYTES:
+            array = dequantize_blocks(tensor.data, kind)
         else:
             array = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dims innermost first; HF's [out, in] is the reverse.
@@ -401,25 +402,33 @@ def _dequantized(
         yield hf_name, torch.from_numpy(array)
 
 
-# Q4_1 (ggml): blocks of 32 weights, each 20 bytes: scale d and minimum m (float16), then 16 bytes
-# holding the 32 4-bit codes, low nibbles first (weights 0-15), then high nibbles (16-31).
-_Q4_1_BLOCK_BYTES, _Q4_1_BLOCK = 20, 32
+# ggml's simplest block formats, 32 weights per block, each block a float16 scale d first:
+# Q4_0 (18 bytes: 16 bytes of 4-bit codes, low nibbles = weights 0-15, high = 16-31; w = d (q - 8)),
+# Q4_1 (20 bytes: d, then a float16 minimum m, then the codes as Q4_0's; w = d q + m),
+# Q8_0 (34 bytes: 32 int8 codes; w = d q).
+_BLOCK = 32
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
-def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
-    """A Q4_1 tensor's raw bytes (uint8 [..., blocks x 20]) -> float32 [..., blocks x 32]: d x code
-    + m, the same float32 operations as gguf's numpy reference (so the same bits), vectorized in
-    torch: the embedded model's weights are Q4_1, and gguf's row-group loop took 1.4 of its 2.8 s
-    load on 2 idle cores."""
-    if data.dtype != np.uint8 or data.shape[-1] % _Q4_1_BLOCK_BYTES:
-        raise ValueError(f"Q4_1 data must be uint8 rows of 20-byte blocks, got {data.dtype} {data.shape}")
+def dequantize_blocks(data: np.ndarray, kind: str) -> np.ndarray:
+    """A Q4_0/Q4_1/Q8_0 tensor's raw bytes (uint8 [..., blocks x block bytes]) -> float32
+    [..., blocks x 32], with the same float32 operations as gguf's numpy reference (so the same
+    bits), vectorized in torch: the embedded model's weights are Q4_1 (its embedding Q8_0), and
+    gguf's row-group loop took 1.4 of its 2.8 s load on 2 idle cores."""
+    nbytes = _BLOCK_BYTES[kind]
+    if data.dtype != np.uint8 or data.shape[-1] % nbytes:
+        raise ValueError(f"{kind} data must be uint8 rows of {nbytes}-byte blocks, got {data.dtype} {data.shape}")
     with warnings.catch_warnings():  # a read-only memmap of the file: read, never written
         warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(np.ascontiguousarray(data)).view(-1, _Q4_1_BLOCK_BYTES)
+        raw = torch.from_numpy(np.ascontiguousarray(data)).view(-1, nbytes)
     d = raw[:, 0:2].contiguous().view(torch.float16).float()
-    m = raw[:, 2:4].contiguous().view(torch.float16).float()
-    qs = raw[:, 4:]
-    codes = torch.cat((qs & 0x0F, qs >> 4), dim=1).float()  # [blocks, 32]
-    out = d * codes + m
-    lead = data.shape[:-1]
-    return out.numpy().reshape(*lead, data.shape[-1] // _Q4_1_BLOCK_BYTES * _Q4_1_BLOCK)
+    if kind == "Q8_0":
+        out = d * raw[:, 2:].contiguous().view(torch.int8).float()
+    else:
+        qs = raw[:, 4:] if kind == "Q4_1" else raw[:, 2:]
+        codes = torch.cat((qs & 0x0F, qs >> 4), dim=1)  # [blocks, 32]
+        if kind == "Q4_1":
+            out = d * codes.float() + raw[:, 2:4].contiguous().view(torch.float16).float()
+        else:
+            out = d * (codes.to(torch.int8) - 8).float()
+    return out.numpy().reshape(*data.shape[:-1], data.shape[-1] // nbytes * _BLOCK)
