@@ -5,7 +5,6 @@ offline API's prompt forms."""
 from __future__ import annotations
 
 import argparse
-import logging
 
 from types import SimpleNamespace
 

@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from rapidserve import LLM, SamplingParams
 from conftest import hf_greedy

@@ -1,7 +1,6 @@
 """Partitioning policies on synthetic profiles, the --partition-policy strings, and the
 partition metrics (resources/policy.py)."""
 
-import dataclasses
 import itertools
 from collections.abc import Callable
 
