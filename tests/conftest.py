@@ -23,6 +23,7 @@ import asyncio
 import importlib.util
 import os
 import random
+import re
 import threading
 import time
 
@@ -128,18 +129,11 @@ def tiny_hf_model(kind: str, seed: int = 0):
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=False)
         model = transformers.Qwen2ForCausalLM(cfg)
-        # random init zeroes biases: make them count
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.2)
+        _randomize_qkv_biases(model)
     elif kind == "qwen3":
         cfg = transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
         model = transformers.Qwen3ForCausalLM(cfg)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        _randomize_qk_norms(model)
     elif kind in TINY_MOE:
         model = tiny_moe_model(kind)
     else:
@@ -166,21 +160,42 @@ def tiny_moe_model(kind: str):
                                           moe_intermediate_size=48, shared_expert_intermediate_size=96,
                                           norm_topk_prob=False, mlp_only_layers=[0])
         model = transformers.Qwen2MoeForCausalLM(cfg)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.2)
+        _randomize_qkv_biases(model)
     elif kind == "qwen3-moe":
         cfg = transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                           moe_intermediate_size=48, norm_topk_prob=True)
         model = transformers.Qwen3MoeForCausalLM(cfg)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
-                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        _randomize_qk_norms(model)
     else:
         raise ValueError(kind)
     return model
+
+
+def _randomize_qkv_biases(model) -> None:
+    """Random init zeroes the q/k/v biases (Qwen2's, Qwen2-MoE's): make them count."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.2)
+
+
+def _randomize_qk_norms(model) -> None:
+    """Random init sets Qwen3's per-head q/k norms to 1 (a no-op): make them count."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+
+
+def served_url(proc, timeout_s: float, diagnose) -> str:
+    """The ".../v1" URL a `rapidserve serve` subprocess prints once it serves: its stdout read line
+    by line until then. `diagnose()`: what to show if it exits or takes longer than timeout_s."""
+    line = ""
+    deadline = time.monotonic() + timeout_s
+    while "serving" not in line:
+        assert proc.poll() is None and time.monotonic() < deadline, diagnose()
+        line = proc.stdout.readline()
+    return re.search(r"http://\S+/v1", line).group(0)
 
 
 def random_prompts(n: int, seed: int = 3, max_len: int = 100, min_len: int = 1) -> list[list[int]]:

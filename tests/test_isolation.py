@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import LiveServer, random_prompts
+from conftest import LiveServer, random_prompts, served_url
 
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -306,12 +305,7 @@ def test_serve_exits_non_zero_when_a_worker_dies(tiny):
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "serving" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-            line = proc.stdout.readline()
-        url = re.search(r"http://\S+/v1", line).group(0)
+        url = served_url(proc, 120, lambda: proc.stderr.read() if proc.poll() is not None else "slow")
         body = {"prompt": [1, 2, 3], "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()

@@ -35,6 +35,8 @@ from rapidserve.serving.liveness import (
     worker_entry,
 )
 
+from conftest import served_url
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 HEARTBEAT_TIMEOUT_S = 2.0  # what the chaos servers run with (the default is 5)
@@ -406,12 +408,7 @@ def _start_server(model: str, mode: str, log_path: str, *extra: str, placement: 
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     log.close()
-    line = ""
-    deadline = time.monotonic() + 120
-    while "serving" not in line:
-        assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
-        line = proc.stdout.readline()
-    url = re.search(r"http://\S+/v1", line).group(0)[: -len("/v1")]
+    url = served_url(proc, 120, lambda: open(log_path).read()[-3000:])[: -len("/v1")]
     if placement == "thread":
         return proc, url, {}
     up = re.search(r"topology up \(process placement; decode pid (\d+), prefill pid (\d+)\)", open(log_path).read())

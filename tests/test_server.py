@@ -25,7 +25,7 @@ import pytest
 import torch
 import uvicorn
 
-from conftest import random_prompts
+from conftest import random_prompts, served_url
 
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine, EngineDeadError
@@ -722,12 +722,7 @@ def test_serve_command_runs_and_stops_on_sigterm(tiny_model_dir):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        line = ""
-        deadline = time.monotonic() + 90
-        while "serving" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
-            line = proc.stdout.readline()
-        url = re.search(r"http://\S+/v1", line).group(0)
+        url = served_url(proc, 90, lambda: proc.stderr.read() if proc.poll() is not None else "slow")
         out = httpx.post(url + "/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3,
                                                      "ignore_eos": True}, timeout=30).json()
         assert out["usage"]["completion_tokens"] == 3
