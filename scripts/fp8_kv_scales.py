@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import test_fp8_accuracy as acc  # noqa: E402
+import test_fp8_accuracy as acc
 
-from rapidserve.model.loader import load_model  # noqa: E402
-from rapidserve.ops.fp8 import FP8_DTYPE  # noqa: E402
+from rapidserve.model.loader import load_model
+from rapidserve.ops.fp8 import FP8_DTYPE
 
 Scales = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_scale, v_scale) [kv_heads]
 
