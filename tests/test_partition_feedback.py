@@ -151,6 +151,20 @@ def test_nexus_leaves_a_split_40_percent_slower_than_predicted(profile, slow, th
     assert ran[:2] == [split(32)] * 2 and set(ran[2:]) == {split(then)}
 
 
+@pytest.mark.parametrize("policy_class", [RapidPolicy, NexusPolicy])
+def test_a_decode_step_alone_is_judged_against_decode_alone(profile, policy_class):
+    """A step with no prefill beside, measured exactly as the step-cost model prices decode alone,
+    leaves a residual of 1 (before: rapid priced it beside a profiled prefill, and every such
+    residual sat at the clamp, 0.25, in /metrics)."""
+    policy = policy_class(profile, 30.0, feedback=FeedbackConfig(min_samples=1))
+    alone = state(B, CTX, running=False)  # no prompt waiting or prefilling
+    for p in (Partition.FULL, split(32)):
+        measured = policy.model.decode_step_s(alone.decode_batch, round(B * CTX), p.decode_sms, ())
+        policy.observe(p, alone, measured)
+    residuals = policy.feedback_stats().residuals
+    assert len(residuals) == 2 and list(residuals.values()) == pytest.approx([1.0, 1.0])
+
+
 def test_observe_is_a_no_op_open_loop_and_for_empty_steps(profile):
     policy = RapidPolicy(profile, 30.0, feedback=None)
     policy.observe(split(32), busy(), 1.0)

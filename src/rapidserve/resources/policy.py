@@ -209,9 +209,13 @@ class RapidPolicy(_ClosedLoop):
         return (Partition.FULL, *self.splits)
 
     def base_decode_ms(self, p: Partition, state: StepState) -> float:
-        # The paper's rule: decode beside a running prefill (the one waiting, else the profiled one).
-        beside = _prefill_beside(state) or (PrefillLoad(self.profile.metadata.prefill_tokens_beside or 1),)
-        return 1e3 * self.model.decode_step_s(state.decode_batch, _kv_tokens(state), p.decode_sms, beside)
+        # The paper's rule: decode beside the running prefill (decide asks only while one runs).
+        # NOTE: a step with no prefill beside is priced alone, as it runs: its residual (observe)
+        # is then measured / predicted of the same thing. Priced beside a profiled prefill, every
+        # decode-alone residual sat at the clamp (0.25 on the simulated 32B at 0.5 req/s) and
+        # /metrics reported nonsense.
+        return 1e3 * self.model.decode_step_s(state.decode_batch, _kv_tokens(state), p.decode_sms,
+                                              _prefill_beside(state))
 
     def _meets(self, p: Partition, state: StepState) -> bool:
         """The decode step beside the prefill meets the ITL target in partition p (closed loop:
