@@ -7,6 +7,10 @@ fallback only, on the derived Qwen2.5-32B H200 profile, lmsys-like, rapid-rapid.
 
     python scripts/sim_rapid_fallback_counterfactual.py SLO_MS RATES OUT_DIR [COST_ERROR] [full]
     python scripts/sim_rapid_fallback_counterfactual.py 34.618 0.5,1,1.5 /tmp/fb decode:split:+40%% full
+    EXTRA_SPLITS=80 python scripts/sim_rapid_fallback_counterfactual.py 34.618 0.5,0.75 /tmp/fb decode:split:+40%%
+
+EXTRA_SPLITS (decode SM counts, comma-separated): offer the policy these splits too, past the
+profile's measured ones (priced by the step-cost model's fit: an extrapolation).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import os
+
 from rapidserve.entrypoints.cli import main
 from rapidserve.resources.partition import Partition
 from rapidserve.resources.policy import RapidPolicy, StepState
+from rapidserve.resources.profile import Profile
 
 PROFILE = str(Path(__file__).resolve().parents[1] / "docs/results/2026-11-30-sim/profiles/qwen2.5-32b-h200.json")
 
@@ -38,6 +45,10 @@ def run(slo_ms: str, rates: str, out: str, cost_error: str = "", fallback: str =
         RapidPolicy.decide = decide_full_when_none_meets  # type: ignore[method-assign]
     elif fallback != "split":
         sys.exit(f"fallback must be split or full, got {fallback!r}")
+    extra = tuple(int(n) for n in os.environ.get("EXTRA_SPLITS", "").split(",") if n.strip())
+    if extra:
+        measured = Profile.split_sm_counts.fget
+        Profile.split_sm_counts = property(lambda self: measured(self) + extra)  # type: ignore[method-assign]
     return main(["simulate", "--profile", PROFILE, "--configs", "rapid-rapid", "--request-rates", rates,
                  "--dataset-name", "lmsys-like", "--num-prompts", "200", "--seed", "0", "--slo-itl-ms", slo_ms,
                  "--jobs", "1", "--quiet", "--no-plots", "--output-dir", out]
