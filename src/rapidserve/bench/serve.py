@@ -60,11 +60,6 @@ def fetch_model(base_url: str, model: str | None = None, timeout_s: float = 30.0
     return (model or str(data[0]["id"])), (int(max_len) if max_len else None)
 
 
-def fetch_default_model(base_url: str, timeout_s: float = 30.0) -> str:
-    """The first model the server lists at /v1/models."""
-    return fetch_model(base_url, None, timeout_s)[0]
-
-
 def server_tokenizer(base_url: str, model: str, timeout_s: float = 60.0) -> Tokenize:
     """A Tokenize through the server's POST /tokenize (vLLM's and this server's route)."""
     client = httpx.Client(timeout=timeout_s, trust_env=False)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
@@ -450,11 +450,3 @@ def default_decode_sm_counts(total_sms: int, granularity: int) -> list[int]:
     lo = 2 * granularity if total_sms >= 4 * granularity else granularity
     hi = max(lo, total_sms // 2 // granularity * granularity)
     return list(range(lo, hi + 1, granularity))
-
-
-@contextlib.contextmanager
-def closing(partitioner: Partitioner) -> Iterator[Partitioner]:
-    try:
-        yield partitioner
-    finally:
-        partitioner.close()

@@ -117,7 +117,6 @@ class Driver:
         self._in_turn = False
         self._on_inbox = True  # blocked on the inbox (asleep, or in an idle wait)
         self.stopped = False
-        self.num_turns = 0
 
     def notify(self, t: float) -> None:
         """A message stamped t is in the inbox: wake at t if blocked on the inbox (a worker
@@ -143,7 +142,6 @@ class Driver:
         msgs = self.inbox.take(clock.now)
         self._in_turn = True
         try:
-            self.num_turns += 1
             if not self.logic.turn(msgs):
                 self.stopped = True
                 return
