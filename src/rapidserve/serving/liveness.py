@@ -236,7 +236,8 @@ def check_step_timeout(timeout_s: float) -> None:
 
 class StepClock:
     """A worker's side of the step watch: when its current step started, in `slot` (a shared
-    double; 0.0 between steps). Written only by the worker's main thread, read by the front."""
+    double; 0.0 between steps). Written only by the worker's main thread (the hybrid mode: the
+    AsyncEngine's engine thread), read by the front (there: its StepWatcher)."""
 
     def __init__(self, slot: Any | None) -> None:
         self.slot = slot
