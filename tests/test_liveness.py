@@ -273,7 +273,7 @@ def test_a_wedged_hybrid_step_fails_the_async_engine_and_its_late_end_delivers_n
         hang_at = calls[0] + 3  # two steps of the next requests, then one that never ends
         results, ended = loop.run_until_complete(wedged_requests())
         detect = ended - wedged_at[0]
-        assert 1.0 <= detect < 2.5, detect
+        assert 1.0 <= detect < 3.0, detect  # (bound + one poll; slack for a loaded machine)
         reason = "the engine thread has been in one step for"
         delivered = eng.num_generation_tokens
         assert sum(got for got, _ in results) == delivered - 3 > 0
