@@ -218,6 +218,99 @@ def test_a_workers_step_clock_runs_inside_its_turns_only():
     assert seen and all(started > 0 for _, started in seen)
 
 
+def test_a_wedged_hybrid_step_fails_the_async_engine_and_its_late_end_delivers_nothing(tiny):
+    """The hybrid mode's engine thread runs its steps itself; the AsyncEngine's watcher fails the
+    engine once one has run past the bound: every stream ends with the error (from the loop
+    thread), on_fatal runs once, shutdown() does not wait for the wedged thread, and should the
+    step end after all, the thread delivers nothing, keeps the reason, and stops. The idle wait
+    between requests, longer than the bound, is not a step."""
+    import asyncio
+
+    from rapidserve.async_engine import AsyncEngine, EngineDeadError
+    from rapidserve.sampling_params import SamplingParams
+    from rapidserve.serving.hybrid import LLMEngine
+
+    llm = LLMEngine(EngineConfig(model=tiny, device="cpu", num_kv_blocks=64, step_timeout_s=1.0))
+    release, wedged_at = threading.Event(), []
+    real, calls = llm.runner.submit_isolated, [0]
+
+    def submit_isolated(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == hang_at:
+            wedged_at.append(time.monotonic())
+            release.wait(60)
+        return real(*args, **kwargs)
+
+    hang_at = 10**9
+    llm.runner.submit_isolated = submit_isolated
+    eng = AsyncEngine(llm)
+    fatal: list[str] = []
+    eng.on_fatal(fatal.append)
+    loop = asyncio.new_event_loop()
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    async def consume(stream) -> tuple[int, str | None]:
+        got = 0
+        try:
+            async for _ in stream:
+                got += 1
+        except EngineDeadError as e:
+            return got, str(e)
+        return got, None
+
+    async def one_request() -> tuple[int, str | None]:
+        return await consume(await eng.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True)))
+
+    async def wedged_requests() -> tuple[list, float]:
+        streams = [await eng.generate([1 + i, 2, 3], params) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(consume(s) for s in streams)), 20)
+        return results, time.monotonic()
+
+    try:
+        assert loop.run_until_complete(one_request()) == (3, None)
+        time.sleep(1.2)  # idle for longer than the bound: the wait on the inbox is no step
+        assert eng.healthy and eng._step_clock.slot.value == 0.0
+        hang_at = calls[0] + 3  # two steps of the next requests, then one that never ends
+        results, ended = loop.run_until_complete(wedged_requests())
+        detect = ended - wedged_at[0]
+        assert 1.0 <= detect < 3.0, detect  # (bound + one poll; slack for a loaded machine)
+        reason = "the engine thread has been in one step for"
+        delivered = eng.num_generation_tokens
+        assert sum(got for got, _ in results) == delivered - 3 > 0
+        assert all(err is not None and reason in err and "--step-timeout-s 1)" in err for _, err in results)
+        assert not eng.healthy and reason in eng.dead_reason and "\n" not in eng.dead_reason
+        assert _wait_until(lambda: fatal, 5) and len(fatal) == 1 and reason in fatal[0]  # (just after)
+        with pytest.raises(EngineDeadError):
+            loop.run_until_complete(one_request())
+        t0 = time.monotonic()
+        eng.shutdown()  # not waiting on the wedged thread
+        assert time.monotonic() - t0 < 0.5 and eng._thread.is_alive()
+        message = eng.dead_reason
+        release.set()  # the step ends after all: nothing is delivered, the reason stays, it stops
+        eng._thread.join(10)
+        assert not eng._thread.is_alive()
+        loop.run_until_complete(asyncio.sleep(0.1))  # anything it might have posted has run
+        assert eng.dead_reason == message and len(fatal) == 1 and not eng._streams
+        assert eng.num_generation_tokens == delivered
+    finally:
+        release.set()
+        eng.shutdown()
+        loop.close()
+
+
+def test_the_step_watch_of_the_engine_thread_is_for_the_hybrid_mode_and_0_turns_it_off(tiny):
+    from rapidserve.async_engine import AsyncEngine
+    from rapidserve.serving.hybrid import LLMEngine
+    from rapidserve.serving.rapid import RapidEngine
+
+    assert LLMEngine.caller_step_role == "engine" and RapidEngine.caller_step_role is None
+    eng = AsyncEngine(LLMEngine(EngineConfig(model=tiny, device="cpu", num_kv_blocks=16, step_timeout_s=0)))
+    try:
+        assert eng._step_watcher is None and eng._step_clock.slot is None
+    finally:
+        eng.shutdown()
+
+
 def _make_tmpdirs(root: str, dead: int, live: int) -> dict[str, str]:
     """Directories named as fronts name theirs: of a dead server, of a live one, of a live pid
     that started after the directory was last changed (reused), and look-alikes to leave be."""
@@ -409,7 +502,7 @@ def _start_server(model: str, mode: str, log_path: str, *extra: str, placement: 
     )
     log.close()
     url = served_url(proc, 120, lambda: open(log_path).read()[-3000:])[: -len("/v1")]
-    if placement == "thread":
+    if placement == "thread" or mode == "hybrid":  # no worker processes
         return proc, url, {}
     up = re.search(r"topology up \(process placement; decode pid (\d+), prefill pid (\d+)\)", open(log_path).read())
     assert up, open(log_path).read()[-3000:]
@@ -520,19 +613,25 @@ def test_chaos(tiny, tmp_path, mode, fault, target, n):
 
 
 STEP_TIMEOUT_S = 3.0  # what the wedged-step servers run with (the default is 300)
-WEDGED = [("process", "decode:30"), ("thread", "prefill:1")]  # (placement, the step that never ends)
+WEDGED = [  # (mode, placement, the step that never ends)
+    ("rapid", "process", "decode:30"),
+    ("rapid", "thread", "prefill:1"),
+    ("hybrid", "thread", "engine:20"),  # (hybrid ignores --placement: its engine thread steps)
+]
 
 
 @linux_only
 @pytest.mark.slow
-@pytest.mark.parametrize("placement,hang", WEDGED, ids=[f"{p}-{h.replace(':', '-step-')}" for p, h in WEDGED])
-def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placement, hang):
+@pytest.mark.parametrize("mode,placement,hang", WEDGED,
+                         ids=[f"{m}-{p}-{h.replace(':', '-step-')}" for m, p, h in WEDGED])
+def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, mode, placement, hang):
     """A worker whose step never ends (RAPIDSERVE_INJECT_STEP_HANG: as a kernel that never ends)
     while its process or thread runs on, beating: after --step-timeout-s every pending request
     ends with an error, /health says which worker and how long, the wedged process is killed
     and the server exits 1 with nothing left (a wedged thread goes with the process). With
     process placement the server's start also removes the temporary directories of servers
-    that are gone, and only those."""
+    that are gone, and only those. The hybrid mode's engine thread, which runs its steps itself,
+    is watched from a thread of the AsyncEngine, with the same outcome."""
     role = hang.split(":")[0]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     time.sleep(0.1)
@@ -543,12 +642,13 @@ def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placeme
     proc = None
     stop_polling = threading.Event()
     try:
-        proc, url, _ = _start_server(tiny, "rapid", log_path, "--step-timeout-s", str(STEP_TIMEOUT_S),
+        proc, url, _ = _start_server(tiny, mode, log_path, "--step-timeout-s", str(STEP_TIMEOUT_S),
                                      placement=placement, env={INJECT_STEP_HANG_ENV: hang, "TMPDIR": tmp})
+        processes = mode != "hybrid" and placement == "process"
         kept = {k for k, p in stale.items() if os.path.exists(p)}
-        assert kept == ({"live", "other", "file"} if placement == "process" else set(stale)), kept
+        assert kept == ({"live", "other", "file"} if processes else set(stale)), kept
         own_tmp = glob.glob(os.path.join(tmp, f"rapidserve-{proc.pid}-*"))
-        assert len(own_tmp) == (placement == "process")
+        assert len(own_tmp) == processes
         health: list[tuple[float, int, str]] = []
         poller = threading.Thread(target=_poll_health, args=(url, health, stop_polling), daemon=True)
         poller.start()
@@ -570,10 +670,13 @@ def test_a_wedged_step_fails_the_engine_within_the_bound(tiny, tmp_path, placeme
         end_s = max(e[1] for e in load.ended if e is not None) - stall
         reason = json.loads(next(text for _, status, text in health if status == 503))["error"]
         age = float(re.search(r"in one step for ([\d.]+) s", reason).group(1))
-        print(f"\nWEDGED {placement} {hang}: detected (503) {detect:.2f} s after the last token, step age "
+        print(f"\nWEDGED {mode} {placement} {hang}: detected (503) {detect:.2f} s after the last token, step age "
               f"{age:.1f} s, requests {len(outcomes)} ended within {end_s:.2f} s {sorted(set(outcomes))}, "
               f"lost {len(lost)}, exit code {code} at {t_exit:.2f} s, processes left 0")
-        assert not lost and set(outcomes) == {"error"}, (lost, outcomes)
+        # (In the hybrid mode a request may still wait to be admitted when the engine thread wedges,
+        # its steps being short: it is answered HTTP 500 with an error body, its failure too.)
+        failed = {"error", "http 500"} if mode == "hybrid" else {"error"}
+        assert not lost and set(outcomes) <= failed and "error" in outcomes, (lost, outcomes)
         assert role in reason and "--step-timeout-s 3" in reason and "\n" not in reason, reason
         assert STEP_TIMEOUT_S - 0.1 < detect < STEP_TIMEOUT_S + 1.5, detect
         assert STEP_TIMEOUT_S <= age < STEP_TIMEOUT_S + 1.0, age  # (rounded to 0.1 s)

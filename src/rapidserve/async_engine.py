@@ -17,11 +17,19 @@ commands, and through `call()`, which runs a function on the engine thread. Toke
 a chat template, /tokenize) only reads the tokenizer and the model's config, and runs on a
 tokenizer thread of its own (`tokenize()`), so that a long prompt never holds up a step: the
 HF tokenizers release the GIL while they encode.
+
+The step watch (`--step-timeout-s`): in the hybrid mode the engine thread runs the device steps
+itself, so when one never ends (a kernel that never ends, a deadlock) it cannot notice. A small
+watcher thread (`StepWatcher`) judges the engine thread's step clock; past the bound it declares
+the engine dead from outside (`_declare_dead`: every pending request fails, `/health` says why,
+the on_fatal callbacks run) and leaves the wedged thread behind, a daemon that ends with the
+process. The rapid and disagg modes' steps run in workers their front watches (serving/rapid.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import queue
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, TypeVar
 
 from rapidserve.serving.front import EngineFront, EngineStats
+from rapidserve.serving.liveness import StepClock, StepWatch, StepWatcher
 from rapidserve.outputs import RequestOutput
 from rapidserve.sampling_params import SamplingParams
 
@@ -237,8 +246,23 @@ class AsyncEngine:
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rapidserve-tokenizer")
         self._cuda_index = _cuda_index(getattr(engine, "device", None))
         self._liveness_poll_s = engine.liveness_poll_s  # idle: wake this often to check workers
+        # The step watch of the engine thread, when it runs the device steps itself (hybrid).
+        # NOTE: `_wedged` is set (under _lock, with _dead) only by the watcher; once set, the
+        # engine thread, should its step ever end, delivers nothing and stops.
+        self._wedged = False
+        self._step_clock = StepClock(None)
+        self._step_watcher: StepWatcher | None = None
+        role = engine.caller_step_role
+        if role is not None and engine.config.step_timeout_s > 0:
+            # (a plain double: one writer, the engine thread, under the GIL; as thread placement's)
+            steps = StepWatch([role], engine.config.step_timeout_s, lambda: ctypes.c_double(0.0))
+            self._step_clock = StepClock(steps.slots[role])
+            self._step_watcher = StepWatcher(steps, self._on_wedged, name="rapidserve-step-watch")
+            steps.arm()  # start-up (loading, graph capture) is over: it had its own bound
         self._thread = threading.Thread(target=self._run, name="rapidserve-engine", daemon=True)
         self._thread.start()
+        if self._step_watcher is not None:
+            self._step_watcher.start()
 
     # ---- loop side ---------------------------------------------------------------------------
 
@@ -382,13 +406,19 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step; pending requests fail. Idempotent;
-        call it from any thread (not from the engine thread)."""
+        call it from any thread (not from the engine thread). Bounded: a thread wedged in a step
+        is not waited for (it cannot be stopped; a daemon, it ends with the process)."""
         with self._lock:
             if not self._dead:
                 self._inbox.put(_STOP)
-        self._thread.join(self._join_timeout_s)
+            wedged = self._wedged
+        if self._step_watcher is not None:
+            self._step_watcher.stop()
+        self._thread.join(0 if wedged else self._join_timeout_s)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
-        if self._thread.is_alive():
+        if wedged and self._thread.is_alive():
+            log.warning("engine thread left wedged in its step (it ends with the process)")
+        elif self._thread.is_alive():
             log.warning("engine thread did not stop within %.0f s", self._join_timeout_s)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -460,6 +490,9 @@ class AsyncEngine:
                 torch.cuda.set_device(self._cuda_index)
             log.info("engine thread started (model %s, mode %s)", self.model_name, self.mode)
             while True:
+                if self._wedged:  # the watcher failed the engine as a step ended, just in time
+                    self._stop("", None)
+                    return
                 had_requests = engine.has_unfinished_requests()
                 commands = self._next_commands()
                 for item in commands:
@@ -473,7 +506,17 @@ class AsyncEngine:
                 # Idle steps are no-ops for the hybrid engine; in the rapid mode they read the
                 # workers' reports, so that stats() sees the blocks of the last requests freed.
                 if engine.has_unfinished_requests() or time.monotonic() < self._settle_until:
-                    outputs = engine.step()
+                    self._step_clock.start()
+                    try:
+                        outputs = engine.step()
+                    finally:
+                        self._step_clock.stop()
+                    if self._wedged:
+                        # Its requests have been failed: nothing is delivered (a late step).
+                        log.warning("the step the watcher declared wedged has ended; the engine "
+                                    "thread stops (the engine has failed)")
+                        self._stop("", None)  # shuts the engine down: this thread owns it again
+                        return
                     if outputs:
                         self._post(self._deliver, outputs, time.monotonic())
                 else:
@@ -496,11 +539,37 @@ class AsyncEngine:
         else:
             self._post(_set_result, command.future, result)
 
+    def _on_wedged(self, role: str, age: float) -> None:
+        """The watcher's verdict (on its thread): the engine thread has been in one step too long."""
+        assert self._step_watcher is not None
+        reason = (f"the {role} thread has been in one step for {age:.1f} s (wedged: a kernel that never "
+                  f"ends or a deadlock; --step-timeout-s {self._step_watcher.watch.timeout_s:g})")
+        log.error("%s; failing every request (the thread is left behind: it cannot be stopped)", reason)
+        error = EngineFailure(reason)
+        # NOTE: not _stop(): the engine's own shutdown is the engine thread's to run (it is inside
+        # the engine now); the process's exit ends the wedged thread.
+        self._declare_dead(f"the engine failed: {type(error).__name__}: {reason}", error, wedged=True)
+
     def _stop(self, message: str, error: BaseException | None) -> None:
-        # NOTE: dead and every pending request failed first, the engine's shutdown (its workers:
-        # seconds, bounded) after, so that /health and the clients learn at once.
+        """The engine thread's end: the engine declared dead (unless the watcher already did),
+        then shut down.
+        NOTE: dead and every pending request failed first, the engine's shutdown (its workers:
+        seconds, bounded) after, so that /health and the clients learn at once."""
+        self._declare_dead(message, error)
+        try:
+            self._engine.shutdown()  # its workers, if the topology has any
+        except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report
+            log.exception("engine shutdown failed")
+
+    def _declare_dead(self, message: str, error: BaseException | None, wedged: bool = False) -> None:
+        """Mark the engine dead, fail every pending command and request with `message` and, for a
+        failure (`error`), run the on_fatal callbacks. From any thread; only the first call counts
+        (the requests go to the loop thread, their owner, through call_soon_threadsafe)."""
         with self._lock:
+            if self._dead:
+                return
             self._dead = True
+            self._wedged = wedged
             self._error = error
             self._dead_message = message
             pending = []
@@ -521,10 +590,8 @@ class AsyncEngine:
                     callback(message)
                 except Exception:  # noqa: BLE001 - the others must still run
                     log.exception("an on_fatal callback failed")
-        try:
-            self._engine.shutdown()  # its workers, if the topology has any
-        except Exception:  # noqa: BLE001 - already stopping; the first error is the one to report
-            log.exception("engine shutdown failed")
+        if self._step_watcher is not None:
+            self._step_watcher.stop()
 
 
 def _cuda_index(device: Any) -> int | None:

@@ -55,10 +55,12 @@ class EngineConfig:
     # rapid / disagg mode, process placement: a worker that sends no heartbeat for this long is
     # taken as dead (stopped or hung) and the engine fails; 0: no such check
     worker_heartbeat_timeout_s: float = 5.0
-    # rapid / disagg mode: a worker whose one step (one turn of its loop) has run this long is
-    # taken as wedged (a kernel that never ends, a deadlock) and the engine fails; 0: no such
-    # check. Generous: a first Triton compile is inside a step, and so is a disagg prefill
-    # instance's CPU prefill of long prompts (the rapid prefill worker's runs in short layer groups).
+    # every mode: a step (one turn of a rapid / disagg worker's loop; one LLMEngine.step() of the
+    # hybrid mode's engine thread under an AsyncEngine) that has run this long is taken as wedged
+    # (a kernel that never ends, a deadlock) and the engine fails; 0: no such check. Generous: a
+    # first Triton compile is inside a step, and so are a hybrid CPU prefill chunk and a disagg
+    # prefill instance's CPU prefill of long prompts (the rapid prefill worker's runs in short
+    # layer groups).
     step_timeout_s: float = 300.0
     # rapid / disagg mode, shutdown: how long the workers may take to stop when asked, before
     # SIGTERM (then SIGKILL) ends them

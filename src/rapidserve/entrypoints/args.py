@@ -104,10 +104,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="rapid and disagg modes, process placement: a worker silent this long (dead, "
                         "stopped or hung) fails the engine and its requests; 0 turns the check off")
     g.add_argument("--step-timeout-s", type=float, default=300.0,
-                   help="rapid and disagg modes (both placements): a worker whose one step has run this "
-                        "long (a kernel that never ends, a deadlock) fails the engine and its requests and "
-                        "is killed; 0 turns the check off. A first Triton compile is part of a step (and a "
-                        "CPU prefill of the disagg mode's prefill instance): keep it generous")
+                   help="every mode (rapid and disagg: each worker, both placements; hybrid: the server's "
+                        "engine thread): a step that has run this long (a kernel that never ends, a deadlock) "
+                        "fails the engine and its requests (a wedged worker process is killed); 0 turns the "
+                        "check off. A first Triton compile is part of a step (and so are a CPU prefill chunk "
+                        "of the hybrid mode and a CPU prefill of the disagg mode's prefill instance): keep "
+                        "it generous")
     g.add_argument("--worker-shutdown-timeout-s", type=float, default=10.0,
                    help="rapid and disagg modes, at shutdown: how long the workers may take to stop "
                         "when asked before they are sent SIGTERM (then, after 2 s, SIGKILL)")

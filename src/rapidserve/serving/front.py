@@ -158,6 +158,10 @@ class EngineFront:
     # How often an idle AsyncEngine calls check_liveness() (None: never; a topology without
     # worker processes has nothing that can die on its own).
     liveness_poll_s: float | None = None
+    # The role whose device steps run on the thread that calls step() (the hybrid mode: "engine"):
+    # that thread cannot watch itself, so an AsyncEngine watches its steps (the step watch,
+    # --step-timeout-s). None: the steps run in workers the topology watches (rapid, disagg).
+    caller_step_role: str | None = None
 
     def check_liveness(self) -> None:
         """Raise if the engine can no longer serve (a worker died or went silent), failing what

@@ -15,12 +15,19 @@ from rapidserve.runner.setup import device_memory_bytes, prepare_model
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.scheduler.chunked import ChunkedScheduler, SchedulerConfig
 from rapidserve.serving.front import EngineFront, EngineStats, StepStats
+from rapidserve.serving.liveness import inject_step_hang
 
 log = logging.getLogger("rapidserve.engine")
 
 
 class LLMEngine(EngineFront):
-    """The hybrid topology: one worker; each step mixes running decodes with prefill chunks."""
+    """The hybrid topology: one worker; each step mixes running decodes with prefill chunks.
+
+    Its steps run on the caller's thread: under a server, the AsyncEngine's engine thread, which
+    the AsyncEngine watches (`caller_step_role`: the step watch's "engine"). An offline caller
+    (`LLM`, `rapidserve generate`) is that thread itself: nothing watches it."""
+
+    caller_step_role = "engine"
 
     def __init__(self, config: EngineConfig) -> None:
         if config.mode != "hybrid":
@@ -47,6 +54,7 @@ class LLMEngine(EngineFront):
         if self.use_graphs:
             runner.capture_graphs(config.max_num_seqs, config.max_num_batched_tokens)
         self._init_steps(config, blocks, runner, config.resolve_async_scheduling(self.device))
+        inject_step_hang(self.caller_step_role, self.runner)
         if config.step_timeline:
             self.runner.timeline = StepTimeline("hybrid", self.device)
 

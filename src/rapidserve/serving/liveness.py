@@ -28,6 +28,8 @@ process runs (a GPU kernel that never ends, a deadlock inside a step): the step 
   run in layer groups restarts the clock at each group (between two groups it is back in its
   loop's hands). Start-up (loading, CUDA graph capture) is not a step: it has its own bound.
   It works the same under thread placement (the slots are then plain doubles of one process).
+  The hybrid mode has no workers: its steps run on the server's engine thread (`AsyncEngine`),
+  which cannot watch itself, so a `StepWatcher` thread judges that thread's clock instead.
 NOTE: PR_SET_PDEATHSIG fires when the *thread* that spawned the worker ends, not the process,
 so the front asks for it only when it spawns from the main thread; from another thread the
 pipe watchdog alone does the job (it also covers platforms without prctl).
@@ -222,7 +224,8 @@ class Heartbeats(_Bound):
 
 MIN_STEP_TIMEOUT_S = 1.0  # the front looks every 50 ms while serving, every 0.5 s while idle
 # Test hook (like disagg's RAPIDSERVE_INJECT_KV_TRANSFER_FAILURE): "ROLE:N" makes the worker of that
-# role (decode or prefill) block forever in its N-th device step, as a kernel that never ends would.
+# role (decode or prefill; engine: the hybrid engine) block forever in its N-th device step, as a
+# kernel that never ends would.
 INJECT_STEP_HANG_ENV = "RAPIDSERVE_INJECT_STEP_HANG"
 
 
@@ -233,7 +236,8 @@ def check_step_timeout(timeout_s: float) -> None:
 
 class StepClock:
     """A worker's side of the step watch: when its current step started, in `slot` (a shared
-    double; 0.0 between steps). Written only by the worker's main thread, read by the front."""
+    double; 0.0 between steps). Written only by the worker's main thread (the hybrid mode: the
+    AsyncEngine's engine thread), read by the front (there: its StepWatcher)."""
 
     def __init__(self, slot: Any | None) -> None:
         self.slot = slot
@@ -273,9 +277,38 @@ class StepWatch(_Bound):
         return None
 
 
+class StepWatcher:
+    """A thread that judges a StepWatch on its own, for stepping threads that no front polls (the
+    hybrid mode's engine thread steps itself): every `watch.poll_s` it asks `watch.hung()` (so the
+    same rules: armed first, a watcher that was not looking re-arms), and calls `on_hung(role,
+    age)` once, for the first step past the bound, then ends.
+
+    NOTE: `on_hung` runs on this thread while the wedged one is still inside its step: it may only
+    touch what is safe from any thread (it must not wait for the wedged thread)."""
+
+    def __init__(self, watch: StepWatch, on_hung: Callable[[str, float], None], name: str) -> None:
+        self.watch, self.on_hung = watch, on_hung
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No more judging (not joined: it ends within one poll; a daemon either way)."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.watch.poll_s):
+            wedged = self.watch.hung()
+            if wedged is not None:
+                self.on_hung(*wedged)
+                return
+
+
 def inject_step_hang(role: str, runner: Any) -> None:
-    """The test hook: with INJECT_STEP_HANG_ENV = "ROLE:N" naming this worker, its N-th call of
-    `runner.submit_isolated` (a device step) blocks forever."""
+    """The test hook: with INJECT_STEP_HANG_ENV = "ROLE:N" naming this worker (or the hybrid
+    engine), its N-th call of `runner.submit_isolated` (a device step) blocks forever."""
     spec = os.environ.get(INJECT_STEP_HANG_ENV, "")
     if not spec:
         return
