@@ -262,7 +262,12 @@ def test_a_wedged_hybrid_step_fails_the_async_engine_and_its_late_end_delivers_n
         return await consume(await eng.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True)))
 
     async def wedged_requests() -> tuple[list, float]:
+        nonlocal hang_at
         streams = [await eng.generate([1 + i, 2, 3], params) for i in range(3)]
+        # NOTE: armed once all three are admitted: an admission is a command the engine thread
+        # takes between steps, so a step wedged before the third's would fail its generate()
+        # instead (seen under load).
+        hang_at = calls[0] + 2  # one more step, then one that never ends
         results = await asyncio.wait_for(asyncio.gather(*(consume(s) for s in streams)), 20)
         return results, time.monotonic()
 
@@ -270,7 +275,6 @@ def test_a_wedged_hybrid_step_fails_the_async_engine_and_its_late_end_delivers_n
         assert loop.run_until_complete(one_request()) == (3, None)
         time.sleep(1.2)  # idle for longer than the bound: the wait on the inbox is no step
         assert eng.healthy and eng._step_clock.slot.value == 0.0
-        hang_at = calls[0] + 3  # two steps of the next requests, then one that never ends
         results, ended = loop.run_until_complete(wedged_requests())
         detect = ended - wedged_at[0]
         assert 1.0 <= detect < 3.0, detect  # (bound + one poll; slack for a loaded machine)

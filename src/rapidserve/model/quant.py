@@ -142,6 +142,10 @@ class Fp8Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight as float32 [out, in] (for tests and references)."""
+        return self.weight.float() * self.weight_scale[:, None]
+
     @torch.no_grad()
     def init_dummy(self, generator: torch.Generator, std: float = 0.02, chunk_elements: int = 1 << 26) -> None:
         """Random weights (normal, std) quantized per channel, built in row chunks (default
