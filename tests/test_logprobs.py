@@ -120,6 +120,9 @@ def _run(engine, prompts, params, timeout_s: float = 120.0):
 
 MODES = {
     "hybrid-async": dict(mode="hybrid", async_scheduling=True),
+    "rapid-thread-async": dict(mode="rapid", placement="thread", async_scheduling=True),
+    "rapid-process": dict(mode="rapid", placement="process"),
+    "disagg-thread": dict(mode="disagg", placement="thread"),
 }
 
 
