@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from rapidserve.entrypoints.openai.protocol import (
     ChatLogprobs, ChatLogprobsContent, ChatTokenLogprob, CompletionLogprobs,
 )
-from rapidserve.outputs import Logprob
-from rapidserve.outputs import RequestOutput
+from rapidserve.outputs import Logprob, RequestOutput
 
 # JSON has no -inf (a token the model gives probability 0): the floor vLLM's server reports.
 _FLOOR = -9999.0
