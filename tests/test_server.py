@@ -180,6 +180,51 @@ def test_chat_answers_paris(client, paris):
     assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
 
 
+def test_completion_logprobs_whole_and_streamed(client, engine):
+    """OpenAI's completions logprobs object: one item per token, the chosen token's text and
+    logprob among its step's alternatives (greedy: the best of them), offsets into the text; the
+    streamed chunks' logprobs put together equal the whole answer's; none unless asked."""
+    kw = dict(model=engine.model_name, prompt="The capital of France is", max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(logprobs=3, **kw)
+    choice = full.choices[0]
+    lp = choice.logprobs
+    n = full.usage.completion_tokens
+    assert n == 6 and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 4 and top[token] == value == max(top.values())
+    chunks = list(client.completions.create(logprobs=3, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    merged = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks), []) for k in
+              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert merged == {k: getattr(lp, k) for k in merged}
+    assert client.completions.create(**kw).choices[0].logprobs is None
+
+
+def test_chat_logprobs_whole_and_streamed(client):
+    """Chat's choices[].logprobs.content: each token with its logprob, UTF-8 bytes and the
+    top_logprobs most likely tokens, best first (greedy: the token itself leads); streamed, each
+    chunk carries its token's."""
+    full = _chat(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    # The tokens' texts are the answer's, and the end-of-sequence token's last (as in vLLM).
+    assert "".join(c.token for c in content[:-1]) == full.choices[0].message.content
+    assert full.choices[0].finish_reason == "stop" and content[-1].token == "<|im_end|>"
+    for c in content:
+        assert c.bytes == list(c.token.encode("utf-8")) and c.logprob <= 0
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (c.token, c.logprob)
+    chunks = list(_chat(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, stream=True))
+    assert [x for ch in chunks for x in ch.choices[0].logprobs.content] == content
+    assert all(len(ch.choices[0].logprobs.content) == 1 for ch in chunks)
+    alone = _chat(client, max_tokens=3, temperature=0, logprobs=True)
+    assert [c.top_logprobs for c in alone.choices[0].logprobs.content] == [[], [], []]
+    assert _chat(client, max_tokens=2, temperature=0).choices[0].logprobs is None
+
+
 def test_chat_streaming_with_usage_matches_the_full_answer(client, paris):
     full = paris
     chunks = list(_chat(client, max_tokens=20, temperature=0, stream=True,
@@ -353,7 +398,12 @@ def _still_serving(url: str) -> None:
     ("/v1/chat/completions", {"messages": QUESTION, "stop_token_ids": [2**40]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo with logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": "yes"}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),

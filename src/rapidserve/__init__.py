@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 # Imported on first use, so that `import rapidserve.kv` (plain Python) stays light.
@@ -13,6 +13,7 @@ _LAZY = {
     "SamplingParams": "rapidserve.sampling_params",
     "RequestOutput": "rapidserve.outputs",
     "CompletionOutput": "rapidserve.outputs",
+    "Logprob": "rapidserve.outputs",
 }
 
 

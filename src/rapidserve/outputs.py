@@ -6,12 +6,30 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability at one step (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token of its step
+    decoded_token: str | None = None  # the token alone as text (None without a tokenizer)
+
+
+# Per generated token: token id -> Logprob, the sampled token first, then the step's k most likely
+# (k = SamplingParams.logprobs; k or k + 1 entries, as vLLM's SampleLogprobs).
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # With SamplingParams.logprobs set (else None): one entry per token of token_ids, and the
+    # sum of the sampled tokens' logprobs.
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass

@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
+# The most alternatives a request may ask for per token (OpenAI's top_logprobs cap, vLLM's
+# default max_logprobs).
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,10 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 disables top-k; top_p 1 and min_p 0 disable
     their filters. `seed` gives the request its own random stream, so its samples do not
-    depend on what else is in the batch.
+    depend on what else is in the batch. `logprobs` k (0..MAX_LOGPROBS; None: off) reports
+    each generated token's log-probability, its rank and the k most likely tokens of its step,
+    all from the model's raw logits (before temperature, filters and min_tokens' bans), as
+    vLLM does.
     """
 
     temperature: float = 1.0
@@ -30,6 +36,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -80,6 +87,13 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -23,6 +23,7 @@ from rapidserve.runner.inputs import StepInputs
 from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import Sampler, SamplingBatch, make_generator
+from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs, unpack
 from rapidserve.scheduler.chunked import ScheduledRequest
 
 log = logging.getLogger("rapidserve.engine")
@@ -32,14 +33,18 @@ class StepResult:
     """A launched step: its sampled tokens live on the device until `tokens()` reads them."""
 
     def __init__(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None,
-                 rows: dict[str, int], started: torch.cuda.Event | float | None = None) -> None:
+                 rows: dict[str, int], started: torch.cuda.Event | float | None = None,
+                 logprobs: LogprobsTensors | list[TokenLogprobs | None] | None = None) -> None:
         """started: where the step's timing began (ModelRunner.measure_steps): a timing event
         recorded before its kernels (CUDA), or the host's perf_counter (CPU: the step ran
-        synchronously, it is over now)."""
+        synchronously, it is over now). logprobs: those of the rows that asked, on the device
+        (or already on the host, one per sampling row); None when no request asked."""
         self.scheduled = scheduled
         self.sampled = sampled  # [S] int64 on the device, one per sampling request
         self.rows = rows  # request id -> its row in `sampled`
+        self._logprobs = logprobs
         self._host: torch.Tensor | None = None
+        self._host_logprobs: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self._started = started if isinstance(started, torch.cuda.Event) else None
         self._elapsed_s = time.perf_counter() - started if isinstance(started, float) else None
@@ -47,6 +52,11 @@ class StepResult:
             # Start the copy back now, behind the step's kernels; tokens() waits for it only.
             self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
             self._host.copy_(sampled, non_blocking=True)
+            if isinstance(logprobs, LogprobsTensors):
+                # NOTE: before the event: the one wait in tokens() covers both copies.
+                self._host_logprobs = torch.empty(logprobs.packed.shape, dtype=logprobs.packed.dtype,
+                                                  pin_memory=True)
+                self._host_logprobs.copy_(logprobs.packed, non_blocking=True)
             self._ready = torch.cuda.Event(enable_timing=self._started is not None)
             self._ready.record()
 
@@ -70,6 +80,21 @@ class StepResult:
         self._ready.synchronize()
         assert self._host is not None
         return self._host.tolist()
+
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """The logprobs of each sampling request's token, in the order of tokens() (None for a
+        request that did not ask). Waits for the step as tokens() does."""
+        num_rows = 0 if self.sampled is None else int(self.sampled.shape[0])
+        lp = self._logprobs
+        if lp is None:
+            return [None] * num_rows
+        if not isinstance(lp, LogprobsTensors):
+            return lp
+        if self._ready is None:
+            return unpack(lp, lp.packed.tolist(), num_rows)
+        self._ready.synchronize()
+        assert self._host_logprobs is not None
+        return unpack(lp, self._host_logprobs.tolist(), num_rows)
 
 
 # What a device (or driver) failure says: after one the device's state is unknown, so no
@@ -240,10 +265,17 @@ class ModelRunner:
         start = self.timeline.begin() if self.timeline is not None else None
         started = self._start_timing() if self.measure_steps else None
         logits = self._logits(scheduled, prev, between_groups)
-        sampled = None if not rows else self.sampler(logits, self._sampling_batch(rows))  # [S] int64
+        sampled = logprobs = None
+        if rows:
+            batch = self._sampling_batch(rows)
+            sampled = self.sampler(logits, batch)  # [S] int64
+            # NOTE: eager, after the sampler, on the logits the step returned (a decode graph's
+            # output buffer is not overwritten before the next replay, queued behind this)
+            logprobs = compute_logprobs(logits, sampled, batch.params)
         if self.timeline is not None:
             self.timeline.end(start, sum(s.num_new_tokens for s in scheduled), len(scheduled))
-        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)}, started)
+        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)}, started,
+                          logprobs)
 
     def _start_timing(self) -> torch.cuda.Event | float:
         if self.device.type == "cuda":
@@ -277,6 +309,7 @@ class ModelRunner:
                     "failing ones", len(scheduled), _describe(first))
         kept: list[ScheduledRequest] = []
         sampled: list[torch.Tensor] = []
+        logprobs: list[TokenLogprobs | None] = []
         failed: list[FailedRequest] = []
         for s in scheduled:
             try:
@@ -289,10 +322,13 @@ class ModelRunner:
             kept.append(s)
             if alone.sampled is not None:
                 sampled.append(alone.sampled)
+                # Read back at once (a wait, on this rare path only): the runs' k differ.
+                logprobs += alone.logprobs()
         if not kept:
             raise first
         rows = {s.request.request_id: i for i, s in enumerate(s for s in kept if s.samples)}
-        return StepResult(kept, torch.cat(sampled) if sampled else None, rows), failed  # [S] int64
+        return StepResult(kept, torch.cat(sampled) if sampled else None, rows,  # [S] int64
+                          logprobs=logprobs if any(lp is not None for lp in logprobs) else None), failed
 
     def _fill_pending(self, input_ids: torch.Tensor, inp: StepInputs, prev: StepResult | None) -> None:
         """Write the tokens the step in flight samples into this step's input ids (device to

@@ -285,7 +285,8 @@ class PrefillInstanceTurns:
             sched.finish(rid)
             self._fail(rid, f.message)
         transfers = []
-        for s, token in zip(result.scheduled, result.tokens()):
+        tokens = result.tokens()
+        for s, token, logprobs in zip(result.scheduled, tokens, result.logprobs()):
             rid = s.request.request_id
             try:
                 transfers.append(self._transfer(rid))
@@ -295,7 +296,7 @@ class PrefillInstanceTurns:
                 self._fail(rid, f"KV transfer to the decode instance failed: {e}")
                 continue
             sched.finish(rid)
-            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs))
         self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks,
                                          device_memory_bytes(self.runner.device)))
         return True

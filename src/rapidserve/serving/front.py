@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 from rapidserve.config import EngineConfig
 from rapidserve.kv.block_manager import blocks_needed
 from rapidserve.model.config import ModelConfig
-from rapidserve.outputs import CompletionOutput, RequestOutput
+from rapidserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.policy import PartitionStats
-from rapidserve.sampling import IncrementalDetokenizer, find_stop
+from rapidserve.sampling import IncrementalDetokenizer, TokenLogprobs, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ScheduledRequest
 
@@ -24,12 +24,15 @@ log = logging.getLogger("rapidserve.engine")
 
 
 class _TextState:
-    """Per-request output text: incremental detokenization and stop-string cutting."""
+    """Per-request output text: incremental detokenization and stop-string cutting; and the
+    output tokens' logprobs when the request asked for them."""
 
-    def __init__(self, detokenizer: IncrementalDetokenizer | None) -> None:
+    def __init__(self, detokenizer: IncrementalDetokenizer | None, logprobs: bool = False) -> None:
         self.detokenizer = detokenizer
         self.text = ""
         self.emitted_tokens = 0  # output tokens already reported in a delta
+        self.logprobs: SampleLogprobs | None = [] if logprobs else None  # one entry per output token
+        self.cumulative_logprob = 0.0
 
 
 class StepStats(NamedTuple):
@@ -139,6 +142,7 @@ class EngineFront:
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
+        self._token_texts: dict[int, str] = {}  # token id -> the token alone as text (logprobs)
 
     # ---- to be provided by a topology --------------------------------------------------------
 
@@ -233,7 +237,7 @@ class EngineFront:
         detok = None
         if params.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        self._text[request_id] = _TextState(detok)
+        self._text[request_id] = _TextState(detok, logprobs=params.logprobs is not None)
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
@@ -300,13 +304,40 @@ class EngineFront:
         req: Request,
         token: int,
         decided: tuple[RequestStatus | None, int | None] | None = None,
+        logprobs: TokenLogprobs | None = None,
     ) -> RequestOutput | None:
-        """`_on_token`, with an exception there (detokenizing, stop strings) failing only this
+        """`_on_token` (after recording the token's `logprobs`, which the worker computed if the
+        request asked), with an exception there (detokenizing, stop strings) failing only this
         request."""
         try:
+            self._add_logprobs(req, token, logprobs)
             return self._on_token(req, token, decided)
         except Exception as e:  # noqa: BLE001 - one request's output, not the engine
             return self._fail_request(req, f"{type(e).__name__}: {e}")
+
+    def _add_logprobs(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        """Record the logprobs of a request's next token, if it asked for them: the sampled
+        token first, then the step's top k (a token among them once, as vLLM's dict holds it)."""
+        state = self._text[req.request_id]
+        if state.logprobs is None:
+            return
+        if logprobs is None:
+            raise RuntimeError(f"token {token} came without the logprobs the request asked for")
+        entry = {token: Logprob(logprobs.logprob, logprobs.rank, self._token_text(req, token))}
+        for rank, (t, lp) in enumerate(zip(logprobs.top_ids, logprobs.top_logprobs), start=1):
+            if t not in entry:
+                entry[t] = Logprob(lp, rank, self._token_text(req, t))
+        state.logprobs.append(entry)
+        state.cumulative_logprob += logprobs.logprob
+
+    def _token_text(self, req: Request, token: int) -> str | None:
+        """A token alone as text (special tokens too), as vLLM decodes a Logprob's token."""
+        if self.tokenizer is None or not req.params.detokenize:
+            return None
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = str(self.tokenizer.decode([token]))
+        return text
 
     def _on_error(self, req: Request, message: str) -> RequestOutput:
         """End a request with an error its worker reported (the worker has freed what it held):
@@ -336,6 +367,8 @@ class EngineFront:
                     token_ids=out_ids,
                     finish_reason=req.status.value if finished else None,
                     stop_reason=req.stop_reason,
+                    logprobs=None if state.logprobs is None else list(state.logprobs),
+                    cumulative_logprob=None if state.logprobs is None else state.cumulative_logprob,
                 )
             ],
             finished=finished,

@@ -118,12 +118,13 @@ class LLMEngine(EngineFront):
     def _take(self, result: StepResult) -> list[RequestOutput]:
         """The tokens of a finished step, for the requests still unfinished."""
         outputs = []
-        for s, token in zip((s for s in result.scheduled if s.samples), result.tokens()):
+        tokens = result.tokens()
+        for s, token, logprobs in zip((s for s in result.scheduled if s.samples), tokens, result.logprobs()):
             req = s.request
             if self.async_scheduling:
                 req.num_pending -= 1
             if req.status.finished:
                 continue  # stopped, aborted or failed after this step was launched: discarded
-            if (out := self._take_token(req, token)) is not None:
+            if (out := self._take_token(req, token, logprobs=logprobs)) is not None:
                 outputs.append(out)
         return outputs

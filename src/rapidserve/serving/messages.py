@@ -1,7 +1,7 @@
 """Typed messages between the engine front and the rapid topology's workers.
 
-Small records only: token ids, block ids, a sampled token. The KV cache and the weights never
-travel (both workers hold the same tensors).
+Small records only: token ids, block ids, a sampled token (with its logprobs, when its request
+asked). The KV cache and the weights never travel (both workers hold the same tensors).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from rapidserve.sampling.logprobs import TokenLogprobs
 from rapidserve.sampling_params import SamplingParams
 
 
@@ -80,6 +81,7 @@ class PrefillDone:
     request_id: str
     token: int
     generator_state: Any = None
+    logprobs: TokenLogprobs | None = None  # the first token's, if the request asked
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class TokenEvent:
     token: int
     status: str | None  # a RequestStatus value when the token ends the request
     stop_reason: int | None = None
+    logprobs: TokenLogprobs | None = None  # if the request asked (SamplingParams.logprobs)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.model_runner import ModelRunner, StepResult
 from rapidserve.runner.setup import PreparedModel, device_memory_bytes, prepare_model, resolve_device
 from rapidserve.runner.timeline import StepTimeline
-from rapidserve.sampling import make_generator
+from rapidserve.sampling import TokenLogprobs, make_generator
 from rapidserve.scheduler.chunked import ScheduledRequest, SchedulerConfig
 from rapidserve.scheduler.decode import DecodeScheduler
 from rapidserve.scheduler.prefill import PrefillJob, PrefillScheduler
@@ -143,7 +143,7 @@ class DecodeTurns:
                 req = sched.prefill_done(msg.request_id)
                 if req is not None:
                     _restore_generator(self.runner, req, msg.generator_state)
-                    self._take(req, msg.token, events)
+                    self._take(req, msg.token, events, msg.logprobs)
             elif isinstance(msg, m.PrefillDropped):
                 sched.prefill_dropped(msg.request_id)
             elif isinstance(msg, m.PartitionFollowed):
@@ -202,12 +202,13 @@ class DecodeTurns:
         if prev is None:
             return moved is not None  # a new partition is news for the front's stats too
         step, result = prev
-        for s, token in zip(result.scheduled, result.tokens()):
+        tokens = result.tokens()
+        for s, token, logprobs in zip(result.scheduled, tokens, result.logprobs()):
             req = s.request
             if self.async_scheduling:
                 req.num_pending -= 1
             if not req.status.finished:  # else it stopped or was aborted meanwhile: discarded
-                self._take(req, token, events)
+                self._take(req, token, events, logprobs)
         if self.partitioning is not None and self.partitioning.closed_loop:
             self.partitioning.observe(result)  # its measured time, read now that its tokens are in
         self.blocks.retire(step)
@@ -247,14 +248,16 @@ class DecodeTurns:
             device_memory_bytes(self.runner.device),
         )
 
-    def _take(self, req: Request, token: int, events: list[m.TokenEvent]) -> None:
-        """A request's next token (from the prefill worker or a decode step)."""
+    def _take(self, req: Request, token: int, events: list[m.TokenEvent],
+              logprobs: TokenLogprobs | None = None) -> None:
+        """A request's next token (from the prefill worker or a decode step), with its logprobs
+        if the request asked."""
         req.append_token(token)
         status, reason = req.token_stop(token, self.eos)
         if status is not None:
             self.scheduler.finish(req, status)
             self.runner.release(req.request_id)
-        events.append(m.TokenEvent(req.request_id, token, status.value if status else None, reason))
+        events.append(m.TokenEvent(req.request_id, token, status.value if status else None, reason, logprobs))
 
 
 class DecodeWorker(DecodeTurns):
@@ -376,10 +379,11 @@ class PrefillTurns:
             sched.finish(rid)
             self.runner.release(rid)
             self.to_decode.put(m.PrefillFailed(rid, f.message))
-        for s, token in zip(result.scheduled, result.tokens()):
+        tokens = result.tokens()
+        for s, token, logprobs in zip(result.scheduled, tokens, result.logprobs()):
             rid = s.request.request_id
             sched.finish(rid)
-            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid)))
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs))
         return True
 
     def _submit(self, batch: list[ScheduledRequest]) -> tuple[Any, list[Any]]:

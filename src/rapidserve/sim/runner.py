@@ -50,6 +50,10 @@ class SimStep:
             self.clock.now = self.end
         return [SIM_TOKEN] * self.num_tokens
 
+    def logprobs(self) -> list[None]:
+        """No logprobs in a simulation (its tokens are fixed, not sampled)."""
+        return [None] * self.num_tokens
+
     def device_s(self) -> float | None:
         """The step's device time, as the closed loop reads a real step's (after tokens())."""
         return self.device

@@ -2,8 +2,8 @@
 
 Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
-Parameters the engine cannot honour (n > 1, logprobs, penalties, ...) are refused with a 400
-rather than ignored: a client must not believe it got what it asked for.
+Parameters the engine cannot honour (n > 1, the prompt's logprobs, penalties, ...) are refused
+with a 400 rather than ignored: a client must not believe it got what it asked for.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
 )
 
-from rapidserve.sampling_params import SamplingParams
+from rapidserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
 TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]  # alternatives per token (OpenAI: 0..20)
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
@@ -127,6 +128,10 @@ class _SamplingRequest(_Request):
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
 
+    def _logprobs(self) -> int | None:
+        """SamplingParams.logprobs: the alternatives per token, None for no logprobs."""
+        raise NotImplementedError
+
     def _check_supported(self) -> None:
         if self.n != 1:
             raise RequestError("n", f"n must be 1 (one choice per prompt), got {self.n}")
@@ -156,6 +161,7 @@ class _SamplingRequest(_Request):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logprobs=self._logprobs(),
         )
 
     @property
@@ -167,19 +173,23 @@ class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], _NON_EMPTY]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: Annotated[bool, _only(False)] = False
-    logprobs: Annotated[int | None, _only(None)] = None
+    logprobs: NumLogprobs | None = None
     best_of: Annotated[int | None, _only(1, None)] = None
     suffix: Annotated[str | None, _only("", None)] = None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
     def _check_supported(self) -> None:
         super()._check_supported()
         if self.echo:
+            if self.logprobs is not None:
+                raise RequestError("echo", "echo with logprobs (the prompt's logprobs) is not supported; "
+                                           "logprobs without echo give the generated tokens'")
             raise RequestError("echo", "echo is not supported")
-        if self.logprobs is not None:
-            raise RequestError("logprobs", "logprobs are not supported")
         if self.best_of not in (None, 1):
             raise RequestError("best_of", f"best_of must be 1, got {self.best_of}")
         if self.suffix:
@@ -231,8 +241,8 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], _NON_EMPTY]
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI for max_completion_tokens
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Annotated[bool, _only(False)] = False
-    top_logprobs: Annotated[int | None, _only(0, None)] = None
+    logprobs: bool | None = False
+    top_logprobs: NumLogprobs | None = None
     tools: Annotated[list[dict[str, Any]] | None, _only([], None)] = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's extension
@@ -241,10 +251,13 @@ class ChatCompletionRequest(_SamplingRequest):
         # None: as many as the context leaves room for.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def _check_supported(self) -> None:
         super()._check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise RequestError("logprobs", "logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools:
             raise RequestError("tools", "tools are not supported")
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -290,10 +303,37 @@ class UsageInfo(BaseModel):
 FinishReason = Literal["stop", "length"] | None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions logprobs: one item per generated token in each list. top_logprobs
+    maps token text to logprob for the sampled token and the `logprobs` most likely; text_offset
+    is where each token's text starts in the choice's text."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's text as UTF-8
+
+
+class ChatLogprobsContent(ChatTokenLogprob):
+    """A generated token and the `top_logprobs` most likely tokens of its step, best first."""
+
+    top_logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobsContent] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
 
@@ -319,7 +359,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
 
@@ -347,7 +387,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None
 

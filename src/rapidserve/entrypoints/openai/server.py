@@ -34,12 +34,13 @@ from rapidserve.serving.front import EngineFront, check_unicode
 from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.entrypoints.openai.server_log import RequestLogMiddleware, StatsLogger, record_streams
 from rapidserve.entrypoints.openai.protocol import (
-    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
     CompletionResponse, CompletionStreamResponse, DeltaMessage, DetokenizeRequest, ErrorInfo,
     ErrorResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, UsageInfo,
     DetokenizeResponse, VersionResponse,
 )
+from rapidserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder, chat_logprobs, new_logprobs
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
 from rapidserve.outputs import RequestOutput
 from rapidserve.sampling_params import SamplingParams
@@ -478,7 +479,7 @@ class OpenAIServer:
         def respond(finals: list[RequestOutput]) -> CompletionResponse:
             return CompletionResponse(
                 id=request_id, created=created, model=model,
-                choices=[CompletionChoice(index=i, text=o.outputs[0].text,
+                choices=[CompletionChoice(index=i, text=o.outputs[0].text, logprobs=_completion_logprobs(o),
                                           finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
                          for i, o in enumerate(finals)],
                 usage=_usage(finals))
@@ -488,6 +489,7 @@ class OpenAIServer:
     async def _completion_events(self, batch: _Batch, params: SamplingParams, request_id: str,
                                  created: int, include_usage: bool) -> AsyncIterator[str]:
         texts = [StreamedText(params) for _ in batch.streams]
+        logprobs = [CompletionLogprobsBuilder() for _ in batch.streams]
         finals: list[RequestOutput] = []
         model = self.engine.model_name
         try:
@@ -497,6 +499,8 @@ class OpenAIServer:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model,
                     choices=[CompletionChoice(index=i, text=texts[i].delta(out),
+                                              logprobs=None if params.logprobs is None
+                                              else logprobs[i].build(*new_logprobs(out)),
                                               finish_reason=_finish_reason(out),
                                               stop_reason=_stop_reason(out))]))
             if include_usage:
@@ -528,6 +532,7 @@ class OpenAIServer:
             return ChatCompletionResponse(
                 id=request_id, created=created, model=model,
                 choices=[ChatChoice(index=i, message=ChatResponseMessage(content=o.outputs[0].text),
+                                    logprobs=_chat_logprobs(o, params),
                                     finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
                          for i, o in enumerate(finals)],
                 usage=_usage(finals))
@@ -550,6 +555,8 @@ class OpenAIServer:
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model,
                     choices=[ChatStreamChoice(index=0, delta=delta, finish_reason=_finish_reason(out),
+                                              logprobs=None if params.logprobs is None
+                                              else chat_logprobs(*new_logprobs(out), params.logprobs),
                                               stop_reason=_stop_reason(out))]))
             if include_usage and final is not None:
                 yield _sse(ChatCompletionChunk(
@@ -591,6 +598,17 @@ class OpenAIServer:
     def model_card(self, name: str | None = None) -> ModelCard:
         e = self.engine
         return ModelCard(id=name or e.model_name, root=e.model_root, max_model_len=e.max_model_len)
+
+
+def _completion_logprobs(output: RequestOutput) -> CompletionLogprobs | None:
+    c = output.outputs[0]
+    return None if c.logprobs is None else CompletionLogprobsBuilder().build(c.token_ids, c.logprobs)
+
+
+def _chat_logprobs(output: RequestOutput, params: SamplingParams) -> ChatLogprobs | None:
+    c = output.outputs[0]
+    return None if c.logprobs is None or params.logprobs is None else chat_logprobs(c.token_ids, c.logprobs,
+                                                                                   params.logprobs)
 
 
 def _usage(finals: list[RequestOutput]) -> UsageInfo:
