@@ -9,6 +9,8 @@ _GREEDY_EPS = 1e-5
 # The most alternatives a request may ask for per token (OpenAI's top_logprobs cap, vLLM's
 # default max_logprobs).
 MAX_LOGPROBS = 20
+# The largest |logit_bias| (OpenAI's range; vLLM clamps to it).
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,14 @@ class SamplingParams:
     each generated token's log-probability, its rank and the k most likely tokens of its step,
     all from the model's raw logits (before temperature, filters and min_tokens' bans), as
     vLLM does.
+
+    Penalties, as vLLM's (and applied in its order, before temperature and the filters, greedy
+    included, after min_tokens' bans): `logit_bias` {token id: bias in [-100, 100]} is added to
+    those tokens' logits; `repetition_penalty` r > 0 (1: off) divides the logit of every token
+    seen in the prompt or the output by r when it is positive and multiplies it by r otherwise
+    (HF's RepetitionPenaltyLogitsProcessor); then `frequency_penalty` f and `presence_penalty`
+    p, in [-2, 2], subtract f * count + p * (count > 0), count being how often the token
+    occurs in the output so far (OpenAI's definition: the prompt does not count).
     """
 
     temperature: float = 1.0
@@ -37,6 +47,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -51,6 +65,12 @@ class SamplingParams:
         )
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.logit_bias is not None:
+            # A copy: the caller's dict may change after the request is admitted. An empty
+            # one is no bias at all.
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id to bias, got {self.logit_bias!r}")
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias) or None)
         self._validate()
 
     def _validate(self) -> None:
@@ -94,7 +114,34 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: off), got {r!r}")
+        for t, bias in (self.logit_bias or {}).items():
+            # The upper bound of the ids is the model's vocabulary: the engine checks it at admission.
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(
+                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                    f"got {bias!r} for token {t}"
+                )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty looks at the tokens seen so far (the sampler needs the request's history)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _is_number(value: object) -> bool:
+    """A real int or float (bool is an int subclass but never a meant number); NaN fails every
+    range test it is put to, so it needs no case of its own."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

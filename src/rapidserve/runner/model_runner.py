@@ -22,7 +22,7 @@ from rapidserve.runner.graphs import (
 from rapidserve.runner.inputs import StepInputs
 from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.timeline import StepTimeline
-from rapidserve.sampling import Sampler, SamplingBatch, make_generator
+from rapidserve.sampling import PendingTokens, Sampler, SamplingBatch, TokenHistory, make_generator
 from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs, unpack
 from rapidserve.scheduler.chunked import ScheduledRequest
 
@@ -268,6 +268,7 @@ class ModelRunner:
         sampled = logprobs = None
         if rows:
             batch = self._sampling_batch(rows)
+            batch.pending = self._pending_tokens(rows, batch, prev)
             sampled = self.sampler(logits, batch)  # [S] int64
             # NOTE: eager, after the sampler, on the logits the step returned (a decode graph's
             # output buffer is not overwritten before the next replay, queued behind this)
@@ -427,6 +428,7 @@ class ModelRunner:
 
     def _sampling_batch(self, rows: list[ScheduledRequest]) -> SamplingBatch:
         params, gens, banned = [], [], []
+        histories: list[TokenHistory | None] = []
         for s in rows:
             req, p = s.request, s.request.params
             params.append(p)
@@ -441,7 +443,35 @@ class ModelRunner:
                 banned.append(tuple(stop_ids))
             else:
                 banned.append(())
-        return SamplingBatch(params=params, generators=gens, banned_token_ids=banned)
+            # Only for the rows that asked: a plain batch builds no history. The prompt only
+            # counts for the repetition penalty.
+            histories.append(None if not p.penalized else TokenHistory(
+                req.prompt_token_ids if p.repetition_penalty != 1.0 else (), req.output_token_ids))
+        return SamplingBatch(params=params, generators=gens, banned_token_ids=banned,
+                             histories=histories if any(h is not None for h in histories) else None)
+
+    def _pending_tokens(self, rows: list[ScheduledRequest], batch: SamplingBatch,
+                        prev: StepResult | None) -> PendingTokens | None:
+        """The last output token of each penalized row whose token is still being sampled by the
+        step in flight (async scheduling), taken from that step's device tensor.
+
+        NOTE: with one-step-ahead scheduling the host plans step N+1 before step N's token lands
+        in `all_token_ids`; the penalties of step N+1 must count it, so it is read on the device
+        (as `_fill_pending` feeds it to the model), never by waiting for step N."""
+        if batch.histories is None:
+            return None
+        at = [(i, s.request.request_id) for i, (s, h) in enumerate(zip(rows, batch.histories))
+              if h is not None and s.request.num_pending]
+        if not at:
+            return None
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a penalized request has a pending token but no step in flight produces it")
+        try:
+            src = [prev.rows[rid] for _, rid in at]
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]!r} has a pending token the step in flight does not sample") from None
+        index = self._tensor(np.array(src, dtype=np.int64))  # [P]
+        return PendingTokens([i for i, _ in at], prev.sampled.index_select(0, index))
 
 
 def _describe(error: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Token sampling, incremental detokenization and stop-string handling."""
 
 from rapidserve.sampling.detokenizer import IncrementalDetokenizer
+from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties
 from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs
 from rapidserve.sampling.sampler import Sampler, SamplingBatch, apply_filters, make_generator
 from rapidserve.sampling.stop import StopMatch, find_stop, hold_back
@@ -8,11 +9,14 @@ from rapidserve.sampling.stop import StopMatch, find_stop, hold_back
 __all__ = [
     "IncrementalDetokenizer",
     "LogprobsTensors",
+    "PendingTokens",
     "Sampler",
     "SamplingBatch",
     "StopMatch",
+    "TokenHistory",
     "TokenLogprobs",
     "apply_filters",
+    "apply_penalties",
     "compute_logprobs",
     "find_stop",
     "hold_back",

@@ -1,4 +1,5 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds,
+after min_tokens' bans and the logit bias and penalties (`rapidserve.sampling.penalties`).
 
 Everything runs on the logits' device without reading values back to the host: which
 filters to run is decided from the (host-side) `SamplingParams`, and per-row parameters
@@ -30,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties, needs_penalties
 from rapidserve.sampling_params import SamplingParams
 
 # Slack for "cumulative probability reaches top_p" (absolute, in probability).
@@ -48,12 +50,18 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     # Token ids forced to -inf for that row before anything else (min_tokens: EOS + stop ids).
     banned_token_ids: list[tuple[int, ...]]
+    # The tokens each penalized row has seen (None for rows whose request asked for no penalty);
+    # None: no row did.
+    histories: list[TokenHistory | None] | None = None
+    # Penalized rows' last output tokens still on the device (async scheduling), or None.
+    pending: PendingTokens | None = None
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams]) -> SamplingBatch:
+    def from_params(cls, params: Sequence[SamplingParams],
+                    histories: list[TokenHistory | None] | None = None) -> SamplingBatch:
         """A batch with no generators and no banned tokens (mostly for tests and tools)."""
         n = len(params)
-        return cls(list(params), [None] * n, [()] * n)
+        return cls(list(params), [None] * n, [()] * n, histories)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -161,6 +169,11 @@ class Sampler:
             if x is logits:
                 x = x.clone()  # never write into the caller's logits
             self._ban(x, batch.banned_token_ids, vocab)
+        if needs_penalties(batch.params):
+            if x is logits:
+                x = x.clone()
+            histories = batch.histories if batch.histories is not None else [None] * num_rows
+            apply_penalties(x, batch.params, histories, batch.pending)
 
         sampled_rows = [i for i, p in enumerate(batch.params) if not p.greedy]
         if not sampled_rows:

@@ -204,6 +204,10 @@ class EngineFront:
         for t in params.stop_token_ids:
             if not 0 <= t < vocab:
                 raise ValueError(f"stop_token_ids must be token ids in the vocabulary [0, {vocab}), got {t}")
+        # NOTE: the sampler adds the bias by indexing the logits, as it bans stop ids.
+        outside = sorted(t for t in (params.logit_bias or {}) if t >= vocab)
+        if outside:
+            raise ValueError(f"logit_bias must map token ids in the vocabulary [0, {vocab}), got {outside[:5]}")
 
     def add_request(
         self,

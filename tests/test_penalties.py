@@ -1,0 +1,156 @@
+"""Logit bias and the presence / frequency / repetition penalties (vLLM's semantics): the
+sampler's math against a direct torch reference, greedy decoding against HF transformers (its
+RepetitionPenaltyLogitsProcessor, and a hand-rolled greedy loop over its logits for presence and
+frequency) in every topology and with one-step-ahead scheduling, and the checks on bad values."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from conftest import random_prompts
+
+from rapidserve import LLM, SamplingParams
+from rapidserve.config import EngineConfig
+from rapidserve.engine import create_engine
+from rapidserve.sampling import PendingTokens, Sampler, SamplingBatch, TokenHistory, compute_logprobs
+
+VOCAB = 40
+
+
+def reference(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+              outputs: list[list[int]]) -> torch.Tensor:
+    """The penalized logits, one row and one token at a time (the definitions, written plainly)."""
+    out = logits.clone().float()
+    for b, (p, prompt, output) in enumerate(zip(params, prompts, outputs)):
+        row = out[b]
+        for t, bias in (p.logit_bias or {}).items():
+            row[t] += bias
+        for t in set(prompt) | set(output):
+            if p.repetition_penalty != 1.0:
+                row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+        for t in set(output):
+            row[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return out
+
+
+def _random_case(seed: int, num_rows: int):
+    rng = random.Random(seed)
+    params, prompts, outputs = [], [], []
+    for _ in range(num_rows):
+        kind = rng.choice(["plain", "presence", "frequency", "repetition", "bias", "all"])
+        kw = {}
+        if kind in ("presence", "all"):
+            kw["presence_penalty"] = rng.uniform(-2, 2)
+        if kind in ("frequency", "all"):
+            kw["frequency_penalty"] = rng.uniform(-2, 2)
+        if kind in ("repetition", "all"):
+            kw["repetition_penalty"] = rng.choice([0.5, 1.3, 2.0])
+        if kind in ("bias", "all"):
+            kw["logit_bias"] = {rng.randrange(VOCAB): rng.uniform(-100, 100) for _ in range(3)}
+        params.append(SamplingParams(temperature=0.0, **kw))
+        prompts.append([rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))])
+        # Repeats, so counts above 1 occur.
+        outputs.append([rng.randrange(VOCAB // 4) for _ in range(rng.randrange(0, 15))])
+    return params, prompts, outputs
+
+
+def _histories(params, prompts, outputs):
+    """What the runner builds: histories for penalized rows only, the prompt for repetition only."""
+    return [TokenHistory(q if p.repetition_penalty != 1.0 else (), o) if p.penalized else None
+            for p, q, o in zip(params, prompts, outputs)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_penalties_match_reference(seed):
+    """All four on random logits and histories, rows with and without mixed; the sampler's
+    greedy pick is the reference's argmax and the caller's logits are untouched."""
+    from rapidserve.sampling.penalties import apply_penalties
+
+    torch.manual_seed(seed)
+    params, prompts, outputs = _random_case(seed, num_rows=7)
+    logits = torch.randn(7, VOCAB) * 3
+    ref = reference(logits, params, prompts, outputs)
+    x = logits.clone()
+    apply_penalties(x, params, _histories(params, prompts, outputs))
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-5)
+    for b, p in enumerate(params):
+        if not (p.penalized or p.logit_bias):
+            assert torch.equal(x[b], logits[b]), "a row that asked for nothing is unchanged"
+    before = logits.clone()
+    tokens = Sampler()(logits, SamplingBatch.from_params(params, _histories(params, prompts, outputs)))
+    assert torch.equal(logits, before)
+    assert tokens.tolist() == ref.argmax(-1).tolist()
+
+
+def test_pending_tokens_count_as_the_last_output():
+    """With async scheduling a row's last token is still on the device: it counts as if it were
+    in the host history (presence, frequency and repetition alike)."""
+    from rapidserve.sampling.penalties import apply_penalties
+
+    torch.manual_seed(1)
+    params, prompts, outputs = _random_case(11, num_rows=6)
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.7, presence_penalty=0.3,
+                             repetition_penalty=1.5)] + params
+    prompts, outputs = [[1, 2]] + prompts, [[3, 3]] + outputs
+    logits = torch.randn(len(params), VOCAB) * 3
+    full = [o + [3 + b] for b, o in enumerate(outputs)]  # each row's pending token: 3 + row
+    ref = reference(logits, params, prompts, [f if p.penalized else o for p, f, o in zip(params, full, outputs)])
+    penalized = [b for b, p in enumerate(params) if p.penalized]
+    pending = PendingTokens(penalized, torch.tensor([3 + b for b in penalized]))
+    x = logits.clone()
+    apply_penalties(x, params, _histories(params, prompts, outputs), pending)
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_logprobs_stay_those_of_the_raw_logits():
+    """A penalty changes the pick, not the reported logprobs (vLLM's default: raw logits)."""
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]])
+    params = [SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=4.0)]
+    sampled = Sampler()(logits, SamplingBatch.from_params(params, [TokenHistory([0], [])]))
+    assert sampled.tolist() == [1]  # 4 / 4 = 1 < 3
+    lp = compute_logprobs(logits, sampled, params)
+    assert lp.packed[0, 0].item() == pytest.approx(float(torch.log_softmax(logits, -1)[0, 1]))
+
+
+def test_logit_bias_forces_and_bans():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 5] = 10.0
+    params = [SamplingParams(temperature=0.0, logit_bias={17: 100}),
+              SamplingParams(temperature=0.7, seed=3, logit_bias={5: -100, 9: 100})]
+    assert Sampler()(logits, SamplingBatch.from_params(params)).tolist() == [17, 9]
+    with pytest.raises(ValueError, match="logit_bias"):
+        Sampler()(logits, SamplingBatch.from_params([SamplingParams(logit_bias={VOCAB: 1.0})] * 2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(presence_penalty=2.5), "^presence_penalty"),
+    (dict(presence_penalty=float("nan")), "^presence_penalty"),
+    (dict(frequency_penalty=-2.01), "^frequency_penalty"),
+    (dict(frequency_penalty="1"), "^frequency_penalty"),
+    (dict(repetition_penalty=0.0), "^repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "^repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "^repetition_penalty"),
+    (dict(repetition_penalty=True), "^repetition_penalty"),
+    (dict(logit_bias={1: 100.5}), "^logit_bias"),
+    (dict(logit_bias={1: float("nan")}), "^logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "^logit_bias"),
+    (dict(logit_bias={"1": 1.0}), "^logit_bias"),
+    (dict(logit_bias=[(1, 1.0)]), "^logit_bias"),
+])
+def test_sampling_params_refuse_out_of_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_copy():
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logit_bias) == (0.0, 0.0, 1.0, None)
+    assert not p.penalized and SamplingParams(logit_bias={}).logit_bias is None
+    bias = {3: -2}
+    q = SamplingParams(logit_bias=bias, presence_penalty=-2, frequency_penalty=2, repetition_penalty=0.1)
+    bias[4] = 1.0
+    assert q.logit_bias == {3: -2} and q.penalized
