@@ -431,6 +431,51 @@ def test_malformed_json_and_wrong_content(url):
     _still_serving(url)
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": QUESTION, "frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": "1"}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/chat/completions", {"messages": QUESTION, "repetition_penalty": -1.0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": [5, 1]}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1.5": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logit_bias": {"99999999": 1}}, "logit_bias"),
+])
+def test_bad_penalties_get_a_400_naming_the_field(url, path, body, param):
+    err = _assert_error(httpx.post(url + path, json=body, timeout=TIMEOUT), 400, param)
+    assert err["param"] == param, err
+    _still_serving(url)
+
+
+def test_penalties_and_logit_bias_are_honoured(url, client):
+    """One 200 per field: logit_bias (token id strings) forces a token in completions and chat;
+    the penalties change the greedy answer."""
+    token = _tokenize(url, "Hello")[-1]
+    forced = httpx.post(url + "/detokenize", json={"tokens": [token] * 3}).json()["prompt"]
+    r = httpx.post(url + "/v1/completions", timeout=TIMEOUT, json={
+        "prompt": "x", "max_tokens": 3, "temperature": 0, "logit_bias": {str(token): 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == forced, r.text
+    chat = _chat(client, max_tokens=3, temperature=0, logit_bias={str(token): 100})
+    assert chat.choices[0].message.content == forced
+    body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+
+    def text(**fields) -> str:
+        r = httpx.post(url + "/v1/completions", json={**body, **fields}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    plain = text()
+    assert plain == text(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1, logit_bias={})
+    for field, value in (("presence_penalty", 2.0), ("frequency_penalty", 2), ("repetition_penalty", 3.0)):
+        assert text(**{field: value}) != plain, (field, plain)
+    assert _chat(client, max_tokens=3, temperature=0, frequency_penalty=1.0,
+                 extra_body={"repetition_penalty": 1.2}).choices[0].message.content
+
+
 def test_openai_client_error_types(client):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(client, n=2)

@@ -2,7 +2,7 @@
 
 Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
-Parameters the engine cannot honour (n > 1, the prompt's logprobs, penalties, ...) are refused
+Parameters the engine cannot honour (n > 1, the prompt's logprobs, ...) are refused
 with a 400 rather than ignored: a client must not believe it got what it asked for.
 """
 
@@ -15,11 +15,12 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
 )
 
-from rapidserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from rapidserve.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
 TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
 NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]  # alternatives per token (OpenAI: 0..20)
+Penalty = Annotated[float, Field(ge=-2, le=2)]  # presence and frequency (OpenAI's range)
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
@@ -111,9 +112,11 @@ class _SamplingRequest(_Request):
     n: Annotated[int, _only(1)] = 1
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: Annotated[float | None, _only(0, None)] = None
-    frequency_penalty: Annotated[float | None, _only(0, None)] = None
-    logit_bias: Annotated[dict[str, float] | None, _only({}, None)] = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # Token id (as a JSON object's key: a string) -> bias; ids above the vocabulary are refused
+    # at admission.
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -123,7 +126,7 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    repetition_penalty: Annotated[float | None, _only(1, None)] = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
 
     def _max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -135,13 +138,6 @@ class _SamplingRequest(_Request):
     def _check_supported(self) -> None:
         if self.n != 1:
             raise RequestError("n", f"n must be 1 (one choice per prompt), got {self.n}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise RequestError(name, f"{name} is not supported (only 0)")
-        if self.repetition_penalty not in (None, 1.0):
-            raise RequestError("repetition_penalty", "repetition_penalty is not supported (only 1)")
-        if self.logit_bias:
-            raise RequestError("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options", "stream_options is only allowed with stream=true")
 
@@ -162,7 +158,24 @@ class _SamplingRequest(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=self._logprobs(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias, keyed by token id strings, as SamplingParams' {int: float}."""
+        if not self.logit_bias:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            # Plain decimal digits only: int() would also take " 7", "+7" and "1_0".
+            if not key.isascii() or not key.isdigit():
+                raise RequestError("logit_bias", f"logit_bias keys must be token ids (decimal integers >= 0), "
+                                                 f"got {key!r}")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
