@@ -13,10 +13,12 @@ import torch
 
 from conftest import random_prompts
 
-from rapidserve import LLM, SamplingParams
+from rapidserve import SamplingParams
 from rapidserve.config import EngineConfig
 from rapidserve.engine import create_engine
-from rapidserve.sampling import PendingTokens, Sampler, SamplingBatch, TokenHistory, compute_logprobs
+from rapidserve.sampling import (
+    PendingTokens, Sampler, SamplingBatch, TokenHistory, apply_penalties, compute_logprobs,
+)
 
 VOCAB = 40
 
@@ -68,8 +70,6 @@ def _histories(params, prompts, outputs):
 def test_penalties_match_reference(seed):
     """All four on random logits and histories, rows with and without mixed; the sampler's
     greedy pick is the reference's argmax and the caller's logits are untouched."""
-    from rapidserve.sampling.penalties import apply_penalties
-
     torch.manual_seed(seed)
     params, prompts, outputs = _random_case(seed, num_rows=7)
     logits = torch.randn(7, VOCAB) * 3
@@ -89,8 +89,6 @@ def test_penalties_match_reference(seed):
 def test_pending_tokens_count_as_the_last_output():
     """With async scheduling a row's last token is still on the device: it counts as if it were
     in the host history (presence, frequency and repetition alike)."""
-    from rapidserve.sampling.penalties import apply_penalties
-
     torch.manual_seed(1)
     params, prompts, outputs = _random_case(11, num_rows=6)
     params = [SamplingParams(temperature=0.0, frequency_penalty=0.7, presence_penalty=0.3,
@@ -256,6 +254,11 @@ MODES = {
     "rapid-thread-async": dict(mode="rapid", placement="thread", async_scheduling=True),
     "rapid-process": dict(mode="rapid", placement="process"),
     "disagg-thread": dict(mode="disagg", placement="thread"),
+    # Preemption (recompute) with tokens in flight: the recomputed request's history is its
+    # prompt and the outputs it had.
+    "hybrid-async-preempt": dict(mode="hybrid", async_scheduling=True, num_kv_blocks=30, block_size=4),
+    "rapid-thread-async-preempt": dict(mode="rapid", placement="thread", async_scheduling=True,
+                                       num_kv_blocks=30, block_size=4),
 }
 
 
@@ -271,6 +274,9 @@ def test_every_mode_matches_hf(tiny_llama, case, mode):
                                         **MODES[mode]))
     try:
         outs = _run(engine, prompts, BATCH)
+        if "preempt" in mode:
+            stats = engine.stats() if mode.startswith("hybrid") else engine.worker_stats
+            assert stats.num_preemptions > 0
     finally:
         engine.shutdown()
     got = [o.outputs[0].token_ids for o in outs]

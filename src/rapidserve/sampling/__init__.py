@@ -1,8 +1,8 @@
 """Token sampling, incremental detokenization and stop-string handling."""
 
 from rapidserve.sampling.detokenizer import IncrementalDetokenizer
-from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties
 from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs
+from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties
 from rapidserve.sampling.sampler import Sampler, SamplingBatch, apply_filters, make_generator
 from rapidserve.sampling.stop import StopMatch, find_stop, hold_back
 

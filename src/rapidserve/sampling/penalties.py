@@ -11,7 +11,8 @@ number of penalized rows. A batch where no request asked runs none of this.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
