@@ -301,3 +301,8 @@ def test_cuda_graphs_and_async_scheduling_match_hf(tiny_llama, case, mode):
     finally:
         engine.shutdown()
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_history_count_must_match_the_rows():
+    with pytest.raises(ValueError, match="histories"):
+        Sampler()(torch.zeros(2, VOCAB), SamplingBatch.from_params([PLAIN] * 2, [None]))

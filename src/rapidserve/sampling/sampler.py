@@ -163,6 +163,8 @@ class Sampler:
                 f"SamplingBatch has {len(batch.params)} params, {len(batch.generators)} generators, "
                 f"{len(batch.banned_token_ids)} banned lists for {num_rows} logits rows"
             )
+        if batch.histories is not None and len(batch.histories) != num_rows:
+            raise ValueError(f"SamplingBatch has {len(batch.histories)} histories for {num_rows} logits rows")
 
         x = logits.float()  # [B, V]; a copy unless the logits already are float32
         if any(batch.banned_token_ids):
