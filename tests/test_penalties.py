@@ -308,3 +308,15 @@ def test_cuda_graphs_and_async_scheduling_match_hf(tiny_llama, case, mode):
 def test_history_count_must_match_the_rows():
     with pytest.raises(ValueError, match="histories"):
         Sampler()(torch.zeros(2, VOCAB), SamplingBatch.from_params([PLAIN] * 2, [None]))
+
+
+def test_generate_command_takes_the_penalties():
+    from rapidserve.entrypoints.cli import _sampling_params, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--presence-penalty", "0.5",
+                                      "--frequency-penalty", "-1", "--repetition-penalty", "1.2"])
+    p = _sampling_params(args)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert not _sampling_params(build_parser().parse_args(["generate", "--prompt", "hi"])).penalized
+    with pytest.raises(ValueError, match="^repetition_penalty"):
+        _sampling_params(build_parser().parse_args(["generate", "--prompt", "hi", "--repetition-penalty", "0"]))

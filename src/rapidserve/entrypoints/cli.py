@@ -38,13 +38,20 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="per-request seed (default: the engine's generator)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token already generated (-2 to 2)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted from a token's logit once per time it was generated (-2 to 2)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides (multiplies, if negative) the logit of tokens in the prompt or output (1: off)")
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.sampling_seed, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
     )
 
 
