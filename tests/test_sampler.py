@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rapidserve.sampling import Sampler, SamplingBatch, apply_filters, make_generator
+from rapidserve.sampling.sampler import CPU_CANDIDATES, _top_k_top_p_by_candidates, _top_k_top_p_sorted
 from rapidserve.sampling_params import SamplingParams
 
 DEVICES = [
@@ -119,6 +120,27 @@ def test_filters_on_large_vocab_keep_a_sorted_prefix():
         mass = probs[row][kept].sum().item()
         assert mass >= top_p[row].item() - 1e-4
         assert mass - probs[row][kept].min().item() < top_p[row].item() + 1e-4
+
+
+
+@pytest.mark.parametrize("candidates", [(8, 64), (16,), CPU_CANDIDATES])
+def test_cpu_candidates_give_the_sort_s_result(candidates):
+    """The CPU path decides top-k/top-p from the K highest logits where it can (a partial sort)
+    and sorts only the rows it cannot: the same result as sorting every row, for every mix of
+    rows (peaked and flat, k inside and past the candidates, top-p reached inside them or not,
+    no filter at all)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        batch, vocab = 12, 500
+        logits = torch.randn(batch, vocab, generator=g) * (torch.rand(batch, 1, generator=g) * 8 + 0.2)
+        top_k = torch.randint(-1, 60, (batch,), generator=g)
+        top_k[torch.rand(batch, generator=g) < 0.3] = 0
+        top_k[0] = 300  # past every candidate count: normalized over its 300, not over the K
+        top_p = torch.rand(batch, generator=g)
+        top_p[torch.rand(batch, generator=g) < 0.3] = 1.0
+        for k, p in [(top_k, top_p), (None, top_p), (top_k, None)]:
+            got = _top_k_top_p_by_candidates(logits, k, p, candidates)
+            assert torch.equal(got, _top_k_top_p_sorted(logits, k, p))
 
 
 # ---- greedy -----------------------------------------------------------------------------------
