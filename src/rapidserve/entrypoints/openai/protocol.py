@@ -2,7 +2,7 @@
 
 Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
-Parameters the engine cannot honour (n > 1, the prompt's logprobs, penalties, ...) are refused
+Parameters the engine cannot honour (best_of > 1, the prompt's logprobs, penalties, ...) are refused
 with a 400 rather than ignored: a client must not believe it got what it asked for.
 """
 
@@ -15,7 +15,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
 )
 
-from rapidserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from rapidserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
 TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
@@ -108,7 +108,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, _only(1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices per prompt (parallel sampling)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Annotated[float | None, _only(0, None)] = None
@@ -133,8 +133,6 @@ class _SamplingRequest(_Request):
         raise NotImplementedError
 
     def _check_supported(self) -> None:
-        if self.n != 1:
-            raise RequestError("n", f"n must be 1 (one choice per prompt), got {self.n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0.0):
                 raise RequestError(name, f"{name} is not supported (only 0)")
@@ -149,6 +147,7 @@ class _SamplingRequest(_Request):
         """The engine's parameters; ValueError (naming the field) if a value is out of range."""
         self._check_supported()
         return SamplingParams(
+            n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,
