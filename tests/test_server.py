@@ -568,8 +568,10 @@ def test_n_choices_per_prompt_and_usage(url, engine):
     single = httpx.post(url + "/v1/completions", json={"prompt": prompts[1], **SAMPLED_N, "seed": 7},
                         timeout=TIMEOUT).json()
     assert single["choices"][0]["text"] == texts[5]
-    # one HTTP request, two engine requests (one per prompt), 24 tokens
-    for name, delta in (("e2e_request_latency_seconds_count", 2), ("prompt_tokens_total", prompt_tokens),
+    # one HTTP request, two engine requests (one per prompt, each one TTFT), 24 tokens, and the
+    # gaps between each choice's own tokens (6 choices x 3)
+    for name, delta in (("e2e_request_latency_seconds_count", 2), ("time_to_first_token_seconds_count", 2),
+                        ("inter_token_latency_seconds_count", 18), ("prompt_tokens_total", prompt_tokens),
                         ("generation_tokens_total", 24)):
         assert _metric(after, f"rapidserve:{name}") - _metric(before, f"rapidserve:{name}") == delta, name
     again = httpx.post(url + "/v1/completions", json={"prompt": prompts, "n": 3, **SAMPLED_N},
@@ -598,7 +600,8 @@ def test_chat_n_streamed_equals_whole(client):
 
 
 def test_completion_n_raw_sse(url):
-    body = {"prompt": "Once upon a time", "n": 2, **SAMPLED_N, "stream": True}
+    """Each choice's chunks (text, logprobs) put together are its non-streamed choice."""
+    body = {"prompt": "Once upon a time", "n": 2, **SAMPLED_N, "logprobs": 1, "stream": True}
     full = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=TIMEOUT).json()
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
         events = _sse_events(r)
@@ -609,6 +612,22 @@ def test_completion_n_raw_sse(url):
         mine = [c[0] for c in chunks if c[0]["index"] == i]
         assert "".join(m["text"] for m in mine) == full["choices"][i]["text"]
         assert [m["finish_reason"] for m in mine] == [None] * 3 + ["length"]
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            assert sum((m["logprobs"][key] for m in mine), []) == full["choices"][i]["logprobs"][key]
+    assert full["choices"][0]["logprobs"] != full["choices"][1]["logprobs"]
+
+
+def test_a_client_leaving_aborts_every_choice(url, engine):
+    body = {"prompt": "Tell me a very long story.", "n": 4, "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=TIMEOUT) as http:
+        r = http.send(http.build_request("POST", url + "/v1/completions", json=body), stream=True)
+        assert r.status_code == 200
+        lines = r.iter_lines()  # NOTE: kept: dropping the iterator would close the response
+        assert next(lines).startswith("data: ")
+        assert _metric(httpx.get(url + "/metrics").text, "rapidserve:num_requests_running") == 4
+        r.close()
+        _wait_idle(url, engine, timeout=10)
 
 
 def test_n_larger_than_the_queue_gets_a_400(urls):
