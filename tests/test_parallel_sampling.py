@@ -179,3 +179,4 @@ def test_a_failing_child_fails_the_parent(tiny_llama, monkeypatch):
     assert len(parent.outputs[1].token_ids) == 2
     assert other.error is None and [c.finish_reason for c in other.outputs] == ["length"] * 2
     assert engine.blocks.num_free_blocks == free
+
