@@ -436,8 +436,8 @@ def test_malformed_json_and_wrong_content(url):
 
 def test_openai_client_error_types(client):
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(client, n=2)
-    assert "n must be 1" in e.value.message
+        _chat(client, n=129)
+    assert "less than or equal to 128" in e.value.message
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
