@@ -13,7 +13,9 @@ from conftest import hf_greedy, random_prompts
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
 from rapidserve.engine import create_engine
+from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.serving.hybrid import LLMEngine
+from rapidserve.serving.parallel import ParentRequest, child_params
 
 SEEDED = SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=6, ignore_eos=True)
 GREEDY2 = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -38,6 +40,35 @@ def test_sampling_params_n_range():
     for bad in (0, -1, 129, 2.0, True, "2"):
         with pytest.raises(ValueError, match="^n must"):
             SamplingParams(n=bad)
+
+
+def test_child_params_and_fold():
+    """Child i: n=1, seed + i (None stays None); the fold: one event per child output (the
+    parent's id, the child's index and delta), the final after the last child's end with all n in
+    index order; a child's error ends the parent at once (one that never reported: "abort")."""
+    assert [child_params(SamplingParams(n=3, seed=10), i).seed for i in range(3)] == [10, 11, 12]
+    assert child_params(SamplingParams(n=3), 2) == SamplingParams()
+
+    def child(parent, i, tokens, reason=None, error=None):
+        return RequestOutput(parent.child_ids[i], None, [1], [CompletionOutput(0, "x", tokens, reason)],
+                             finished=reason is not None, delta_token_ids=tokens[-1:], error=error)
+
+    p = ParentRequest("r", 2, None, [1])
+    (ev,) = p.fold(child(p, 1, [5]))
+    assert (ev.request_id, ev.outputs[0].index, ev.delta_token_ids, ev.finished) == ("r", 1, [5], False)
+    assert len(p.fold(child(p, 1, [5, 6], "length"))) == 1 and p.unfinished == {p.child_ids[0]}
+    ev, final = p.fold(child(p, 0, [7], "stop"))
+    assert ev.outputs[0].finish_reason == "stop" and not ev.finished
+    assert final.finished and final.delta_token_ids == [] and final.error is None
+    assert [(c.index, c.token_ids, c.finish_reason) for c in final.outputs] == [(0, [7], "stop"), (1, [5, 6], "length")]
+    assert p.fold(child(p, 0, [7, 8])) == []  # nothing after the final
+
+    p = ParentRequest("r", 3, None, [1])
+    p.fold(child(p, 0, [5]))
+    (final,) = p.fold(child(p, 2, [], "error", error="boom"))
+    assert final.finished and final.error == "boom"
+    assert [(c.index, c.finish_reason) for c in final.outputs] == [(0, "abort"), (1, "abort"), (2, "error")]
+    assert final.outputs[1].token_ids == [] and final.outputs[0].token_ids == [5]
 
 
 def test_seeded_children_differ_reproducibly_and_equal_single_requests(llm):
