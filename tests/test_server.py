@@ -397,7 +397,10 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**6], "min_tokens": 1}, 400, "stop_token_ids"),
     ("/v1/chat/completions", {"messages": QUESTION, "stop_token_ids": [2**40]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+    ("/v1/chat/completions", {"messages": QUESTION, "n": 129}, 400, "n: Input should be less than or equal to 128"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0}, 400, "n: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 2}, 400, "best_of must be 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo with logprobs"),
@@ -478,8 +481,8 @@ def test_penalties_and_logit_bias_are_honoured(url, client):
 
 def test_openai_client_error_types(client):
     with pytest.raises(openai.BadRequestError) as e:
-        _chat(client, n=2)
-    assert "n must be 1" in e.value.message
+        _chat(client, n=129)
+    assert "less than or equal to 128" in e.value.message
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
@@ -583,6 +586,99 @@ def test_a_batch_larger_than_the_queue_gets_a_400(urls):
                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT)
     err = _assert_error(r, 400, "smaller batches")
     assert err["param"] == "prompt" and "retry-after" not in r.headers
+
+
+# ---- parallel sampling (n) -------------------------------------------------------------------
+
+SAMPLED_N = {"temperature": 1.0, "seed": 5, "max_tokens": 4, "ignore_eos": True}
+
+
+def test_n_choices_per_prompt_and_usage(url, engine):
+    """n choices per prompt (index = prompt * n + choice), seeded: different, reproducible, each
+    what a single request with seed + choice gives; usage counts each prompt once and every
+    choice's tokens; /metrics counts the request once, its tokens all."""
+    prompts = ["The capital of France is", "One, two,"]
+    before = httpx.get(url + "/metrics").text
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompts, "n": 3, **SAMPLED_N}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    after = httpx.get(url + "/metrics").text
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    assert all(c["finish_reason"] == "length" for c in out["choices"])
+    texts = [c["text"] for c in out["choices"]]
+    assert len(set(texts[:3])) == 3, "seeded choices must differ"
+    prompt_tokens = sum(len(_tokenize(url, p)) for p in prompts)
+    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 24,
+                            "total_tokens": prompt_tokens + 24}
+    single = httpx.post(url + "/v1/completions", json={"prompt": prompts[1], **SAMPLED_N, "seed": 7},
+                        timeout=TIMEOUT).json()
+    assert single["choices"][0]["text"] == texts[5]
+    # one HTTP request, two engine requests (one per prompt, each one TTFT), 24 tokens, and the
+    # gaps between each choice's own tokens (6 choices x 3)
+    for name, delta in (("e2e_request_latency_seconds_count", 2), ("time_to_first_token_seconds_count", 2),
+                        ("inter_token_latency_seconds_count", 18), ("prompt_tokens_total", prompt_tokens),
+                        ("generation_tokens_total", 24)):
+        assert _metric(after, f"rapidserve:{name}") - _metric(before, f"rapidserve:{name}") == delta, name
+    again = httpx.post(url + "/v1/completions", json={"prompt": prompts, "n": 3, **SAMPLED_N},
+                       timeout=TIMEOUT).json()
+    assert [c["text"] for c in again["choices"]] == texts
+    _wait_idle(url, engine)
+
+
+def test_chat_n_streamed_equals_whole(client):
+    """Streaming n choices: each chunk carries one choice's token with its index, each choice its
+    role first and its own finish_reason; put together, each equals the non-streamed choice; the
+    usage chunk and [DONE] come once, after every choice."""
+    kw = dict(n=3, max_tokens=6, temperature=1.0, seed=11)
+    full = _chat(client, **kw)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    chunks = list(_chat(client, stream=True, stream_options={"include_usage": True}, **kw))
+    *token_chunks, last = chunks
+    assert last.choices == [] and last.usage.model_dump() == full.usage.model_dump()
+    assert len(token_chunks) == full.usage.completion_tokens
+    for i, choice in enumerate(full.choices):
+        mine = [c.choices[0] for c in token_chunks if c.choices[0].index == i]
+        assert mine and mine[0].delta.role == "assistant" and all(m.delta.role is None for m in mine[1:])
+        assert "".join(m.delta.content or "" for m in mine) == choice.message.content
+        assert [m.finish_reason for m in mine] == [None] * (len(mine) - 1) + [choice.finish_reason]
+    assert len({c.message.content for c in full.choices}) > 1
+
+
+def test_completion_n_raw_sse(url):
+    """Each choice's chunks (text, logprobs) put together are its non-streamed choice."""
+    body = {"prompt": "Once upon a time", "n": 2, **SAMPLED_N, "logprobs": 1, "stream": True}
+    full = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=TIMEOUT).json()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e)["choices"] for e in events[:-1]]
+    assert all(len(c) == 1 for c in chunks) and len(chunks) == 8
+    for i in (0, 1):
+        mine = [c[0] for c in chunks if c[0]["index"] == i]
+        assert "".join(m["text"] for m in mine) == full["choices"][i]["text"]
+        assert [m["finish_reason"] for m in mine] == [None] * 3 + ["length"]
+        for key in ("tokens", "token_logprobs", "text_offset"):
+            assert sum((m["logprobs"][key] for m in mine), []) == full["choices"][i]["logprobs"][key]
+    assert full["choices"][0]["logprobs"] != full["choices"][1]["logprobs"]
+
+
+def test_a_client_leaving_aborts_every_choice(url, engine):
+    body = {"prompt": "Tell me a very long story.", "n": 4, "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=TIMEOUT) as http:
+        r = http.send(http.build_request("POST", url + "/v1/completions", json=body), stream=True)
+        assert r.status_code == 200
+        lines = r.iter_lines()  # NOTE: kept: dropping the iterator would close the response
+        assert next(lines).startswith("data: ")
+        assert _metric(httpx.get(url + "/metrics").text, "rapidserve:num_requests_running") == 4
+        r.close()
+        _wait_idle(url, engine, timeout=10)
+
+
+def test_n_larger_than_the_queue_gets_a_400(urls):
+    r = httpx.post(urls[1] + "/v1/completions", json={"prompt": "a", "n": 2, "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT)
+    assert _assert_error(r, 400, "n=2 choices")["param"] == "n"
 
 
 # ---- tokenizer, metrics ----------------------------------------------------------------------

@@ -60,6 +60,20 @@ def test_streamed_deltas_add_up_to_the_text(llm):
     assert final.outputs[0].text.endswith("\ufffd"), final.outputs[0].text
 
 
+def test_chat_with_n_and_per_choice_stop_strings(llm):
+    """LLM.chat: one RequestOutput per conversation, n completions, each detokenized and cut at
+    its own stop string; a single request with the child's seed gives the same text."""
+    messages = [{"role": "user", "content": "Write a word."}]
+    params = SamplingParams(n=3, seed=3, temperature=1.0, max_tokens=8, stop=["e"])
+    (out,) = llm.chat(messages, params)
+    assert [c.index for c in out.outputs] == [0, 1, 2] and out.prompt_token_ids
+    for c in out.outputs:
+        assert "e" not in c.text and c.finish_reason in ("stop", "length")
+        assert c.stop_reason == ("e" if c.finish_reason == "stop" else None)
+    single = llm.chat(messages, SamplingParams(seed=5, temperature=1.0, max_tokens=8, stop=["e"]))[0]
+    assert single.outputs[0].text == out.outputs[2].text
+
+
 def test_chat_without_messages_is_an_error(llm):
     with pytest.raises(ValueError, match="each message needs a string role"):
         llm.chat([{"content": "no role"}])

@@ -166,8 +166,10 @@ class RequestStream:
     def __init__(self, request_id: str, engine: AsyncEngine) -> None:
         self.request_id = request_id
         self.arrival_time = time.monotonic()
-        # time.monotonic() on the engine thread when each output was produced (one per token).
+        # time.monotonic() on the engine thread when each output was produced (one per token),
+        # and the choice (CompletionOutput.index: a child of a request with n > 1) it was for.
         self.token_times: list[float] = []
+        self.token_choices: list[int] = []
         self.num_prompt_tokens = 0
         self.finished = False  # the engine has delivered its last output (or failed it)
         self._done = False  # the consumer has seen the end
@@ -440,7 +442,11 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted after this step was scheduled
                 continue
-            stream.token_times.append(t)
+            # NOTE: a parallel request's final output (n completions) folds its children's
+            # outputs, each already delivered: it adds no token.
+            if len(out.outputs) == 1:
+                stream.token_times.append(t)
+                stream.token_choices.append(out.outputs[0].index)
             self.num_generation_tokens += len(out.delta_token_ids)
             if out.finished:
                 del self._streams[out.request_id]

@@ -34,6 +34,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One request's output. With SamplingParams.n > 1 (parallel sampling) each output while it
+    runs carries one completion (its `index`; the deltas are that completion's; its
+    finish_reason once it ends) with `finished` False, and the last one, `finished` True, all n
+    completions in index order and no delta (serving/parallel.py)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

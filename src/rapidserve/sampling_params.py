@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
+# The most samples one request may ask for (SamplingParams.n; the server's `n` too).
+MAX_N = 128
 # The most alternatives a request may ask for per token (OpenAI's top_logprobs cap, vLLM's
 # default max_logprobs).
 MAX_LOGPROBS = 20
@@ -33,6 +35,9 @@ class SamplingParams:
     occurs in the output so far (OpenAI's definition: the prompt does not count).
     """
 
+    # Parallel sampling: n completions of the prompt, each its own sequence (the front fans the
+    # request out into n children, serving/parallel.py); vLLM's `n`.
+    n: int = 1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -74,6 +79,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         # NaN passes a plain `< 0` test and inf makes every logit 0 (or NaN), so both are
         # rejected explicitly; bool is an int subclass but never a meant temperature.
         if (

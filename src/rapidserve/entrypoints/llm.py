@@ -56,7 +56,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion in one continuous batch; outputs in prompt order.
+        """Run every prompt to completion in one continuous batch; outputs in prompt order, one
+        per prompt (with `n` > 1, its `outputs` holds the n completions).
 
         A prompt takes vLLM's forms: a string, a list of token ids, {"prompt": str} or
         {"prompt_token_ids": [...]}; a single prompt may be passed bare.

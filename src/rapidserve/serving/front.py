@@ -19,6 +19,7 @@ from rapidserve.resources.policy import PartitionStats
 from rapidserve.sampling import IncrementalDetokenizer, TokenLogprobs, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ScheduledRequest
+from rapidserve.serving.parallel import ParentRequest, child_params
 
 log = logging.getLogger("rapidserve.engine")
 
@@ -143,6 +144,10 @@ class EngineFront:
         self._text: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}  # token id -> the token alone as text (logprobs)
+        # Parallel sampling (n > 1): unfinished parents by id, and the parent of each child id
+        # (children live in _requests like any request; only step() and abort know parents).
+        self._parents: dict[str, ParentRequest] = {}
+        self._parent_of: dict[str, ParentRequest] = {}
 
     # ---- to be provided by a topology --------------------------------------------------------
 
@@ -153,7 +158,8 @@ class EngineFront:
         """Free what a finished or aborted request holds (unless its worker already did)."""
         raise NotImplementedError
 
-    def step(self) -> list[RequestOutput]:
+    def _step(self) -> list[RequestOutput]:
+        """One step of the topology: an output per request (child) that got a token or ended."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -173,6 +179,27 @@ class EngineFront:
 
     def stats(self) -> EngineStats:
         raise NotImplementedError
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for each request that got a token (or ended). A
+        request with n > 1 gives one output per child event, then its final (ParentRequest)."""
+        outputs = self._step()
+        if not self._parent_of:
+            return outputs
+        folded: list[RequestOutput] = []
+        ended: list[ParentRequest] = []
+        for out in outputs:
+            parent = self._parent_of.get(out.request_id)
+            if parent is None:
+                folded.append(out)
+                continue
+            # (a finished parent folds nothing more: a sibling's output later in this step)
+            folded.extend(parent.fold(out))
+            if parent.finished:
+                ended.append(parent)
+        for parent in ended:
+            self._end_parent(parent)
+        return folded
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -225,6 +252,8 @@ class EngineFront:
             )
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        # NOTE: checked once for a parallel request (each child needs what one request needs, and
+        # children are scheduled, preempted and freed one by one), so none is half admitted.
         if blocks_needed(len(ids) + max_tokens, self.block_size) > self.num_kv_blocks:
             raise ValueError(
                 f"the request needs up to {len(ids) + max_tokens} tokens of KV cache, more than the "
@@ -233,8 +262,29 @@ class EngineFront:
             )
         if request_id is None:
             request_id = str(next(self._ids))
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n == 1:
+            self._add_sequence(request_id, ids, params, max_tokens, text)
+            return request_id
+        parent = ParentRequest(request_id, params.n, text, ids)
+        for cid in parent.child_ids:
+            if cid in self._requests or cid in self._parents:
+                raise ValueError(f"request id {request_id!r}: its child id {cid!r} is already in use")
+        self._parents[request_id] = parent
+        try:
+            for i, cid in enumerate(parent.child_ids):
+                self._add_sequence(cid, ids, child_params(params, i), max_tokens, text)
+                self._parent_of[cid] = parent
+        except BaseException:
+            self.abort_request(request_id)  # the children submitted so far: all or none
+            raise
+        return request_id
+
+    def _add_sequence(
+        self, request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, text: str | None
+    ) -> None:
+        """Submit one sequence (a request, or a parent's child) to the topology."""
         req = Request(request_id, ids, params, max_tokens, prompt=text)
         self._submit(req)
         self._requests[request_id] = req
@@ -242,9 +292,25 @@ class EngineFront:
         if params.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         self._text[request_id] = _TextState(detok, logprobs=params.logprobs is not None)
-        return request_id
+
+    def _end_parent(self, parent: ParentRequest) -> None:
+        """Forget a parent that has given its final output; abort the children still running (a
+        sibling failed)."""
+        self._parents.pop(parent.request_id, None)
+        for cid in parent.child_ids:
+            self._parent_of.pop(cid, None)
+            self._abort_sequence(cid)
 
     def abort_request(self, request_id: str) -> bool:
+        """Abort a request; a parallel one (by its id, or any child's) with all its children."""
+        parent = self._parents.get(request_id) or self._parent_of.get(request_id)
+        if parent is not None:
+            parent.finished = True
+            self._end_parent(parent)
+            return True
+        return self._abort_sequence(request_id)
+
+    def _abort_sequence(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False

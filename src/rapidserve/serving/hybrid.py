@@ -85,7 +85,7 @@ class LLMEngine(EngineFront):
         self.scheduler.finish(req, req.status)
         self.runner.release(req.request_id)
 
-    def step(self) -> list[RequestOutput]:
+    def _step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for each request that got a token.
 
         With async scheduling the outputs are those of the previous step: this one is planned

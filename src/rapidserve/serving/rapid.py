@@ -320,7 +320,7 @@ class RapidEngine(EngineFront):
     def _on_report(self, msg: Any) -> None:
         """Another message for the front (a subclass's topology may send some; rapid none)."""
 
-    def step(self) -> list[RequestOutput]:
+    def _step(self) -> list[RequestOutput]:
         """Outputs of the tokens the workers produced since the last call; waits briefly for
         some when there are none yet."""
         self._check_alive()

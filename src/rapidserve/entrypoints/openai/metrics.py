@@ -208,8 +208,13 @@ class ServerMetrics:
         self._generation_tokens.labels(*lb).inc(len(times))
         self._ttft.labels(*lb).observe(times[0] - stream.arrival_time)
         itl = self._itl.labels(*lb)
-        for a, b in zip(times, times[1:]):
-            itl.observe(b - a)
+        # A request with n > 1: the gaps between each choice's own tokens (its children's
+        # tokens interleave); its TTFT is its first token of any choice, as vLLM's.
+        last: dict[int, float] = {}
+        for t, choice in zip(times, stream.token_choices):
+            if choice in last:
+                itl.observe(t - last[choice])
+            last[choice] = t
         self._e2e.labels(*lb).observe(times[-1] - stream.arrival_time)
 
     def render(self) -> bytes:

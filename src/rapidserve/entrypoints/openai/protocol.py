@@ -2,7 +2,7 @@
 
 Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
-Parameters the engine cannot honour (n > 1, the prompt's logprobs, ...) are refused
+Parameters the engine cannot honour (best_of > 1, the prompt's logprobs, ...) are refused
 with a 400 rather than ignored: a client must not believe it got what it asked for.
 """
 
@@ -15,7 +15,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator,
 )
 
-from rapidserve.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from rapidserve.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SamplingParams
 
 _REQUEST = ConfigDict(strict=True, extra="ignore")
 TokenId = Annotated[int, Field(ge=0)]  # its upper bound is the model's vocabulary: checked at admission
@@ -109,7 +109,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, _only(1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1  # choices per prompt (parallel sampling)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Penalty | None = None
@@ -136,8 +136,6 @@ class _SamplingRequest(_Request):
         raise NotImplementedError
 
     def _check_supported(self) -> None:
-        if self.n != 1:
-            raise RequestError("n", f"n must be 1 (one choice per prompt), got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options", "stream_options is only allowed with stream=true")
 
@@ -145,6 +143,7 @@ class _SamplingRequest(_Request):
         """The engine's parameters; ValueError (naming the field) if a value is out of range."""
         self._check_supported()
         return SamplingParams(
+            n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=0 if self.top_k is None else self.top_k,

@@ -42,7 +42,7 @@ from rapidserve.entrypoints.openai.protocol import (
 )
 from rapidserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder, chat_logprobs, new_logprobs
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
-from rapidserve.outputs import RequestOutput
+from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.sampling_params import SamplingParams
 
 log = logging.getLogger("rapidserve.server")
@@ -162,10 +162,11 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return "; ".join(parts[:3]) or "invalid request", first or None
 
 
-def _finish_reason(output: RequestOutput) -> str | None:
-    if not output.finished:
+def _finish_reason(c: CompletionOutput) -> str | None:
+    """A choice's OpenAI finish_reason (None while it runs; each choice ends on its own)."""
+    if c.finish_reason is None:
         return None
-    return "length" if output.outputs[0].finish_reason == "length" else "stop"
+    return "length" if c.finish_reason == "length" else "stop"
 
 
 class _RequestFailed(Exception):
@@ -178,8 +179,14 @@ def _check_failed(output: RequestOutput) -> RequestOutput:
     return output
 
 
-def _stop_reason(output: RequestOutput) -> int | str | None:
-    return output.outputs[0].stop_reason if output.finished else None
+def _stop_reason(c: CompletionOutput) -> int | str | None:
+    return c.stop_reason if c.finish_reason is not None else None
+
+
+def _is_final_of_many(output: RequestOutput) -> bool:
+    """A parallel request's (n > 1) final output: its choices' completions, each of which its
+    own events have already streamed (ParentRequest)."""
+    return output.finished and len(output.outputs) > 1
 
 
 def _sse(payload: BaseModel) -> str:
@@ -346,8 +353,9 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
 class _Batch:
     """The engine requests of one HTTP request (one per prompt), and their release."""
 
-    def __init__(self, server: OpenAIServer, streams: list[RequestStream]) -> None:
+    def __init__(self, server: OpenAIServer, streams: list[RequestStream], n: int = 1) -> None:
         self.streams = streams
+        self.n = n  # sequences per stream (SamplingParams.n): the queue slots each holds
         self._server = server
         self._closed = False
 
@@ -360,7 +368,7 @@ class _Batch:
             stream.close()
             self._server.metrics.observe_request(stream)
         record_streams(self.streams)
-        self._server.release(len(self.streams))
+        self._server.release(len(self.streams) * self.n)
 
 
 class OpenAIServer:
@@ -392,13 +400,15 @@ class OpenAIServer:
         self._admitted -= n
 
     async def admit(self, prompts: list[Prompt], params: SamplingParams, request_id: str) -> _Batch:
-        n = len(prompts)
+        # NOTE: the queue bound counts sequences: a prompt with n choices holds n slots.
+        n = len(prompts) * params.n
         if n > self.config.max_queue_len:
             # Retry-After would be a lie: it can never fit.
+            what = f"{n} prompts" if params.n == 1 else f"{len(prompts)} prompt(s) x n={params.n} choices"
             raise APIError(
-                400, f"The request holds {n} prompts, more than the server ever queues at once "
+                400, f"The request holds {what}, more than the server ever queues at once "
                 f"({self.config.max_queue_len}, --max-queue-len); send them in smaller batches.",
-                "prompt")
+                "prompt" if params.n == 1 else "n")
         if self._admitted + n > self.config.max_queue_len:
             raise APIError(
                 503, f"The server is at capacity ({self.config.max_queue_len} requests queued or "
@@ -418,8 +428,8 @@ class OpenAIServer:
             self.release(n)
             raise
         streams = [r for r in results if isinstance(r, RequestStream)]
-        self.release(n - len(streams))  # the failed ones never held a slot
-        batch = _Batch(self, streams)
+        self.release(n - len(streams) * params.n)  # the failed ones never held a slot
+        batch = _Batch(self, streams, params.n)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             batch.close()
@@ -477,32 +487,39 @@ class OpenAIServer:
                 batch.close)
 
         def respond(finals: list[RequestOutput]) -> CompletionResponse:
+            # vLLM's order: prompt by prompt, each prompt's n choices (index = prompt * n + choice)
             return CompletionResponse(
                 id=request_id, created=created, model=model,
-                choices=[CompletionChoice(index=i, text=o.outputs[0].text, logprobs=_completion_logprobs(o),
-                                          finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
-                         for i, o in enumerate(finals)],
+                choices=[CompletionChoice(index=i * params.n + c.index, text=c.text,
+                                          logprobs=_completion_logprobs(c), finish_reason=_finish_reason(c),
+                                          stop_reason=_stop_reason(c))
+                         for i, o in enumerate(finals) for c in o.outputs],
                 usage=_usage(finals))
 
         return await self.run_full(request, batch, respond)
 
     async def _completion_events(self, batch: _Batch, params: SamplingParams, request_id: str,
                                  created: int, include_usage: bool) -> AsyncIterator[str]:
-        texts = [StreamedText(params) for _ in batch.streams]
-        logprobs = [CompletionLogprobsBuilder() for _ in batch.streams]
+        # One per choice: index = prompt * n + the choice's index (as non-streaming).
+        texts = [StreamedText(params) for _ in range(len(batch.streams) * params.n)]
+        logprobs = [CompletionLogprobsBuilder() for _ in texts]
         finals: list[RequestOutput] = []
         model = self.engine.model_name
         try:
             async for i, out in _merged(batch.streams):
                 if _check_failed(out).finished:
                     finals.append(out)
+                if _is_final_of_many(out):
+                    continue
+                c = out.outputs[0]
+                k = i * params.n + c.index
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model,
-                    choices=[CompletionChoice(index=i, text=texts[i].delta(out),
+                    choices=[CompletionChoice(index=k, text=texts[k].delta(out),
                                               logprobs=None if params.logprobs is None
-                                              else logprobs[i].build(*new_logprobs(out)),
-                                              finish_reason=_finish_reason(out),
-                                              stop_reason=_stop_reason(out))]))
+                                              else logprobs[k].build(*new_logprobs(out)),
+                                              finish_reason=_finish_reason(c),
+                                              stop_reason=_stop_reason(c))]))
             if include_usage:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
@@ -531,33 +548,37 @@ class OpenAIServer:
         def respond(finals: list[RequestOutput]) -> ChatCompletionResponse:
             return ChatCompletionResponse(
                 id=request_id, created=created, model=model,
-                choices=[ChatChoice(index=i, message=ChatResponseMessage(content=o.outputs[0].text),
-                                    logprobs=_chat_logprobs(o, params),
-                                    finish_reason=_finish_reason(o), stop_reason=_stop_reason(o))
-                         for i, o in enumerate(finals)],
+                choices=[ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                                    logprobs=_chat_logprobs(c, params),
+                                    finish_reason=_finish_reason(c), stop_reason=_stop_reason(c))
+                         for o in finals for c in o.outputs],
                 usage=_usage(finals))
 
         return await self.run_full(request, batch, respond)
 
     async def _chat_events(self, batch: _Batch, params: SamplingParams, request_id: str,
                            created: int, include_usage: bool) -> AsyncIterator[str]:
-        text = StreamedText(params)
+        texts = [StreamedText(params) for _ in range(params.n)]  # one per choice
         model = self.engine.model_name
         final: RequestOutput | None = None
-        first = True
+        first = [True] * params.n
         try:
-            # NOTE: every chunk carries one token; the role rides on the first token's chunk
-            # (no token-less chunk goes out before the first token).
+            # NOTE: every chunk carries one token of one choice; the role rides on each choice's
+            # first token's chunk (no token-less chunk goes out before a choice's first token).
             async for _, out in _merged(batch.streams):
                 final = out if _check_failed(out).finished else None
-                delta = DeltaMessage(role="assistant" if first else None, content=text.delta(out))
-                first = False
+                if _is_final_of_many(out):
+                    continue
+                c = out.outputs[0]
+                delta = DeltaMessage(role="assistant" if first[c.index] else None,
+                                     content=texts[c.index].delta(out))
+                first[c.index] = False
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model,
-                    choices=[ChatStreamChoice(index=0, delta=delta, finish_reason=_finish_reason(out),
+                    choices=[ChatStreamChoice(index=c.index, delta=delta, finish_reason=_finish_reason(c),
                                               logprobs=None if params.logprobs is None
                                               else chat_logprobs(*new_logprobs(out), params.logprobs),
-                                              stop_reason=_stop_reason(out))]))
+                                              stop_reason=_stop_reason(c))]))
             if include_usage and final is not None:
                 yield _sse(ChatCompletionChunk(
                     id=request_id, created=created, model=model, choices=[], usage=_usage([final])))
@@ -600,20 +621,19 @@ class OpenAIServer:
         return ModelCard(id=name or e.model_name, root=e.model_root, max_model_len=e.max_model_len)
 
 
-def _completion_logprobs(output: RequestOutput) -> CompletionLogprobs | None:
-    c = output.outputs[0]
+def _completion_logprobs(c: CompletionOutput) -> CompletionLogprobs | None:
     return None if c.logprobs is None else CompletionLogprobsBuilder().build(c.token_ids, c.logprobs)
 
 
-def _chat_logprobs(output: RequestOutput, params: SamplingParams) -> ChatLogprobs | None:
-    c = output.outputs[0]
+def _chat_logprobs(c: CompletionOutput, params: SamplingParams) -> ChatLogprobs | None:
     return None if c.logprobs is None or params.logprobs is None else chat_logprobs(c.token_ids, c.logprobs,
                                                                                    params.logprobs)
 
 
 def _usage(finals: list[RequestOutput]) -> UsageInfo:
+    """OpenAI's usage: each prompt counted once, the completion tokens of every choice summed."""
     return UsageInfo.of(sum(len(o.prompt_token_ids) for o in finals),
-                        sum(len(o.outputs[0].token_ids) for o in finals))
+                        sum(len(c.token_ids) for o in finals for c in o.outputs))
 
 
 def _tokenizer(engine: EngineFront) -> Any:

@@ -23,8 +23,10 @@ class StreamedText:
         self._sent = 0  # characters of the output text already sent
 
     def delta(self, output: RequestOutput) -> str:
-        text = output.outputs[0].text
-        end = len(text) if output.finished else len(text) - hold_back(text, self._stops)
+        # (the output's one completion: a request's, or one choice's of a parallel request)
+        c = output.outputs[0]
+        text = c.text
+        end = len(text) if c.finish_reason is not None else len(text) - hold_back(text, self._stops)
         if end <= self._sent:
             return ""
         delta = text[self._sent:end]
