@@ -205,6 +205,33 @@ def random_prompts(n: int, seed: int = 3, max_len: int = 100, min_len: int = 1) 
     return [[rng.randrange(256) for _ in range(rng.randrange(min_len, max_len))] for _ in range(n)]
 
 
+def run_engine(engine, prompts, params, *, arrivals_every: int = 0, ids=None, seen: list | None = None,
+               timeout_s: float = 120.0) -> list:
+    """Submit the prompts to an engine front (`params`: one SamplingParams for all, or one per
+    prompt; `ids`: the request ids, else the engine's) all at once, or one every `arrivals_every`
+    steps, and step it until nothing is left: each request's final output, in submission order.
+    Every output stepped (streamed ones too) is appended to `seen` if given. A request that ends
+    twice, or a run past `timeout_s`, fails the test."""
+    per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    pending = list(zip(prompts, per_prompt, ids or [None] * len(prompts)))
+    order, done = [], {}
+    deadline = time.monotonic() + timeout_s
+    while pending or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish in time"
+        batch = pending[:1] if arrivals_every and pending else pending
+        for prompt, p, rid in batch:
+            order.append(engine.add_request(prompt, p, rid))
+        pending = pending[len(batch):]
+        for _ in range(max(1, arrivals_every)):
+            for out in engine.step():
+                if seen is not None:
+                    seen.append(out)
+                if out.finished:
+                    assert out.request_id not in done, f"request {out.request_id} ended twice"
+                    done[out.request_id] = out
+    return [done[i] for i in order]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Writes tiny HF checkpoints on demand: tiny_model_dir(kind) -> (dir, hf_model)."""

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import random_prompts
+from conftest import random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -24,8 +24,12 @@ from rapidserve.scheduler.decode import DecodeScheduler
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
+def _ends(outs) -> list[tuple[list[int], str]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+
+
 def _outs(llm: LLM, prompts, params) -> list[tuple[list[int], str]]:
-    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
+    return _ends(llm.generate(prompts, params))
 
 
 # ---- the pieces ------------------------------------------------------------------------------
@@ -172,19 +176,6 @@ def test_hybrid_async_arrivals_and_aborts(tiny):
 # ---- the rapid topology ----------------------------------------------------------------------
 
 
-def _run(engine, prompts, params, timeout_s: float = 120.0) -> list[tuple[list[int], str]]:
-    ids = [engine.add_request(p, params if isinstance(params, SamplingParams) else params[i])
-           for i, p in enumerate(prompts)]
-    done = {}
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
-    return [done[i] for i in ids]
-
-
 def _wait_all_free(engine, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -211,8 +202,8 @@ def test_rapid_async_equals_hybrid(tiny, placement, kw):
     engine = create_engine(EngineConfig(model=tiny, device="cpu", mode="rapid", placement=placement,
                                         async_scheduling=True, **kw))
     try:
-        assert _run(engine, prompts, params) == ref
-        assert _run(engine, prompts, stopping) == ref_stop
+        assert _ends(run_engine(engine, prompts, params)) == ref
+        assert _ends(run_engine(engine, prompts, stopping)) == ref_stop
         _wait_all_free(engine)
         if kw:
             assert engine.worker_stats.num_preemptions > 0

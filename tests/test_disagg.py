@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import LiveServer, random_prompts
+from conftest import LiveServer, random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -27,26 +27,6 @@ from rapidserve.serving.rapid import WorkerError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # tiny llama: layers, k/v, block_size, kv heads, head dim, fp32
-
-
-def _run(engine, prompts, params, arrivals_every: int = 0, ids=None, timeout_s: float = 60.0) -> dict:
-    """Submit the prompts (one every `arrivals_every` steps, or all at once) and run to the end;
-    the final output of each, by request id, in submission order."""
-    done, order = {}, []
-    deadline = time.monotonic() + timeout_s
-    pending = list(zip(prompts, ids or [None] * len(prompts)))
-    while pending or engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        if pending:
-            batch = pending if not arrivals_every else pending[:1]
-            for p, rid in batch:
-                order.append(engine.add_request(p, params, rid))
-            pending = pending[len(batch):]
-        for _ in range(max(1, arrivals_every)):
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-    return {i: done[i] for i in order}
 
 
 def _wait_both_pools_free(engine: DisaggEngine, num_transfers: int | None = None, timeout_s: float = 10.0):
@@ -91,8 +71,8 @@ def test_process_placement_matches_hybrid_and_counts_transfers(process_engine, r
     prompts, ref = reference
     eng = process_engine
     before = eng.stats().kv_transfer
-    got = _run(eng, prompts, GREEDY, arrivals_every=2)
-    assert [o.outputs[0].token_ids for o in got.values()] == ref
+    got = run_engine(eng, prompts, GREEDY, arrivals_every=2, timeout_s=60)
+    assert [o.outputs[0].token_ids for o in got] == ref
     s = _wait_both_pools_free(eng, before.num_transfers + len(prompts))
     t = s.kv_transfer
     blocks = sum(blocks_needed(len(p), 16) for p in prompts)
@@ -107,8 +87,8 @@ def test_injected_failure_fails_only_its_request_across_processes(process_engine
     eng = process_engine
     before = eng.stats().kv_transfer.num_transfers
     ids = [f"ok-{i}" if i % 4 else f"fail-{i}" for i in range(len(prompts))]
-    got = _run(eng, prompts, GREEDY, ids=ids)
-    for i, (rid, out) in enumerate(got.items()):
+    got = run_engine(eng, prompts, GREEDY, ids=ids, timeout_s=60)
+    for i, (rid, out) in enumerate(zip(ids, got)):
         c = out.outputs[0]
         if rid.startswith("fail"):
             assert (c.finish_reason, c.token_ids, out.finished) == ("error", [], True)
@@ -147,8 +127,9 @@ def test_a_prompt_larger_than_the_prefill_pool_fails_alone(tiny):
         # the front admits only what fits in both pools (here 4 blocks each)
         with pytest.raises(ValueError, match="more than the whole cache"):
             eng.add_request([1] * 60, GREEDY)
-        got = _run(eng, [[1] * 40, [2] * 5], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-        assert all(o.outputs[0].finish_reason == "length" for o in got.values())
+        got = run_engine(eng, [[1] * 40, [2] * 5], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                         timeout_s=60)
+        assert all(o.outputs[0].finish_reason == "length" for o in got)
         _wait_both_pools_free(eng)
     finally:
         eng.shutdown()

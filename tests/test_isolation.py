@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import LiveServer, random_prompts, served_url
+from conftest import LiveServer, random_prompts, run_engine, served_url
 
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -34,18 +34,6 @@ MARKED = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=POI
 def _engine(tiny: str, mode: str, **kw):
     extra = {"placement": "thread"} if mode == "rapid" else {}
     return create_engine(EngineConfig(model=tiny, device="cpu", mode=mode, num_kv_blocks=64, **extra, **kw))
-
-
-def _run(engine, prompts, params, timeout_s: float = 120.0) -> dict[str, object]:
-    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
-    done = {}
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return {i: done[i] for i in ids}
 
 
 def _wait_all_free(engine, timeout_s: float = 10.0) -> None:
@@ -81,8 +69,8 @@ def _inject_fault(monkeypatch, after_tokens: int) -> list[str]:
 def clean_tokens(tiny):
     prompts = random_prompts(5, seed=11, max_len=30)
     eng = _engine(tiny, "hybrid")
-    outs = _run(eng, prompts, [GREEDY] * len(prompts))
-    return prompts, [o.outputs[0].token_ids for o in outs.values()]
+    outs = run_engine(eng, prompts, GREEDY)
+    return prompts, [o.outputs[0].token_ids for o in outs]
 
 
 # ---- validation at admission -----------------------------------------------------------------
@@ -104,7 +92,7 @@ def test_out_of_vocabulary_stop_ids_are_refused_at_admission(tiny, mode):
             engine.add_request("caf\ud800", GREEDY)  # a lone surrogate: tokenizers raise TypeError
         assert not engine.has_unfinished_requests()
         ok = SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, stop_token_ids=[255])
-        (out,) = _run(engine, [[1, 2, 3]], [ok]).values()
+        (out,) = run_engine(engine, [[1, 2, 3]], ok)
         assert len(out.outputs[0].token_ids) >= 2 and out.outputs[0].finish_reason in ("stop", "length")
     finally:
         engine.shutdown()
@@ -127,7 +115,7 @@ def test_a_request_failing_in_a_step_fails_alone(tiny, clean_tokens, monkeypatch
     try:
         marked = 2
         params = [MARKED if i == marked else GREEDY for i in range(len(prompts))]
-        outs = list(_run(engine, prompts, params).values())
+        outs = run_engine(engine, prompts, params)
         assert hits, "the fault was never injected"
         bad = outs[marked]
         assert bad.finished and bad.outputs[0].finish_reason == "error"
@@ -140,7 +128,7 @@ def test_a_request_failing_in_a_step_fails_alone(tiny, clean_tokens, monkeypatch
                 assert out.error is None and out.outputs[0].token_ids == clean[i], f"request {i} changed"
         _wait_all_free(engine)
         # the engine goes on
-        (again,) = _run(engine, [prompts[0]], [GREEDY]).values()
+        (again,) = run_engine(engine, [prompts[0]], GREEDY)
         assert again.outputs[0].token_ids == clean[0]
     finally:
         engine.shutdown()
@@ -198,7 +186,7 @@ def test_a_failure_making_one_output_fails_that_request_only(tiny, clean_tokens,
         return real(self, req, token, decided)
 
     monkeypatch.setattr(LLMEngine, "_on_token", faulty)
-    outs = list(_run(engine, prompts[:3], [GREEDY, MARKED, GREEDY]).values())
+    outs = run_engine(engine, prompts[:3], [GREEDY, MARKED, GREEDY])
     assert outs[1].outputs[0].finish_reason == "error" and "injected" in outs[1].error
     assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == [clean[0], clean[2]]
     _wait_all_free(engine)

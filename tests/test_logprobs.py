@@ -4,12 +4,11 @@ logits, in every topology; requests that did not ask get none."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import random_prompts, run_engine
 
 from rapidserve import LLM, Logprob, SamplingParams
 from rapidserve.config import EngineConfig
@@ -106,18 +105,6 @@ def test_hybrid_greedy_logprobs_match_hf(tiny_llama):
         assert isinstance(entry[t], Logprob) and entry[t].decoded_token is None  # no tokenizer
 
 
-def _run(engine, prompts, params, timeout_s: float = 120.0):
-    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
-    done = {}
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
-
-
 MODES = {
     "hybrid-async": dict(mode="hybrid", async_scheduling=True),
     "rapid-thread-async": dict(mode="rapid", placement="thread", async_scheduling=True),
@@ -135,7 +122,7 @@ def test_every_mode_carries_logprobs(tiny_llama, mode):
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32", **MODES[mode]))
     try:
         plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-        outs = _run(engine, prompts, [GREEDY5, plain])
+        outs = run_engine(engine, prompts, [GREEDY5, plain])
     finally:
         engine.shutdown()
     check_against_hf(outs[0], hf, prompts[0], 5)
@@ -163,7 +150,7 @@ def test_logprobs_survive_a_step_run_one_request_at_a_time(tiny_llama, monkeypat
     marked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, seed=4242, logprobs=2)
     three = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32"))
-    outs = _run(engine, prompts, [GREEDY5, marked, three])
+    outs = run_engine(engine, prompts, [GREEDY5, marked, three])
     assert outs[1].error is not None and len(outs[1].outputs[0].logprobs) == 2
     check_against_hf(outs[0], hf, prompts[0], 5)
     check_against_hf(outs[2], hf, prompts[2], 3)
@@ -183,7 +170,7 @@ def test_cuda_graphs_and_async_scheduling_carry_logprobs(tiny_llama, mode):
         if mode == "hybrid":
             assert engine.runner.decode_graphs is not None and engine.async_scheduling
         plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-        outs = _run(engine, prompts, [GREEDY5, plain, GREEDY5])
+        outs = run_engine(engine, prompts, [GREEDY5, plain, GREEDY5])
     finally:
         engine.shutdown()
     for i in (0, 2):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import hf_greedy
+from conftest import hf_greedy, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -46,18 +45,6 @@ def _tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
 
 
-def _run(engine, prompts: list[list[int]], timeout_s: float = 120.0) -> list[list[int]]:
-    done: dict[str, list[int]] = {}
-    ids = [engine.add_request(p, GREEDY) for p in prompts]
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[i] for i in ids]
-
-
 # ---------------------------------------------------------------------------- every mode
 
 
@@ -76,7 +63,7 @@ def test_every_mode_matches_hf(mixtral, mode, placement):
     path, _, prompts, ref = mixtral
     engine = create_engine(EngineConfig(model=path, device="cpu", mode=mode, placement=placement))
     try:
-        assert _run(engine, prompts) == ref
+        assert [o.outputs[0].token_ids for o in run_engine(engine, prompts, GREEDY)] == ref
     finally:
         engine.shutdown()
 

@@ -4,11 +4,10 @@ children and folds their outputs back (serving/parallel.py), in every topology. 
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
-from conftest import hf_greedy, random_prompts
+from conftest import hf_greedy, random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -101,19 +100,10 @@ def test_greedy_children_are_identical_and_equal_hf(llm, tiny_llama):
     assert _tokens(out) == [hf_greedy(hf, prompt, 6)] * 2
 
 
-def _run(engine, prompts, params, timeout_s: float = 120.0):
+def _run(engine, prompts, params):
     """Run to the end; returns each request's final output and every output seen."""
-    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
-    done, seen = {}, []
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            seen.append(out)
-            if out.finished:
-                assert out.request_id not in done, "one final output per request"
-                done[out.request_id] = out
-    return [done[i] for i in ids], seen
+    seen = []
+    return run_engine(engine, prompts, params, seen=seen), seen
 
 
 MODES = {

@@ -6,12 +6,11 @@ frequency) in every topology and with one-step-ahead scheduling, and the checks 
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import random_prompts, run_engine
 
 from rapidserve import SamplingParams
 from rapidserve.config import EngineConfig
@@ -238,18 +237,6 @@ def test_reference_is_hf_generate(tiny_llama, case):
     assert any(a == b for a, b in zip(expected[6], expected[6][1:])), expected[6]  # a repeat
 
 
-def _run(engine, prompts, params, timeout_s: float = 120.0):
-    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
-    done = {}
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
-
-
 MODES = {
     "hybrid": dict(mode="hybrid", async_scheduling=False),
     "hybrid-async": dict(mode="hybrid", async_scheduling=True),
@@ -275,7 +262,7 @@ def test_every_mode_matches_hf(tiny_llama, case, mode):
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32", max_num_batched_tokens=64,
                                         **MODES[mode]))
     try:
-        outs = _run(engine, prompts, BATCH)
+        outs = run_engine(engine, prompts, BATCH)
         if "preempt" in mode:
             stats = engine.stats() if mode.startswith("hybrid") else engine.worker_stats
             assert stats.num_preemptions > 0
@@ -299,7 +286,7 @@ def test_cuda_graphs_and_async_scheduling_match_hf(tiny_llama, case, mode):
     try:
         if mode == "hybrid":
             assert engine.runner.decode_graphs is not None and engine.async_scheduling
-        outs = _run(engine, prompts, BATCH)
+        outs = run_engine(engine, prompts, BATCH)
     finally:
         engine.shutdown()
     assert [o.outputs[0].token_ids for o in outs] == expected

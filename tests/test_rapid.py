@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import random_prompts
+from conftest import random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -18,23 +18,10 @@ from rapidserve.serving.rapid import RapidEngine, WorkerError
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
-def _run(engine, prompts, params, arrivals_every: int = 0, timeout_s: float = 120.0) -> dict[str, list[int]]:
-    """Submit the prompts (one every `arrivals_every` steps, or all at once) and run to the end."""
-    done, ids = {}, []
-    deadline = time.monotonic() + timeout_s
-    pending = list(prompts)
-    while pending or engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        if pending:
-            batch = pending if not arrivals_every else pending[:1]
-            for p in batch:
-                ids.append(engine.add_request(p, params if isinstance(params, SamplingParams) else params[len(ids)]))
-            pending = pending[len(batch):]
-        for _ in range(max(1, arrivals_every)):
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0].token_ids
-    return {i: done[i] for i in ids}
+def _tokens(engine, prompts, params, arrivals_every: int = 0, timeout_s: float = 120.0) -> list[list[int]]:
+    """Each request's tokens, in submission order (see conftest.run_engine)."""
+    outs = run_engine(engine, prompts, params, arrivals_every=arrivals_every, timeout_s=timeout_s)
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def _wait_all_free(engine: RapidEngine, timeout_s: float = 10.0) -> None:
@@ -69,7 +56,7 @@ def test_thread_placement_matches_hybrid(tiny, reference, arrivals_every):
     prompts, ref = reference
     engine = _thread_engine(tiny)
     try:
-        assert list(_run(engine, prompts, GREEDY, arrivals_every).values()) == ref
+        assert _tokens(engine, prompts, GREEDY, arrivals_every) == ref
         _wait_all_free(engine)
     finally:
         engine.shutdown()
@@ -78,7 +65,7 @@ def test_thread_placement_matches_hybrid(tiny, reference, arrivals_every):
 @pytest.mark.parametrize("arrivals_every", [0, 3])
 def test_process_placement_matches_hybrid(process_engine, reference, arrivals_every):
     prompts, ref = reference
-    assert list(_run(process_engine, prompts, GREEDY, arrivals_every).values()) == ref
+    assert _tokens(process_engine, prompts, GREEDY, arrivals_every) == ref
     _wait_all_free(process_engine)
 
 
@@ -86,7 +73,7 @@ def test_preemption_under_a_tiny_cache(tiny, reference):
     prompts, ref = reference
     engine = _thread_engine(tiny, num_kv_blocks=12, block_size=16)
     try:
-        assert list(_run(engine, prompts, GREEDY).values()) == ref
+        assert _tokens(engine, prompts, GREEDY) == ref
         _wait_all_free(engine)
         assert engine.worker_stats.num_preemptions > 0
     finally:
@@ -121,8 +108,7 @@ def test_many_concurrent_short_requests(process_engine, tiny):
     rng = random.Random(1)
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 9), ignore_eos=True) for _ in prompts]
     ref = [o.outputs[0].token_ids for o in LLM(model=tiny, device="cpu").generate(prompts, params)]
-    got = _run(process_engine, prompts, params, timeout_s=180)
-    assert list(got.values()) == ref  # nothing lost, nothing duplicated, in order
+    assert _tokens(process_engine, prompts, params, timeout_s=180) == ref  # nothing lost, nothing duplicated, in order
     _wait_all_free(process_engine)
 
 
