@@ -165,3 +165,45 @@ def test_every_mode_carries_prompt_logprobs(tiny_llama, mode):
     for i in (0, 2, 3):
         check_prompt_logprobs(outs[i], hf, prompts[i], 3)
     assert outs[1].prompt_logprobs is None
+
+
+def test_lm_eval_loglikelihood_request_matches_hf(tiny_llama):
+    """lm-eval-harness's `local-completions` loglikelihood request (token ids, echo, logprobs 1,
+    max_tokens 1, greedy) and OpenAI's score-only form (max_tokens 0): the continuation's
+    logprob sum, read as lm-eval reads it, is HF's; each prompt token's top-1 says whether it
+    was the greedy choice."""
+    import httpx
+
+    from conftest import LiveServer
+    from rapidserve.async_engine import AsyncEngine
+    from rapidserve.engine import LLMEngine
+    from rapidserve.entrypoints.openai.server import ServerConfig, build_app
+
+    path, hf = tiny_llama
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32",
+                                                max_num_batched_tokens=16)))
+    server = LiveServer(build_app(engine, ServerConfig()))
+    url = server.start()
+    try:
+        contexts = random_prompts(2, seed=21, min_len=5, max_len=40)
+        continuations = random_prompts(2, seed=22, min_len=1, max_len=6)
+        prompts = [c + x for c, x in zip(contexts, continuations)]
+        body = {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        scored = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 0}, timeout=60).json()
+    finally:
+        server.stop()
+        engine.shutdown()
+    for choice, only, context, prompt in zip(r.json()["choices"], scored["choices"], contexts, prompts):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = hf_prompt_logprobs(hf, prompt)
+        want = sum(float(ref[i - 1, prompt[i]]) for i in range(len(context), len(prompt)))
+        assert sum(lp["token_logprobs"][len(context):-1]) == pytest.approx(want, abs=1e-3)
+        greedy = all(int(ref[i - 1].argmax()) == prompt[i] for i in range(len(context), len(prompt)))
+        tops = lp["top_logprobs"][len(context):-1]
+        assert greedy == all(max(top, key=top.get) == f"token_id:{t}" for top, t in zip(tops, prompt[len(context):]))
+        assert only["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-1]  # the prompt's alone
+        assert only["finish_reason"] == "length" and only["text"] == ""  # (no tokenizer: no text)
+    assert scored["usage"]["completion_tokens"] == 0

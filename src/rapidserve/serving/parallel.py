@@ -20,11 +20,12 @@ def child_request_id(parent_id: str, index: int) -> str:
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     """Child `index`'s parameters: one sample each; with a seed, seed + index (as vLLM), so each
-    child is reproducible and the children differ; without one, each samples independently. The
-    prompt's logprobs are the same for every child: only child 0 computes them."""
+    child is reproducible and the children differ; without one, each samples independently.
+
+    NOTE: every child scores the prompt (prompt_logprobs), though the scores are the same: so
+    each child's first event carries them whichever child gets there first (a streamed echo)."""
     seed = None if params.seed is None else params.seed + index
-    prompt_logprobs = params.prompt_logprobs if index == 0 else None
-    return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
+    return dataclasses.replace(params, n=1, seed=seed)
 
 
 class ParentRequest:
@@ -47,7 +48,7 @@ class ParentRequest:
         self.unfinished = set(self.child_ids)
         self.latest: list[CompletionOutput | None] = [None] * n
         self.finished = False
-        self.prompt_logprobs: PromptLogprobs | None = None  # child 0's (the only one that computes them)
+        self.prompt_logprobs: PromptLogprobs | None = None  # the first child's to report them
 
     @property
     def n(self) -> int:
@@ -61,7 +62,7 @@ class ParentRequest:
         i = self._index[out.request_id]
         completion = out.outputs[0]
         completion.index = i
-        if out.prompt_logprobs is not None:
+        if self.prompt_logprobs is None:
             self.prompt_logprobs = out.prompt_logprobs
         self.latest[i] = completion
         if completion.finish_reason is not None:
@@ -72,7 +73,7 @@ class ParentRequest:
         event = RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=[completion], finished=False, delta_text=out.delta_text,
-            delta_token_ids=out.delta_token_ids, prompt_logprobs=self.prompt_logprobs,
+            delta_token_ids=out.delta_token_ids, prompt_logprobs=out.prompt_logprobs,
         )
         if self.unfinished:
             return [event]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rapidserve.entrypoints.openai.protocol import (
     ChatLogprobs, ChatLogprobsContent, ChatTokenLogprob, CompletionLogprobs,
@@ -38,9 +38,21 @@ class CompletionLogprobsBuilder:
     def __init__(self) -> None:
         self._offset = 0  # characters of the tokens' text so far
 
-    def build(self, token_ids: Sequence[int], entries: Sequence[dict[int, Logprob]]) -> CompletionLogprobs:
-        out = CompletionLogprobs()
+    def build(self, token_ids: Sequence[int], entries: Sequence[dict[int, Logprob] | None],
+              texts: Mapping[int, str] | None = None, out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+        """The items of these tokens (appended to `out` if given). An entry None (the prompt's
+        first token under echo: nothing predicts it) has a null logprob and top_logprobs, its
+        text from `texts`."""
+        out = CompletionLogprobs() if out is None else out
         for token_id, entry in zip(token_ids, entries):
+            if entry is None:
+                text = (texts or {}).get(token_id, f"token_id:{token_id}")
+                out.tokens.append(text)
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                out.text_offset.append(self._offset)
+                self._offset += len(text)
+                continue
             lp = entry[token_id]
             text = _text(token_id, lp)
             out.tokens.append(text)
