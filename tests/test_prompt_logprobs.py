@@ -207,3 +207,53 @@ def test_lm_eval_loglikelihood_request_matches_hf(tiny_llama):
         assert only["logprobs"]["token_logprobs"] == lp["token_logprobs"][:-1]  # the prompt's alone
         assert only["finish_reason"] == "length" and only["text"] == ""  # (no tokenizer: no text)
     assert scored["usage"]["completion_tokens"] == 0
+
+
+def test_positions_go_through_the_lm_head_a_bounded_number_at_a_time(monkeypatch):
+    """The memory bound: never more than rows_per_chunk positions' logits at once, and the
+    packed result is that of all positions at once."""
+    import rapidserve.sampling.prompt_logprobs as plp
+
+    monkeypatch.setattr(plp, "CHUNK_LOGITS_BYTES", 7 * 4 * 50)  # 7 rows of a vocabulary of 50
+    torch.manual_seed(1)
+    head = torch.randn(50, 8)
+    seen = []
+
+    def compute_logits(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h.shape[0])
+        return h @ head.T
+
+    prompt = [int(t) for t in torch.randint(0, 50, (40,))]
+    req = Request("a", prompt, SamplingParams(prompt_logprobs=4), 2)
+    plan = PromptLogprobsPlan([ScheduledRequest(req, 0, 40, True)])
+    hidden = torch.randn(40, 8)
+    got = plp.compute_prompt_logprobs(hidden, compute_logits, plan, 50).packed
+    assert max(seen) == 7 and sum(seen) == 39
+    ref = torch.log_softmax(hidden[:39] @ head.T, dim=-1)
+    torch.testing.assert_close(got[:, 0], ref.gather(1, torch.tensor(prompt[1:]).view(-1, 1))[:, 0])
+    assert got[:, 2:6].long().tolist() == ref.topk(4).indices.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["hybrid", "rapid"])
+def test_cuda_graphs_and_async_scheduling_carry_prompt_logprobs(tiny_llama, mode):
+    """On CUDA, one step ahead, with graphs: a budget of 2 tokens makes one-token prefill chunks
+    beside a decode (a step that looks like a decode: it must not replay a decode graph, whose
+    output keeps the sampling rows only); the rapid prefill worker's piecewise graphs. Triton
+    kernels in fp32: a looser tolerance."""
+    path, hf = tiny_llama
+    prompts = [[5, 9], [7, 1, 200, 33, 4, 90], *random_prompts(2, seed=31, min_len=20, max_len=60)]
+    extra = {"placement": "thread"} if mode == "rapid" else {"max_num_batched_tokens": 2}
+    engine = create_engine(EngineConfig(model=path, device="cuda", dtype="float32", mode=mode,
+                                        kv_cache_memory_bytes="128MiB", **extra))
+    try:
+        if mode == "hybrid":
+            assert engine.runner.decode_graphs is not None and engine.async_scheduling
+        three = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
+        plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        outs = _run(engine, prompts, [three, three, plain, three])
+    finally:
+        engine.shutdown()
+    for i in (0, 1, 3):
+        check_prompt_logprobs(outs[i], hf, prompts[i], 3, atol=2e-3)
+    assert outs[2].prompt_logprobs is None
