@@ -51,6 +51,10 @@ class PromptLogprobsChunk(NamedTuple):
         return (self.packed.shape[1] - 2) // 2
 
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_ROWS.flags.writeable = False
+
+
 class _Segment(NamedTuple):
     request_id: str
     first: int  # the prompt index of the first token scored
@@ -83,8 +87,9 @@ class PromptLogprobsPlan:
                     self.segments.append(_Segment(req.request_id, a + 1, b - a, k))
                     self._advance.append((req, b))
             offset += s.num_new_tokens
-        self.rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # [R]
-        self.targets = np.array(targets, dtype=np.int64)  # [R]
+        # (a step where no request asked, nearly every one, builds no array)
+        self.rows = np.concatenate(rows) if rows else _NO_ROWS  # [R]
+        self.targets = np.array(targets, dtype=np.int64) if targets else _NO_ROWS  # [R]
         self.k = max((seg.k for seg in self.segments), default=0)
 
     def __bool__(self) -> bool:
