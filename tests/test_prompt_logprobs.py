@@ -257,3 +257,31 @@ def test_cuda_graphs_and_async_scheduling_carry_prompt_logprobs(tiny_llama, mode
     for i in (0, 1, 3):
         check_prompt_logprobs(outs[i], hf, prompts[i], 3, atol=2e-3)
     assert outs[2].prompt_logprobs is None
+
+
+def test_prompt_logprobs_survive_a_step_run_one_request_at_a_time(tiny_llama, monkeypatch):
+    """A request that makes a step fail is cut out of it (the step runs again one request at a
+    time, ModelRunner.submit_isolated): the others' prompt logprobs come from their runs alone,
+    each position once; the failed request's output still carries its own."""
+    from rapidserve.runner.model_runner import ModelRunner
+
+    path, hf = tiny_llama
+    real = ModelRunner._sampling_batch
+
+    def faulty(self, rows):
+        if len(rows) > 1 and any(s.request.params.seed == 4242 for s in rows):
+            raise RuntimeError("injected: only batches holding the marked request fail")
+        if any(s.request.params.seed == 4242 and s.request.num_output_tokens + s.request.num_pending >= 2
+               for s in rows):
+            raise RuntimeError("injected: the marked request's third token")
+        return real(self, rows)
+
+    monkeypatch.setattr(ModelRunner, "_sampling_batch", faulty)
+    prompts = random_prompts(3, seed=14, min_len=10, max_len=40)
+    two = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    marked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, seed=4242, prompt_logprobs=1)
+    engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32"))
+    outs = _run(engine, prompts, [two, marked, two])
+    assert outs[1].error is not None
+    for i in range(3):
+        check_prompt_logprobs(outs[i], hf, prompts[i], 1 if i == 1 else 2)
