@@ -244,6 +244,29 @@ def test_completion_echo_whole_streamed_and_score_only(client, engine):
         assert c.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
 
 
+def test_completion_prompt_logprobs_extension(url, engine):
+    """vLLM's `prompt_logprobs` extension: each choice's list (null, then per prompt token its id
+    -> {logprob, rank, decoded_token}, the token and the k most likely), absent unless asked;
+    beside echo with a smaller logprobs, the echo's object keeps its own k."""
+    body = {"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}
+    prompt_ids = _tokenize(url, body["prompt"])
+    plain = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+    r = httpx.post(url + "/v1/completions", json={**body, "prompt_logprobs": 3, "echo": True, "logprobs": 1},
+                   timeout=TIMEOUT).json()
+    choice = r["choices"][0]
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(prompt_ids) and plp[0] is None
+    for token, entry in zip(prompt_ids[1:], plp[1:]):
+        assert str(token) in entry and 3 <= len(entry) <= 4
+        assert sorted(e["rank"] for t, e in entry.items() if t != str(token) or e["rank"] <= 3)[:3] == [1, 2, 3]
+        assert all(e["logprob"] <= 0 and isinstance(e["decoded_token"], str) for e in entry.values())
+    echo_lp = choice["logprobs"]
+    assert echo_lp["token_logprobs"][1:len(prompt_ids)] == [plp[i][str(t)]["logprob"] for i, t in
+                                                             enumerate(prompt_ids) if i]
+    assert all(1 <= len(top) <= 2 for top in echo_lp["top_logprobs"][1:])  # its own k = 1
+
+
 def test_chat_logprobs_whole_and_streamed(client):
     """Chat's choices[].logprobs.content: each token with its logprob, UTF-8 bytes and the
     top_logprobs most likely tokens, best first (greedy: the token itself leads); streamed, each
@@ -446,6 +469,8 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21, "echo": True}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "echo": True}, 400, "echo is not supported in chat"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),

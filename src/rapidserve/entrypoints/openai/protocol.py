@@ -193,6 +193,8 @@ class CompletionRequest(_SamplingRequest):
     # The prompt before the generated text (and, with logprobs, its tokens' logprobs first).
     echo: bool = False
     logprobs: NumLogprobs | None = None
+    # vLLM's extension: each choice's `prompt_logprobs` (SamplingParams.prompt_logprobs), not streamed
+    prompt_logprobs: NumLogprobs | None = None
     best_of: Annotated[int | None, _only(1, None)] = None
     suffix: Annotated[str | None, _only("", None)] = None
 
@@ -209,10 +211,14 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
     def _prompt_logprobs(self) -> int | None:
-        return self.logprobs if self.echo else None
+        # NOTE: one k for both uses: the larger (the echo's logprobs object keeps its own k).
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(ks) if ks else None
 
     def _check_supported(self) -> None:
         super()._check_supported()
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestError("prompt_logprobs", "prompt_logprobs is not available with stream=true (as vLLM)")
         if self.max_tokens == 0 and not self.echo:
             raise RequestError("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt "
                                              "alone, scored with logprobs)")
@@ -360,12 +366,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobsContent] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob` as its server writes a prompt token's (the `prompt_logprobs` extension)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
+    # vLLM's extension (asked with "prompt_logprobs"): per prompt token, null for the first, then
+    # token id (a string) -> its Logprob; left out of the answer when not asked.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_if_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):

@@ -41,7 +41,9 @@ from rapidserve.entrypoints.openai.protocol import (
     ErrorResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, UsageInfo,
     DetokenizeResponse, VersionResponse,
 )
-from rapidserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder, chat_logprobs, new_logprobs
+from rapidserve.entrypoints.openai.logprobs import (
+    CompletionLogprobsBuilder, chat_logprobs, new_logprobs, prompt_logprobs_json,
+)
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
 from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.sampling_params import SamplingParams
@@ -497,8 +499,11 @@ class OpenAIServer:
             return CompletionResponse(
                 id=request_id, created=created, model=model,
                 choices=[CompletionChoice(index=i * params.n + c.index,
-                                          **_echoed(o, echo, body.echo_only, c.text, c.token_ids, c.logprobs),
-                                          finish_reason=_finish_reason(c), stop_reason=_stop_reason(c))
+                                          **_echoed(o, echo, body.echo_only, c.text, c.token_ids, c.logprobs,
+                                                    top=body.logprobs),
+                                          finish_reason=_finish_reason(c), stop_reason=_stop_reason(c),
+                                          prompt_logprobs=None if body.prompt_logprobs is None
+                                          else prompt_logprobs_json(o.prompt_logprobs))
                          for i, (o, echo) in enumerate(zip(finals, echoes)) for c in o.outputs],
                 usage=_usage(finals, body.echo_only))
 
@@ -544,7 +549,7 @@ class OpenAIServer:
                     if i not in echoes:
                         echoes[i] = await self._echo(out, params)
                     choice = _echoed(out, echoes[i], echo_only, delta, token_ids,
-                                     None if params.logprobs is None else entries, logprobs[k])
+                                     None if params.logprobs is None else entries, params.logprobs, logprobs[k])
                 elif echo_only:
                     choice = {"text": "", "logprobs": None}  # (the dropped token never has another)
                 else:
@@ -665,10 +670,12 @@ class _Echo(NamedTuple):
 
 
 def _echoed(out: RequestOutput, echo: _Echo | None, echo_only: bool, text: str, token_ids: list[int],
-            entries: Any, builder: CompletionLogprobsBuilder | None = None) -> dict[str, Any]:
+            entries: Any, top: int | None = None, builder: CompletionLogprobsBuilder | None = None,
+            ) -> dict[str, Any]:
     """A choice's (or its first chunk's) text and logprobs: the generated ones (`text`,
-    `token_ids` and their logprob `entries`; None: not asked), after the prompt's under echo
-    (`echo` not None), alone with echo_only (max_tokens 0: the one generated token dropped)."""
+    `token_ids` and their logprob `entries`; None: not asked), after the prompt's (their `top`
+    most likely each) under echo (`echo` not None), alone with echo_only (max_tokens 0: the one
+    generated token dropped)."""
     builder = builder or CompletionLogprobsBuilder()
     if echo is None:
         return {"text": text, "logprobs": None if entries is None else builder.build(token_ids, entries)}
@@ -677,7 +684,7 @@ def _echoed(out: RequestOutput, echo: _Echo | None, echo_only: bool, text: str, 
         # NOTE: with echo and logprobs the request asked the prompt's logprobs too (protocol).
         if out.prompt_logprobs is None:
             raise RuntimeError(f"request {out.request_id}: no prompt logprobs for its echo")
-        lp = builder.build(out.prompt_token_ids, out.prompt_logprobs, echo.first_token)
+        lp = builder.build(out.prompt_token_ids, out.prompt_logprobs, echo.first_token, top=top)
         if not echo_only:
             builder.build(token_ids, entries, out=lp)
     return {"text": echo.text + ("" if echo_only else text), "logprobs": lp}
