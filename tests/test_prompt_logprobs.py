@@ -285,3 +285,16 @@ def test_prompt_logprobs_survive_a_step_run_one_request_at_a_time(tiny_llama, mo
     assert outs[1].error is not None
     for i in range(3):
         check_prompt_logprobs(outs[i], hf, prompts[i], 1 if i == 1 else 2)
+
+
+def test_a_prefill_side_does_not_score_a_recomputed_prompt_again():
+    """A request handed to a prefill side with outputs (a preempted one) had its prompt scored
+    with its first token: its plan scores nothing; a fresh one is scored whole."""
+    from rapidserve.serving.messages import PrefillWork
+    from rapidserve.serving.workers import request_of
+
+    params = SamplingParams(prompt_logprobs=1)
+    fresh = request_of(PrefillWork("a", [1, 2, 3, 4], 4, params, 8, [0]), runner=None)
+    again = request_of(PrefillWork("b", [1, 2, 3, 4, 9, 8], 4, params, 8, [0]), runner=None)
+    assert PromptLogprobsPlan([ScheduledRequest(fresh, 0, 4, True)]).targets.tolist() == [2, 3, 4]
+    assert not PromptLogprobsPlan([ScheduledRequest(again, 0, 6, True)])
