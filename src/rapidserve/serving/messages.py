@@ -1,7 +1,8 @@
 """Typed messages between the engine front and the rapid topology's workers.
 
 Small records only: token ids, block ids, a sampled token (with its logprobs, and its prompt's
-logprobs with the first token, when its request asked). The KV cache and the weights never travel (both workers hold the same tensors).
+logprobs with the first token, when its request asked). The KV cache and the weights never
+travel (both workers hold the same tensors).
 """
 
 from __future__ import annotations
