@@ -203,6 +203,70 @@ def test_completion_logprobs_whole_and_streamed(client, engine):
     assert client.completions.create(**kw).choices[0].logprobs is None
 
 
+def test_completion_echo_whole_streamed_and_score_only(client, engine):
+    """echo: the choice's text is the prompt then the generated text; with logprobs the object
+    covers the prompt's tokens (the first with null logprob and top_logprobs) then the generated
+    ones (those of the same request without echo), text offsets over the whole text; streamed,
+    the first chunk carries the prompt and the chunks put together equal the whole answer;
+    max_tokens 0 gives the prompt alone, scored, no completion token."""
+    prompt = "The capital of France is"
+    kw = dict(model=engine.model_name, prompt=prompt, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(logprobs=2, **kw).choices[0]
+    assert client.completions.create(echo=True, **kw).choices[0].text == prompt + plain.text
+    full = client.completions.create(echo=True, logprobs=2, **kw)
+    choice, lp, n_prompt = full.choices[0], full.choices[0].logprobs, full.usage.prompt_tokens
+    assert choice.text == prompt + plain.text and full.usage.completion_tokens == 4
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert value <= 0 and 2 <= len(top) <= 3 and top[token] == value
+    assert lp.token_logprobs[n_prompt:] == plain.logprobs.token_logprobs
+    assert lp.top_logprobs[n_prompt:] == plain.logprobs.top_logprobs
+    chunks = list(client.completions.create(echo=True, logprobs=2, stream=True, **kw))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    merged = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks), []) for k in
+              ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert merged == {k: getattr(lp, k) for k in merged}
+    kw["max_tokens"] = 0
+    only = client.completions.create(echo=True, logprobs=2, **kw)
+    assert only.choices[0].text == prompt and only.choices[0].finish_reason == "length"
+    assert only.usage.completion_tokens == 0 and only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]
+    streamed = list(client.completions.create(echo=True, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == prompt
+    kw["max_tokens"] = 4
+    two = client.completions.create(echo=True, logprobs=2, n=2, **kw)  # each choice echoes the prompt
+    assert [c.text for c in two.choices] == [choice.text] * 2
+    for c in two.choices:  # (a batch of two decodes: the same up to float rounding)
+        assert c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+
+
+def test_completion_prompt_logprobs_extension(url, engine):
+    """vLLM's `prompt_logprobs` extension: each choice's list (null, then per prompt token its id
+    -> {logprob, rank, decoded_token}, the token and the k most likely), absent unless asked;
+    beside echo with a smaller logprobs, the echo's object keeps its own k."""
+    body = {"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}
+    prompt_ids = _tokenize(url, body["prompt"])
+    plain = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+    r = httpx.post(url + "/v1/completions", json={**body, "prompt_logprobs": 3, "echo": True, "logprobs": 1},
+                   timeout=TIMEOUT).json()
+    choice = r["choices"][0]
+    plp = choice["prompt_logprobs"]
+    assert len(plp) == len(prompt_ids) and plp[0] is None
+    for token, entry in zip(prompt_ids[1:], plp[1:]):
+        assert str(token) in entry and 3 <= len(entry) <= 4
+        assert sorted(e["rank"] for t, e in entry.items() if t != str(token) or e["rank"] <= 3)[:3] == [1, 2, 3]
+        assert all(e["logprob"] <= 0 and isinstance(e["decoded_token"], str) for e in entry.values())
+    echo_lp = choice["logprobs"]
+    assert echo_lp["token_logprobs"][1:len(prompt_ids)] == [plp[i][str(t)]["logprob"] for i, t in
+                                                             enumerate(prompt_ids) if i]
+    assert all(1 <= len(top) <= 2 for top in echo_lp["top_logprobs"][1:])  # its own k = 1
+
+
 def test_chat_logprobs_whole_and_streamed(client):
     """Chat's choices[].logprobs.content: each token with its logprob, UTF-8 bytes and the
     top_logprobs most likely tokens, best first (greedy: the token itself leads); streamed, each
@@ -403,7 +467,11 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 2}, 400, "best_of must be 1"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "echo with logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21, "echo": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "echo": True}, 400, "echo is not supported in chat"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": "yes"}, 400, "logprobs"),

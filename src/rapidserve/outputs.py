@@ -17,6 +17,10 @@ class Logprob:
 # Per generated token: token id -> Logprob, the sampled token first, then the step's k most likely
 # (k = SamplingParams.logprobs; k or k + 1 entries, as vLLM's SampleLogprobs).
 SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token: None for the first (nothing predicts it), then token id -> Logprob, the prompt
+# token first (its logprob given the tokens before it, its rank), then its position's k most likely
+# (k = SamplingParams.prompt_logprobs; vLLM's PromptLogprobs).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -48,3 +52,7 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    # With SamplingParams.prompt_logprobs set (else None): one entry per prompt token, on every
+    # output from the first token on (as vLLM's cumulative outputs). NOTE: the same list on
+    # each output of a request: complete once its first token is out, never changed after.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -49,6 +49,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # NOTE: prompt positions [0, n) have had their prompt logprobs computed by a launched step
+        # (SamplingParams.prompt_logprobs): a recompute after a preemption does not score them again.
+        self.num_prompt_logprobs = 0
 
     @property
     def num_prompt_tokens(self) -> int:

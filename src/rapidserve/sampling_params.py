@@ -24,7 +24,9 @@ class SamplingParams:
     depend on what else is in the batch. `logprobs` k (0..MAX_LOGPROBS; None: off) reports
     each generated token's log-probability, its rank and the k most likely tokens of its step,
     all from the model's raw logits (before temperature, filters and min_tokens' bans), as
-    vLLM does.
+    vLLM does. `prompt_logprobs` k (same range) reports each prompt token's log-probability
+    given the tokens before it, its rank and the k most likely tokens at its position
+    (`RequestOutput.prompt_logprobs`; the first prompt token has none).
 
     Penalties, as vLLM's (and applied in its order, before temperature and the filters, greedy
     included, after min_tokens' bans): `logit_bias` {token id: bias in [-100, 100]} is added to
@@ -52,6 +54,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -114,13 +117,12 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS
+            ):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:

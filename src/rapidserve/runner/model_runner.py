@@ -24,6 +24,9 @@ from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.timeline import StepTimeline
 from rapidserve.sampling import PendingTokens, Sampler, SamplingBatch, TokenHistory, make_generator
 from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs, unpack
+from rapidserve.sampling.prompt_logprobs import (
+    PromptLogprobsChunk, PromptLogprobsPlan, PromptLogprobsTensors, compute_prompt_logprobs,
+)
 from rapidserve.scheduler.chunked import ScheduledRequest
 
 log = logging.getLogger("rapidserve.engine")
@@ -34,17 +37,22 @@ class StepResult:
 
     def __init__(self, scheduled: list[ScheduledRequest], sampled: torch.Tensor | None,
                  rows: dict[str, int], started: torch.cuda.Event | float | None = None,
-                 logprobs: LogprobsTensors | list[TokenLogprobs | None] | None = None) -> None:
+                 logprobs: LogprobsTensors | list[TokenLogprobs | None] | None = None,
+                 prompt_logprobs: PromptLogprobsTensors | dict[str, PromptLogprobsChunk] | None = None) -> None:
         """started: where the step's timing began (ModelRunner.measure_steps): a timing event
         recorded before its kernels (CUDA), or the host's perf_counter (CPU: the step ran
         synchronously, it is over now). logprobs: those of the rows that asked, on the device
-        (or already on the host, one per sampling row); None when no request asked."""
+        (or already on the host, one per sampling row); None when no request asked.
+        prompt_logprobs: the prompt positions the step scored for the requests that asked (on
+        the device, or already on the host by request id); None when none."""
         self.scheduled = scheduled
         self.sampled = sampled  # [S] int64 on the device, one per sampling request
         self.rows = rows  # request id -> its row in `sampled`
         self._logprobs = logprobs
+        self._prompt_logprobs = prompt_logprobs
         self._host: torch.Tensor | None = None
         self._host_logprobs: torch.Tensor | None = None
+        self._host_prompt: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self._started = started if isinstance(started, torch.cuda.Event) else None
         self._elapsed_s = time.perf_counter() - started if isinstance(started, float) else None
@@ -57,6 +65,11 @@ class StepResult:
                 self._host_logprobs = torch.empty(logprobs.packed.shape, dtype=logprobs.packed.dtype,
                                                   pin_memory=True)
                 self._host_logprobs.copy_(logprobs.packed, non_blocking=True)
+        if isinstance(prompt_logprobs, PromptLogprobsTensors) and prompt_logprobs.packed.device.type == "cuda":
+            # (a step that only prefills a chunk samples nothing: it still needs its event)
+            self._host_prompt = torch.empty(prompt_logprobs.packed.shape, dtype=torch.float32, pin_memory=True)
+            self._host_prompt.copy_(prompt_logprobs.packed, non_blocking=True)
+        if self._host is not None or self._host_prompt is not None:
             self._ready = torch.cuda.Event(enable_timing=self._started is not None)
             self._ready.record()
 
@@ -75,7 +88,7 @@ class StepResult:
         """The sampled token of each sampling request, in order (waits for the step)."""
         if self.sampled is None:
             return []
-        if self._ready is None:
+        if self._host is None:
             return self.sampled.tolist()
         self._ready.synchronize()
         assert self._host is not None
@@ -90,11 +103,25 @@ class StepResult:
             return [None] * num_rows
         if not isinstance(lp, LogprobsTensors):
             return lp
-        if self._ready is None:
+        if self._host_logprobs is None:
             return unpack(lp, lp.packed.tolist(), num_rows)
+        assert self._ready is not None
         self._ready.synchronize()
-        assert self._host_logprobs is not None
         return unpack(lp, self._host_logprobs.tolist(), num_rows)
+
+    def prompt_logprobs(self) -> dict[str, PromptLogprobsChunk]:
+        """The prompt logprobs the step computed, by request id (only requests that asked and
+        whose step scored prompt tokens). Waits for the step as tokens() does."""
+        plp = self._prompt_logprobs
+        if plp is None:
+            return {}
+        if not isinstance(plp, PromptLogprobsTensors):
+            return plp
+        if self._host_prompt is None:
+            return plp.plan.split(plp.packed.numpy())
+        assert self._ready is not None
+        self._ready.synchronize()
+        return plp.plan.split(self._host_prompt.numpy())
 
 
 # What a device (or driver) failure says: after one the device's state is unknown, so no
@@ -264,7 +291,8 @@ class ModelRunner:
         rows = [s for s in scheduled if s.samples]
         start = self.timeline.begin() if self.timeline is not None else None
         started = self._start_timing() if self.measure_steps else None
-        logits = self._logits(scheduled, prev, between_groups)
+        plan = PromptLogprobsPlan(scheduled)
+        logits, prompt_logprobs = self._forward_step(scheduled, prev, between_groups, plan if plan else None)
         sampled = logprobs = None
         if rows:
             batch = self._sampling_batch(rows)
@@ -275,8 +303,12 @@ class ModelRunner:
             logprobs = compute_logprobs(logits, sampled, batch.params)
         if self.timeline is not None:
             self.timeline.end(start, sum(s.num_new_tokens for s in scheduled), len(scheduled))
-        return StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)}, started,
-                          logprobs)
+        result = StepResult(scheduled, sampled, {s.request.request_id: i for i, s in enumerate(rows)}, started,
+                            logprobs, prompt_logprobs)
+        # NOTE: last, once nothing can fail: submit_isolated runs a failed step's requests again,
+        # and those runs must score the same positions.
+        plan.launched()
+        return result
 
     def _start_timing(self) -> torch.cuda.Event | float:
         if self.device.type == "cuda":
@@ -311,6 +343,7 @@ class ModelRunner:
         kept: list[ScheduledRequest] = []
         sampled: list[torch.Tensor] = []
         logprobs: list[TokenLogprobs | None] = []
+        prompt_logprobs: dict[str, PromptLogprobsChunk] = {}
         failed: list[FailedRequest] = []
         for s in scheduled:
             try:
@@ -321,6 +354,7 @@ class ModelRunner:
                 failed.append(FailedRequest(s, _describe(e)))
                 continue
             kept.append(s)
+            prompt_logprobs.update(alone.prompt_logprobs())  # read back at once, as the logprobs
             if alone.sampled is not None:
                 sampled.append(alone.sampled)
                 # Read back at once (a wait, on this rare path only): the runs' k differ.
@@ -329,7 +363,8 @@ class ModelRunner:
             raise first
         rows = {s.request.request_id: i for i, s in enumerate(s for s in kept if s.samples)}
         return StepResult(kept, torch.cat(sampled) if sampled else None, rows,  # [S] int64
-                          logprobs=logprobs if any(lp is not None for lp in logprobs) else None), failed
+                          logprobs=logprobs if any(lp is not None for lp in logprobs) else None,
+                          prompt_logprobs=prompt_logprobs or None), failed
 
     def _fill_pending(self, input_ids: torch.Tensor, inp: StepInputs, prev: StepResult | None) -> None:
         """Write the tokens the step in flight samples into this step's input ids (device to
@@ -347,9 +382,19 @@ class ModelRunner:
 
     def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None,
                 between_groups: Callable[[], None] | None = None) -> torch.Tensor | None:
+        """The logits of the step's sampling rows [S, V] (None if none samples)."""
+        return self._forward_step(scheduled, prev, between_groups)[0]
+
+    def _forward_step(self, scheduled: list[ScheduledRequest], prev: StepResult | None,
+                      between_groups: Callable[[], None] | None = None, plan: PromptLogprobsPlan | None = None,
+                      ) -> tuple[torch.Tensor | None, PromptLogprobsTensors | None]:
+        """The logits of the step's sampling rows [S, V] (None if none samples), and the prompt
+        logprobs of `plan`'s positions."""
         b = len(scheduled)
         t = sum(s.num_new_tokens for s in scheduled)
-        if self.decode_graphs is not None and t == b:
+        # NOTE: a decode graph keeps only its sampling rows' logits: a step that scores prompt
+        # positions (one-token prefill chunks that look like decodes) runs piecewise or eagerly.
+        if self.decode_graphs is not None and t == b and plan is None:
             n = pick(self.decode_graphs.sizes, b)
             if n is not None:
                 assert self.static is not None
@@ -358,7 +403,7 @@ class ModelRunner:
                 self._fill_pending(self.static.input_ids, inp, prev)
                 logits = self.decode_graphs.replay(n)
                 # NOTE: a one-token prefill chunk looks like a decode but does not sample.
-                return logits[:b] if len(inp.logits_indices) == b else logits[self._tensor(inp.logits_indices)]
+                return (logits[:b] if len(inp.logits_indices) == b else logits[self._tensor(inp.logits_indices)]), None
         if self.piecewise is not None:
             n = pick(self.piecewise.sizes, t)
             if n is not None:
@@ -375,7 +420,7 @@ class ModelRunner:
                     **self._decode_split(inp),
                 )
                 hidden = self.piecewise.run(n, t, meta)
-                return self._select_logits(hidden, inp)
+                return self._select_logits(hidden, inp, plan)
         inp = StepInputs(scheduled, self.blocks)
         input_ids = self._tensor(inp.input_ids)
         self._fill_pending(input_ids, inp, prev)
@@ -385,7 +430,7 @@ class ModelRunner:
             else:
                 hidden = self._forward_in_groups(input_ids, self._tensor(inp.positions), self.layer_groups,
                                                  between_groups)
-        return self._select_logits(hidden, inp)
+        return self._select_logits(hidden, inp, plan)
 
     def _forward_in_groups(self, input_ids: torch.Tensor, positions: torch.Tensor, groups: LayerGroups,
                            between: Callable[[], None] | None) -> torch.Tensor:
@@ -421,10 +466,15 @@ class ModelRunner:
             start = end
         return model.norm(h)
 
-    def _select_logits(self, hidden: torch.Tensor, inp: StepInputs) -> torch.Tensor | None:
+    def _select_logits(self, hidden: torch.Tensor, inp: StepInputs, plan: PromptLogprobsPlan | None,
+                       ) -> tuple[torch.Tensor | None, PromptLogprobsTensors | None]:
+        prompt = None
+        if plan is not None:
+            prompt = compute_prompt_logprobs(hidden, self.model.compute_logits, plan,
+                                             self.model.config.vocab_size)
         if len(inp.logits_indices) == 0:
-            return None
-        return self.model.compute_logits(hidden[self._tensor(inp.logits_indices)])
+            return None, prompt
+        return self.model.compute_logits(hidden[self._tensor(inp.logits_indices)]), prompt
 
     def _sampling_batch(self, rows: list[ScheduledRequest]) -> SamplingBatch:
         params, gens, banned = [], [], []

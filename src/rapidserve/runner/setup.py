@@ -16,7 +16,7 @@ from rapidserve.model.loader import LoadedModel, load_model
 from rapidserve.ops.fp8 import resolve_kv_cache_dtype
 from rapidserve.request import Request
 from rapidserve.runner.model_runner import ModelRunner
-from rapidserve.sampling_params import SamplingParams
+from rapidserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from rapidserve.scheduler.chunked import ScheduledRequest
 
 log = logging.getLogger("rapidserve.engine")
@@ -120,7 +120,8 @@ def _free_gpu_memory(
     probe = KVCache(spec, probe_blocks, device)
     probe_mgr = BlockManager(probe_blocks, spec.block_size)
     runner = ModelRunner(loaded.model, probe, probe_mgr, device, (), backend, n_tokens)
-    req = Request("profile", [0] * n_tokens, SamplingParams(temperature=0.0), 1)
+    # With prompt logprobs: their chunks of positions' logits are part of a step's peak.
+    req = Request("profile", [0] * n_tokens, SamplingParams(temperature=0.0, prompt_logprobs=MAX_LOGPROBS), 1)
     probe_mgr.allocate(req.request_id, n_tokens)
     runner.execute([ScheduledRequest(req, 0, n_tokens, True)])
     # Logits of the widest sampling step.

@@ -2,6 +2,7 @@
 
 from rapidserve.sampling.detokenizer import IncrementalDetokenizer
 from rapidserve.sampling.logprobs import LogprobsTensors, TokenLogprobs, compute_logprobs
+from rapidserve.sampling.prompt_logprobs import PromptLogprobsChunk
 from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties
 from rapidserve.sampling.sampler import Sampler, SamplingBatch, apply_filters, make_generator
 from rapidserve.sampling.stop import StopMatch, find_stop, hold_back
@@ -10,6 +11,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "LogprobsTensors",
     "PendingTokens",
+    "PromptLogprobsChunk",
     "Sampler",
     "SamplingBatch",
     "StopMatch",

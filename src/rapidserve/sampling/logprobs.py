@@ -53,14 +53,20 @@ def compute_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
     else:
         index = _to_device(rows, torch.long, logits.device)  # [R]
         x, tokens = logits.index_select(0, index), sampled.index_select(0, index)
-    lp = torch.log_softmax(x.float(), dim=-1)  # [R, V]
+    return LogprobsTensors(rows, num, pack_logprobs(x, tokens, k))
+
+
+def pack_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, 2 + 2k] float32 from logits [R, V] and one token per row [R]: the token's logprob
+    (log_softmax of the raw logits), its rank, the k top ids and their logprobs, best first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
     token_lp = lp.gather(1, tokens.view(-1, 1))  # [R, 1]
     rank = (lp >= token_lp).sum(dim=-1, keepdim=True).float()  # [R, 1]
     parts = [token_lp, rank]
     if k > 0:
-        top_lp, top_ids = lp.topk(k, dim=-1)  # [R, K] each, best first
+        top_lp, top_ids = lp.topk(k, dim=-1)  # [R, k] each, best first
         parts += [top_ids.float(), top_lp]
-    return LogprobsTensors(rows, num, torch.cat(parts, dim=1))  # [R, 2 + 2K]
+    return torch.cat(parts, dim=1)  # [R, 2 + 2k]
 
 
 def unpack(tensors: LogprobsTensors, packed: list[list[float]], num_rows: int) -> list[TokenLogprobs | None]:

@@ -286,6 +286,7 @@ class PrefillInstanceTurns:
             self._fail(rid, f.message)
         transfers = []
         tokens = result.tokens()
+        prompt_logprobs = result.prompt_logprobs()
         for s, token, logprobs in zip(result.scheduled, tokens, result.logprobs()):
             rid = s.request.request_id
             try:
@@ -296,7 +297,8 @@ class PrefillInstanceTurns:
                 self._fail(rid, f"KV transfer to the decode instance failed: {e}")
                 continue
             sched.finish(rid)
-            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs))
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs,
+                                             prompt_logprobs.get(rid)))
         self.to_front.put(TransferReport(tuple(transfers), self.blocks.num_free_blocks, self.blocks.num_blocks,
                                          device_memory_bytes(self.runner.device)))
         return True

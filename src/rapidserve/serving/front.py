@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 from rapidserve.config import EngineConfig
 from rapidserve.kv.block_manager import blocks_needed
 from rapidserve.model.config import ModelConfig
-from rapidserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
+from rapidserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from rapidserve.request import Request, RequestStatus
 from rapidserve.resources.policy import PartitionStats
-from rapidserve.sampling import IncrementalDetokenizer, TokenLogprobs, find_stop
+from rapidserve.sampling import IncrementalDetokenizer, PromptLogprobsChunk, TokenLogprobs, find_stop
 from rapidserve.sampling_params import SamplingParams
 from rapidserve.scheduler.chunked import ScheduledRequest
 from rapidserve.serving.parallel import ParentRequest, child_params
@@ -28,8 +28,11 @@ class _TextState:
     """Per-request output text: incremental detokenization and stop-string cutting; and the
     output tokens' logprobs when the request asked for them."""
 
-    def __init__(self, detokenizer: IncrementalDetokenizer | None, logprobs: bool = False) -> None:
+    def __init__(self, detokenizer: IncrementalDetokenizer | None, logprobs: bool = False,
+                 prompt_logprobs: bool = False) -> None:
         self.detokenizer = detokenizer
+        # One entry per prompt token scored so far (the first has none: None).
+        self.prompt_logprobs: PromptLogprobs | None = [None] if prompt_logprobs else None
         self.text = ""
         self.emitted_tokens = 0  # output tokens already reported in a delta
         self.logprobs: SampleLogprobs | None = [] if logprobs else None  # one entry per output token
@@ -291,7 +294,8 @@ class EngineFront:
         detok = None
         if params.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        self._text[request_id] = _TextState(detok, logprobs=params.logprobs is not None)
+        self._text[request_id] = _TextState(detok, logprobs=params.logprobs is not None,
+                                            prompt_logprobs=params.prompt_logprobs is not None)
 
     def _end_parent(self, parent: ParentRequest) -> None:
         """Forget a parent that has given its final output; abort the children still running (a
@@ -375,11 +379,14 @@ class EngineFront:
         token: int,
         decided: tuple[RequestStatus | None, int | None] | None = None,
         logprobs: TokenLogprobs | None = None,
+        prompt_logprobs: PromptLogprobsChunk | None = None,
     ) -> RequestOutput | None:
         """`_on_token` (after recording the token's `logprobs`, which the worker computed if the
-        request asked), with an exception there (detokenizing, stop strings) failing only this
-        request."""
+        request asked, and the last of its prompt's logprobs), with an exception there
+        (detokenizing, stop strings) failing only this request."""
         try:
+            if prompt_logprobs is not None:
+                self._add_prompt_logprobs(req, prompt_logprobs)
             self._add_logprobs(req, token, logprobs)
             return self._on_token(req, token, decided)
         except Exception as e:  # noqa: BLE001 - one request's output, not the engine
@@ -399,6 +406,35 @@ class EngineFront:
                 entry[t] = Logprob(lp, rank, self._token_text(req, t))
         state.logprobs.append(entry)
         state.cumulative_logprob += logprobs.logprob
+
+    def _take_prompt_logprobs(self, req: Request, chunk: PromptLogprobsChunk) -> RequestOutput | None:
+        """Record a run of a request's prompt logprobs (a prefill chunk's, before its first token);
+        an exception fails only this request (its output, else None)."""
+        try:
+            self._add_prompt_logprobs(req, chunk)
+        except Exception as e:  # noqa: BLE001 - one request's output, not the engine
+            return self._fail_request(req, f"{type(e).__name__}: {e}")
+        return None
+
+    def _add_prompt_logprobs(self, req: Request, chunk: PromptLogprobsChunk) -> None:
+        """Append a run of prompt tokens' logprob dicts: the prompt token first, then its
+        position's top k (a token among them once). Entries the list already holds are skipped."""
+        state = self._text[req.request_id]
+        entries = state.prompt_logprobs
+        if entries is None:
+            raise RuntimeError("prompt logprobs came for a request that did not ask for them")
+        skip = len(entries) - chunk.first
+        if skip < 0:
+            raise RuntimeError(f"prompt logprobs from token {chunk.first} came before those of token {len(entries)}")
+        k = chunk.k
+        prompt = req.prompt_token_ids
+        for i, row in enumerate(chunk.packed.tolist()[skip:], start=chunk.first + skip):
+            token = prompt[i]
+            entry = {token: Logprob(row[0], int(row[1]), self._token_text(req, token))}
+            for rank, (t, lp) in enumerate(zip(row[2:2 + k], row[2 + k:2 + 2 * k]), start=1):
+                if int(t) not in entry:
+                    entry[int(t)] = Logprob(lp, rank, self._token_text(req, int(t)))
+            entries.append(entry)
 
     def _token_text(self, req: Request, token: int) -> str | None:
         """A token alone as text (special tokens too), as vLLM decodes a Logprob's token."""
@@ -444,6 +480,7 @@ class EngineFront:
             finished=finished,
             delta_text=state.text[prev_text_len:],
             delta_token_ids=new_ids,
+            prompt_logprobs=state.prompt_logprobs,
         )
 
     # ---- helpers for the front ends ----------------------------------------------------------

@@ -119,6 +119,13 @@ class LLMEngine(EngineFront):
         """The tokens of a finished step, for the requests still unfinished."""
         outputs = []
         tokens = result.tokens()
+        prompt_logprobs = result.prompt_logprobs()
+        for s in result.scheduled if prompt_logprobs else ():
+            req = s.request
+            chunk = prompt_logprobs.get(req.request_id)
+            if chunk is not None and not req.status.finished:
+                if (out := self._take_prompt_logprobs(req, chunk)) is not None:
+                    outputs.append(out)
         for s, token, logprobs in zip((s for s in result.scheduled if s.samples), tokens, result.logprobs()):
             req = s.request
             if self.async_scheduling:

@@ -1,7 +1,8 @@
 """Typed messages between the engine front and the rapid topology's workers.
 
-Small records only: token ids, block ids, a sampled token (with its logprobs, when its request
-asked). The KV cache and the weights never travel (both workers hold the same tensors).
+Small records only: token ids, block ids, a sampled token (with its logprobs, and its prompt's
+logprobs with the first token, when its request asked). The KV cache and the weights never
+travel (both workers hold the same tensors).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rapidserve.sampling.logprobs import TokenLogprobs
+from rapidserve.sampling.prompt_logprobs import PromptLogprobsChunk
 from rapidserve.sampling_params import SamplingParams
 
 
@@ -82,6 +84,9 @@ class PrefillDone:
     token: int
     generator_state: Any = None
     logprobs: TokenLogprobs | None = None  # the first token's, if the request asked
+    # The prompt's (SamplingParams.prompt_logprobs), all of them: the prefill side runs a prompt
+    # whole. None after a preemption (they went with the first token).
+    prompt_logprobs: PromptLogprobsChunk | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class TokenEvent:
     status: str | None  # a RequestStatus value when the token ends the request
     stop_reason: int | None = None
     logprobs: TokenLogprobs | None = None  # if the request asked (SamplingParams.logprobs)
+    prompt_logprobs: PromptLogprobsChunk | None = None  # with the first token (PrefillDone's)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rapidserve.outputs import CompletionOutput, RequestOutput
+from rapidserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from rapidserve.sampling_params import SamplingParams
 
 
@@ -20,7 +20,10 @@ def child_request_id(parent_id: str, index: int) -> str:
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
     """Child `index`'s parameters: one sample each; with a seed, seed + index (as vLLM), so each
-    child is reproducible and the children differ; without one, each samples independently."""
+    child is reproducible and the children differ; without one, each samples independently.
+
+    NOTE: every child scores the prompt (prompt_logprobs), though the scores are the same: so
+    each child's first event carries them whichever child gets there first (a streamed echo)."""
     seed = None if params.seed is None else params.seed + index
     return dataclasses.replace(params, n=1, seed=seed)
 
@@ -45,6 +48,7 @@ class ParentRequest:
         self.unfinished = set(self.child_ids)
         self.latest: list[CompletionOutput | None] = [None] * n
         self.finished = False
+        self.prompt_logprobs: PromptLogprobs | None = None  # the first child's to report them
 
     @property
     def n(self) -> int:
@@ -58,6 +62,8 @@ class ParentRequest:
         i = self._index[out.request_id]
         completion = out.outputs[0]
         completion.index = i
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.latest[i] = completion
         if completion.finish_reason is not None:
             self.unfinished.discard(out.request_id)
@@ -67,7 +73,7 @@ class ParentRequest:
         event = RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
             outputs=[completion], finished=False, delta_text=out.delta_text,
-            delta_token_ids=out.delta_token_ids,
+            delta_token_ids=out.delta_token_ids, prompt_logprobs=out.prompt_logprobs,
         )
         if self.unfinished:
             return [event]
@@ -86,5 +92,5 @@ class ParentRequest:
             outputs.append(c)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=outputs, finished=True, error=error,
+            outputs=outputs, finished=True, error=error, prompt_logprobs=self.prompt_logprobs,
         )

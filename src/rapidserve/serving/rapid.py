@@ -336,7 +336,8 @@ class RapidEngine(EngineFront):
                     if req is None:
                         continue  # aborted or stopped here meanwhile
                     status = RequestStatus(ev.status) if ev.status is not None else None
-                    if (out := self._take_token(req, ev.token, (status, ev.stop_reason), ev.logprobs)) is not None:
+                    if (out := self._take_token(req, ev.token, (status, ev.stop_reason), ev.logprobs,
+                                                ev.prompt_logprobs)) is not None:
                         outputs.append(out)
             elif isinstance(msg, m.RequestFailed):
                 req = self._requests.get(msg.request_id)

@@ -28,7 +28,7 @@ from rapidserve.runner.layer_groups import LayerGroups
 from rapidserve.runner.model_runner import ModelRunner, StepResult
 from rapidserve.runner.setup import PreparedModel, device_memory_bytes, prepare_model, resolve_device
 from rapidserve.runner.timeline import StepTimeline
-from rapidserve.sampling import TokenLogprobs, make_generator
+from rapidserve.sampling import PromptLogprobsChunk, TokenLogprobs, make_generator
 from rapidserve.scheduler.chunked import ScheduledRequest, SchedulerConfig
 from rapidserve.scheduler.decode import DecodeScheduler
 from rapidserve.scheduler.prefill import PrefillJob, PrefillScheduler
@@ -84,6 +84,10 @@ def request_of(work: m.PrefillWork, runner: ModelRunner) -> Request:
     its outputs after a preemption), and a seeded request's random stream where it was."""
     req = Request(work.request_id, work.token_ids[: work.num_prompt_tokens], work.params, work.max_tokens)
     req.all_token_ids = list(work.token_ids)
+    if req.num_output_tokens:
+        # NOTE: a recompute after a preemption: the prompt's logprobs went with the first token
+        # (a prefill side runs a prompt whole), so none is scored again.
+        req.num_prompt_logprobs = req.num_prompt_tokens
     _restore_generator(runner, req, work.generator_state)
     return req
 
@@ -143,7 +147,7 @@ class DecodeTurns:
                 req = sched.prefill_done(msg.request_id)
                 if req is not None:
                     _restore_generator(self.runner, req, msg.generator_state)
-                    self._take(req, msg.token, events, msg.logprobs)
+                    self._take(req, msg.token, events, msg.logprobs, msg.prompt_logprobs)
             elif isinstance(msg, m.PrefillDropped):
                 sched.prefill_dropped(msg.request_id)
             elif isinstance(msg, m.PartitionFollowed):
@@ -249,15 +253,16 @@ class DecodeTurns:
         )
 
     def _take(self, req: Request, token: int, events: list[m.TokenEvent],
-              logprobs: TokenLogprobs | None = None) -> None:
+              logprobs: TokenLogprobs | None = None, prompt_logprobs: PromptLogprobsChunk | None = None) -> None:
         """A request's next token (from the prefill worker or a decode step), with its logprobs
-        if the request asked."""
+        (and, the first token, its prompt's) if the request asked."""
         req.append_token(token)
         status, reason = req.token_stop(token, self.eos)
         if status is not None:
             self.scheduler.finish(req, status)
             self.runner.release(req.request_id)
-        events.append(m.TokenEvent(req.request_id, token, status.value if status else None, reason, logprobs))
+        events.append(m.TokenEvent(req.request_id, token, status.value if status else None, reason, logprobs,
+                                   prompt_logprobs))
 
 
 class DecodeWorker(DecodeTurns):
@@ -380,10 +385,12 @@ class PrefillTurns:
             self.runner.release(rid)
             self.to_decode.put(m.PrefillFailed(rid, f.message))
         tokens = result.tokens()
+        prompt_logprobs = result.prompt_logprobs()
         for s, token, logprobs in zip(result.scheduled, tokens, result.logprobs()):
             rid = s.request.request_id
             sched.finish(rid)
-            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs))
+            self.to_decode.put(m.PrefillDone(rid, token, _generator_state(self.runner, rid), logprobs,
+                                             prompt_logprobs.get(rid)))
         return True
 
     def _submit(self, batch: list[ScheduledRequest]) -> tuple[Any, list[Any]]:

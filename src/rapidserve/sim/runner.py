@@ -54,6 +54,10 @@ class SimStep:
         """No logprobs in a simulation (its tokens are fixed, not sampled)."""
         return [None] * self.num_tokens
 
+    def prompt_logprobs(self) -> dict[str, Any]:
+        """None either (a simulated step computes no logits)."""
+        return {}
+
     def device_s(self) -> float | None:
         """The step's device time, as the closed loop reads a real step's (after tokens())."""
         return self.device

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rapidserve.entrypoints.openai.protocol import (
-    ChatLogprobs, ChatLogprobsContent, ChatTokenLogprob, CompletionLogprobs,
+    ChatLogprobs, ChatLogprobsContent, ChatTokenLogprob, CompletionLogprobs, PromptLogprob,
 )
-from rapidserve.outputs import Logprob, RequestOutput
+from rapidserve.outputs import Logprob, PromptLogprobs, RequestOutput
 
 # JSON has no -inf (a token the model gives probability 0): the floor vLLM's server reports.
 _FLOOR = -9999.0
@@ -38,18 +38,42 @@ class CompletionLogprobsBuilder:
     def __init__(self) -> None:
         self._offset = 0  # characters of the tokens' text so far
 
-    def build(self, token_ids: Sequence[int], entries: Sequence[dict[int, Logprob]]) -> CompletionLogprobs:
-        out = CompletionLogprobs()
+    def build(self, token_ids: Sequence[int], entries: Sequence[dict[int, Logprob] | None],
+              texts: Mapping[int, str] | None = None, out: CompletionLogprobs | None = None,
+              top: int | None = None) -> CompletionLogprobs:
+        """The items of these tokens (appended to `out` if given). An entry None (the prompt's
+        first token under echo: nothing predicts it) has a null logprob and top_logprobs, its
+        text from `texts`. `top`: keep the token and the `top` most likely of each entry (the
+        prompt's entries may hold more: vLLM's prompt_logprobs asked with a larger k)."""
+        out = CompletionLogprobs() if out is None else out
         for token_id, entry in zip(token_ids, entries):
+            if entry is None:
+                text = (texts or {}).get(token_id, f"token_id:{token_id}")
+                out.tokens.append(text)
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                out.text_offset.append(self._offset)
+                self._offset += len(text)
+                continue
             lp = entry[token_id]
             text = _text(token_id, lp)
             out.tokens.append(text)
             out.token_logprobs.append(_value(lp))
             # The sampled token and the k most likely (a text shared by two ids: one key).
-            out.top_logprobs.append({_text(t, e): _value(e) for t, e in entry.items()})
+            out.top_logprobs.append({_text(t, e): _value(e) for t, e in entry.items()
+                                     if top is None or t == token_id or (e.rank or 0) <= top})
             out.text_offset.append(self._offset)
             self._offset += len(text)
         return out
+
+
+def prompt_logprobs_json(entries: PromptLogprobs | None) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's `prompt_logprobs` of a completions choice (token ids as JSON keys)."""
+    if entries is None:
+        return None
+    return [None if e is None else
+            {str(t): PromptLogprob(logprob=_value(lp), rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in e.items()} for e in entries]
 
 
 def _chat_token(token_id: int, lp: Logprob) -> ChatTokenLogprob:

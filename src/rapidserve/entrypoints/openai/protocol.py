@@ -2,7 +2,7 @@
 
 Requests validate strictly (a string is not a number, 1.0 is not an integer) and ignore
 unknown fields, as vLLM does, so that clients sending newer OpenAI fields still work.
-Parameters the engine cannot honour (best_of > 1, the prompt's logprobs, ...) are refused
+Parameters the engine cannot honour (best_of > 1, suffix, chat's echo, ...) are refused
 with a 400 rather than ignored: a client must not believe it got what it asked for.
 """
 
@@ -135,6 +135,10 @@ class _SamplingRequest(_Request):
         """SamplingParams.logprobs: the alternatives per token, None for no logprobs."""
         raise NotImplementedError
 
+    def _prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs (completions' echo with logprobs)."""
+        return None
+
     def _check_supported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options", "stream_options is only allowed with stream=true")
@@ -157,6 +161,7 @@ class _SamplingRequest(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=self._logprobs(),
+            prompt_logprobs=self._prompt_logprobs(),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -183,25 +188,40 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], _NON_EMPTY]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    echo: Annotated[bool, _only(False)] = False
+    # OpenAI's default for completions; 0 only with echo (the prompt scored, nothing generated)
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    # The prompt before the generated text (and, with logprobs, its tokens' logprobs first).
+    echo: bool = False
     logprobs: NumLogprobs | None = None
+    # vLLM's extension: each choice's `prompt_logprobs` (SamplingParams.prompt_logprobs), not streamed
+    prompt_logprobs: NumLogprobs | None = None
     best_of: Annotated[int | None, _only(1, None)] = None
     suffix: Annotated[str | None, _only("", None)] = None
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (OpenAI's way to score a prompt): the answer holds the prompt
+        alone. NOTE: the engine always generates a token; this one is dropped (as vLLM does)."""
+        return self.echo and self.max_tokens == 0
+
     def _max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens
 
     def _logprobs(self) -> int | None:
         return self.logprobs
 
+    def _prompt_logprobs(self) -> int | None:
+        # NOTE: one k for both uses: the larger (the echo's logprobs object keeps its own k).
+        ks = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(ks) if ks else None
+
     def _check_supported(self) -> None:
         super()._check_supported()
-        if self.echo:
-            if self.logprobs is not None:
-                raise RequestError("echo", "echo with logprobs (the prompt's logprobs) is not supported; "
-                                           "logprobs without echo give the generated tokens'")
-            raise RequestError("echo", "echo is not supported")
+        if self.prompt_logprobs is not None and self.stream:
+            raise RequestError("prompt_logprobs", "prompt_logprobs is not available with stream=true (as vLLM)")
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens", "max_tokens must be at least 1 (0 only with echo: the prompt "
+                                             "alone, scored with logprobs)")
         if self.best_of not in (None, 1):
             raise RequestError("best_of", f"best_of must be 1, got {self.best_of}")
         if self.suffix:
@@ -256,6 +276,8 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: NumLogprobs | None = None
     tools: Annotated[list[dict[str, Any]] | None, _only([], None)] = None
+    # vLLM's chat echo repeats the last message: not served (completions' echo is).
+    echo: Annotated[bool, _only(False)] = False
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's extension
 
@@ -272,6 +294,8 @@ class ChatCompletionRequest(_SamplingRequest):
             raise RequestError("top_logprobs", "top_logprobs requires logprobs to be true")
         if self.tools:
             raise RequestError("tools", "tools are not supported")
+        if self.echo:
+            raise RequestError("echo", "echo is not supported in chat (completions' echo is)")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise RequestError("response_format", "only response_format {\"type\": \"text\"} is supported")
 
@@ -342,12 +366,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobsContent] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob` as its server writes a prompt token's (the `prompt_logprobs` extension)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
+    # vLLM's extension (asked with "prompt_logprobs"): per prompt token, null for the first, then
+    # token id (a string) -> its Logprob; left out of the answer when not asked.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_if_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -35,12 +36,14 @@ from rapidserve.entrypoints.openai.metrics import ServerMetrics
 from rapidserve.entrypoints.openai.server_log import RequestLogMiddleware, StatsLogger, record_streams
 from rapidserve.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionRequest,
     CompletionResponse, CompletionStreamResponse, DeltaMessage, DetokenizeRequest, ErrorInfo,
     ErrorResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, UsageInfo,
     DetokenizeResponse, VersionResponse,
 )
-from rapidserve.entrypoints.openai.logprobs import CompletionLogprobsBuilder, chat_logprobs, new_logprobs
+from rapidserve.entrypoints.openai.logprobs import (
+    CompletionLogprobsBuilder, chat_logprobs, new_logprobs, prompt_logprobs_json,
+)
 from rapidserve.entrypoints.openai.streamed_text import StreamedText
 from rapidserve.outputs import CompletionOutput, RequestOutput
 from rapidserve.sampling_params import SamplingParams
@@ -455,7 +458,7 @@ class OpenAIServer:
         return await asyncio.gather(*(last(s) for s in batch.streams))
 
     async def run_full(self, request: Request, batch: _Batch,
-                       respond: Callable[[list[RequestOutput]], BaseModel]) -> Response:
+                       respond: Callable[[list[RequestOutput]], BaseModel | Awaitable[BaseModel]]) -> Response:
         """A non-streaming answer; a client that leaves first has its requests aborted."""
         try:
             finals = await _until_disconnect(request, self.collect(batch))
@@ -466,7 +469,10 @@ class OpenAIServer:
         if finals is None:
             log.info("client disconnected; aborted %d request(s)", len(batch.streams))
             return Response(status_code=499)
-        return JSONResponse(respond(finals).model_dump())
+        answer = respond(finals)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return JSONResponse(answer.model_dump())
 
     # ---- completions -------------------------------------------------------------------------
 
@@ -483,26 +489,49 @@ class OpenAIServer:
         model = self.engine.model_name
         if body.stream:
             return _SSEResponse(
-                self._completion_events(batch, params, request_id, created, body.include_usage),
+                self._completion_events(batch, params, request_id, created, body.include_usage, body.echo,
+                                        body.echo_only),
                 batch.close)
 
-        def respond(finals: list[RequestOutput]) -> CompletionResponse:
+        async def respond(finals: list[RequestOutput]) -> CompletionResponse:
+            echoes = [await self._echo(o, params) if body.echo else None for o in finals]
             # vLLM's order: prompt by prompt, each prompt's n choices (index = prompt * n + choice)
             return CompletionResponse(
                 id=request_id, created=created, model=model,
-                choices=[CompletionChoice(index=i * params.n + c.index, text=c.text,
-                                          logprobs=_completion_logprobs(c), finish_reason=_finish_reason(c),
-                                          stop_reason=_stop_reason(c))
-                         for i, o in enumerate(finals) for c in o.outputs],
-                usage=_usage(finals))
+                choices=[CompletionChoice(index=i * params.n + c.index,
+                                          **_echoed(o, echo, body.echo_only, c.text, c.token_ids, c.logprobs,
+                                                    top=body.logprobs),
+                                          finish_reason=_finish_reason(c), stop_reason=_stop_reason(c),
+                                          prompt_logprobs=None if body.prompt_logprobs is None
+                                          else prompt_logprobs_json(o.prompt_logprobs))
+                         for i, (o, echo) in enumerate(zip(finals, echoes)) for c in o.outputs],
+                usage=_usage(finals, body.echo_only))
 
         return await self.run_full(request, batch, respond)
 
+    async def _echo(self, out: RequestOutput, params: SamplingParams) -> _Echo:
+        """What completions' echo puts before a prompt's choices (on the tokenizer thread)."""
+        ids = out.prompt_token_ids
+
+        def make(e: EngineFront) -> _Echo:
+            tokenizer = e.tokenizer
+            if tokenizer is None:
+                return _Echo(out.prompt or "", {})
+            text = out.prompt if out.prompt is not None else str(
+                tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens))
+            return _Echo(text, {ids[0]: str(tokenizer.decode(ids[:1]))})
+
+        return await self.engine.tokenize(make)
+
     async def _completion_events(self, batch: _Batch, params: SamplingParams, request_id: str,
-                                 created: int, include_usage: bool) -> AsyncIterator[str]:
+                                 created: int, include_usage: bool, echo: bool = False,
+                                 echo_only: bool = False) -> AsyncIterator[str]:
         # One per choice: index = prompt * n + the choice's index (as non-streaming).
         texts = [StreamedText(params) for _ in range(len(batch.streams) * params.n)]
         logprobs = [CompletionLogprobsBuilder() for _ in texts]
+        # Under echo, each choice's first chunk carries the prompt (as vLLM's): per prompt, once made.
+        echoes: dict[int, _Echo] = {}
+        echoed = [False] * len(texts)
         finals: list[RequestOutput] = []
         model = self.engine.model_name
         try:
@@ -513,16 +542,26 @@ class OpenAIServer:
                     continue
                 c = out.outputs[0]
                 k = i * params.n + c.index
+                delta = texts[k].delta(out)
+                token_ids, entries = new_logprobs(out)
+                if echo and not echoed[k]:
+                    echoed[k] = True
+                    if i not in echoes:
+                        echoes[i] = await self._echo(out, params)
+                    choice = _echoed(out, echoes[i], echo_only, delta, token_ids,
+                                     None if params.logprobs is None else entries, params.logprobs, logprobs[k])
+                elif echo_only:
+                    choice = {"text": "", "logprobs": None}  # (the dropped token never has another)
+                else:
+                    choice = {"text": delta, "logprobs": None if params.logprobs is None
+                              else logprobs[k].build(token_ids, entries)}
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model,
-                    choices=[CompletionChoice(index=k, text=texts[k].delta(out),
-                                              logprobs=None if params.logprobs is None
-                                              else logprobs[k].build(*new_logprobs(out)),
-                                              finish_reason=_finish_reason(c),
+                    choices=[CompletionChoice(index=k, **choice, finish_reason=_finish_reason(c),
                                               stop_reason=_stop_reason(c))]))
             if include_usage:
                 yield _sse(CompletionStreamResponse(
-                    id=request_id, created=created, model=model, choices=[], usage=_usage(finals)))
+                    id=request_id, created=created, model=model, choices=[], usage=_usage(finals, echo_only)))
         except (EngineDeadError, _RequestFailed) as e:
             yield _stream_error(request_id, e)
         yield _SSE_DONE
@@ -621,8 +660,34 @@ class OpenAIServer:
         return ModelCard(id=name or e.model_name, root=e.model_root, max_model_len=e.max_model_len)
 
 
-def _completion_logprobs(c: CompletionOutput) -> CompletionLogprobs | None:
-    return None if c.logprobs is None else CompletionLogprobsBuilder().build(c.token_ids, c.logprobs)
+class _Echo(NamedTuple):
+    """What completions' echo puts before a prompt's choices: the prompt's text (as given, or
+    its token ids decoded), and its first token's text (that token's logprobs item has no
+    `Logprob` to take it from)."""
+
+    text: str
+    first_token: dict[int, str]
+
+
+def _echoed(out: RequestOutput, echo: _Echo | None, echo_only: bool, text: str, token_ids: list[int],
+            entries: Any, top: int | None = None, builder: CompletionLogprobsBuilder | None = None,
+            ) -> dict[str, Any]:
+    """A choice's (or its first chunk's) text and logprobs: the generated ones (`text`,
+    `token_ids` and their logprob `entries`; None: not asked), after the prompt's (their `top`
+    most likely each) under echo (`echo` not None), alone with echo_only (max_tokens 0: the one
+    generated token dropped)."""
+    builder = builder or CompletionLogprobsBuilder()
+    if echo is None:
+        return {"text": text, "logprobs": None if entries is None else builder.build(token_ids, entries)}
+    lp = None
+    if entries is not None:
+        # NOTE: with echo and logprobs the request asked the prompt's logprobs too (protocol).
+        if out.prompt_logprobs is None:
+            raise RuntimeError(f"request {out.request_id}: no prompt logprobs for its echo")
+        lp = builder.build(out.prompt_token_ids, out.prompt_logprobs, echo.first_token, top=top)
+        if not echo_only:
+            builder.build(token_ids, entries, out=lp)
+    return {"text": echo.text + ("" if echo_only else text), "logprobs": lp}
 
 
 def _chat_logprobs(c: CompletionOutput, params: SamplingParams) -> ChatLogprobs | None:
@@ -630,10 +695,11 @@ def _chat_logprobs(c: CompletionOutput, params: SamplingParams) -> ChatLogprobs 
                                                                                    params.logprobs)
 
 
-def _usage(finals: list[RequestOutput]) -> UsageInfo:
-    """OpenAI's usage: each prompt counted once, the completion tokens of every choice summed."""
+def _usage(finals: list[RequestOutput], echo_only: bool = False) -> UsageInfo:
+    """OpenAI's usage: each prompt counted once, the completion tokens of every choice summed
+    (none under echo_only: the one generated is dropped)."""
     return UsageInfo.of(sum(len(o.prompt_token_ids) for o in finals),
-                        sum(len(c.token_ids) for o in finals for c in o.outputs))
+                        0 if echo_only else sum(len(c.token_ids) for o in finals for c in o.outputs))
 
 
 def _tokenizer(engine: EngineFront) -> Any:
