@@ -5,13 +5,12 @@ get none."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -110,19 +109,6 @@ def test_hybrid_prompt_logprobs_match_hf(tiny_llama, monkeypatch):
     check_prompt_logprobs(outs[3], hf, prompts[3], 5)
 
 
-def _run(engine, prompts, params, timeout_s: float = 120.0):
-    """Every request to its end; its final output (the lead may fold this into conftest)."""
-    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
-    done = {}
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, "the engine did not finish in time"
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[i] for i in ids]
-
-
 def test_hybrid_preemption_scores_each_prompt_token_once(tiny_llama):
     """Under a cache too small for every request, requests are preempted (some in the middle of
     their chunked prefill, some after their first tokens) and recomputed, one step ahead: each
@@ -132,7 +118,7 @@ def test_hybrid_preemption_scores_each_prompt_token_once(tiny_llama):
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32", num_kv_blocks=12, block_size=16,
                                         max_num_batched_tokens=32, async_scheduling=True))
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
-    outs = _run(engine, prompts, [params] * len(prompts))
+    outs = run_engine(engine, prompts, [params] * len(prompts))
     assert engine.scheduler.num_preemptions > 0
     for out, prompt in zip(outs, prompts):
         check_prompt_logprobs(out, hf, prompt, 2)
@@ -157,7 +143,7 @@ def test_every_mode_carries_prompt_logprobs(tiny_llama, mode):
     try:
         three = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, prompt_logprobs=3)
         plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-        outs = _run(engine, prompts, [three, plain, three, three])
+        outs = run_engine(engine, prompts, [three, plain, three, three])
         if "num_kv_blocks" in MODES[mode]:
             assert engine.worker_stats.num_preemptions > 0
     finally:
@@ -251,7 +237,7 @@ def test_cuda_graphs_and_async_scheduling_carry_prompt_logprobs(tiny_llama, mode
             assert engine.runner.decode_graphs is not None and engine.async_scheduling
         three = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
         plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-        outs = _run(engine, prompts, [three, three, plain, three])
+        outs = run_engine(engine, prompts, [three, three, plain, three])
     finally:
         engine.shutdown()
     for i in (0, 1, 3):
@@ -281,7 +267,7 @@ def test_prompt_logprobs_survive_a_step_run_one_request_at_a_time(tiny_llama, mo
     two = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
     marked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, seed=4242, prompt_logprobs=1)
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32"))
-    outs = _run(engine, prompts, [two, marked, two])
+    outs = run_engine(engine, prompts, [two, marked, two])
     assert outs[1].error is not None
     for i in range(3):
         check_prompt_logprobs(outs[i], hf, prompts[i], 1 if i == 1 else 2)
