@@ -307,3 +307,17 @@ def test_generate_command_takes_the_penalties():
     assert not _sampling_params(build_parser().parse_args(["generate", "--prompt", "hi"])).penalized
     with pytest.raises(ValueError, match="^repetition_penalty"):
         _sampling_params(build_parser().parse_args(["generate", "--prompt", "hi", "--repetition-penalty", "0"]))
+
+
+def test_logit_bias_arrays_are_built_once_per_params():
+    """A bias may cover the whole vocabulary: its arrays are built once per SamplingParams (not
+    per step), and a replaced copy with another bias gets its own."""
+    import dataclasses
+
+    from rapidserve.sampling.penalties import logit_bias_arrays
+
+    p = SamplingParams(logit_bias={3: 1.5, 9: -2.0})
+    ids, values = logit_bias_arrays(p)
+    assert logit_bias_arrays(p)[0] is ids and ids.tolist() == [3, 9] and values.tolist() == [1.5, -2.0]
+    q = dataclasses.replace(p, logit_bias={4: 7.0})
+    assert logit_bias_arrays(q)[0].tolist() == [4] and q == dataclasses.replace(p, logit_bias={4: 7.0})
