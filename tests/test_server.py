@@ -236,6 +236,12 @@ def test_completion_echo_whole_streamed_and_score_only(client, engine):
     assert only.usage.completion_tokens == 0 and only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]
     streamed = list(client.completions.create(echo=True, stream=True, **kw))
     assert "".join(c.choices[0].text for c in streamed) == prompt
+    # score only ends by its length even when the token generated and dropped was a stop id
+    stopped = {**kw, "extra_body": {"logit_bias": {"42": 100}, "stop_token_ids": [42]}}
+    assert client.completions.create(echo=True, **stopped).choices[0].finish_reason == "length"
+    assert [c.choices[0].finish_reason for c in client.completions.create(echo=True, stream=True, **stopped)
+            if c.choices[0].finish_reason] == ["length"]
+    assert client.completions.create(**{**stopped, "max_tokens": 1}).choices[0].finish_reason == "stop"  # kept
     kw["max_tokens"] = 4
     two = client.completions.create(echo=True, logprobs=2, n=2, **kw)  # each choice echoes the prompt
     assert [c.text for c in two.choices] == [choice.text] * 2
@@ -472,6 +478,7 @@ def _still_serving(url: str) -> None:
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "echo": True}, 400, "echo is not supported in chat"),
+    ("/v1/chat/completions", {"messages": QUESTION, "prompt_logprobs": 1}, 400, "completions only"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs requires logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": "yes"}, 400, "logprobs"),

@@ -278,6 +278,8 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: Annotated[list[dict[str, Any]] | None, _only([], None)] = None
     # vLLM's chat echo repeats the last message: not served (completions' echo is).
     echo: Annotated[bool, _only(False)] = False
+    # vLLM's extension, served on completions only: refused here rather than ignored.
+    prompt_logprobs: Annotated[int | None, _only(None)] = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's extension
 
@@ -296,6 +298,8 @@ class ChatCompletionRequest(_SamplingRequest):
             raise RequestError("tools", "tools are not supported")
         if self.echo:
             raise RequestError("echo", "echo is not supported in chat (completions' echo is)")
+        if self.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs", "prompt_logprobs is served on /v1/completions only")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise RequestError("response_format", "only response_format {\"type\": \"text\"} is supported")
 

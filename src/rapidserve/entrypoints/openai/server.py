@@ -165,6 +165,14 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return "; ".join(parts[:3]) or "invalid request", first or None
 
 
+def _ending(c: CompletionOutput, echo_only: bool = False) -> dict[str, Any]:
+    """A completion choice's finish_reason and stop_reason. Echo alone (max_tokens 0) ends by its
+    length whatever ended the one token generated and dropped (an EOS, a stop id)."""
+    if echo_only and c.finish_reason is not None:
+        return {"finish_reason": "length", "stop_reason": None}
+    return {"finish_reason": _finish_reason(c), "stop_reason": _stop_reason(c)}
+
+
 def _finish_reason(c: CompletionOutput) -> str | None:
     """A choice's OpenAI finish_reason (None while it runs; each choice ends on its own)."""
     if c.finish_reason is None:
@@ -495,15 +503,16 @@ class OpenAIServer:
 
         async def respond(finals: list[RequestOutput]) -> CompletionResponse:
             echoes = [await self._echo(o, params) if body.echo else None for o in finals]
+            # once per prompt, not per choice: the n choices share it (and it is long)
+            prompt_lps = [None if body.prompt_logprobs is None else prompt_logprobs_json(o.prompt_logprobs)
+                          for o in finals]
             # vLLM's order: prompt by prompt, each prompt's n choices (index = prompt * n + choice)
             return CompletionResponse(
                 id=request_id, created=created, model=model,
                 choices=[CompletionChoice(index=i * params.n + c.index,
                                           **_echoed(o, echo, body.echo_only, c.text, c.token_ids, c.logprobs,
                                                     top=body.logprobs),
-                                          finish_reason=_finish_reason(c), stop_reason=_stop_reason(c),
-                                          prompt_logprobs=None if body.prompt_logprobs is None
-                                          else prompt_logprobs_json(o.prompt_logprobs))
+                                          **_ending(c, body.echo_only), prompt_logprobs=prompt_lps[i])
                          for i, (o, echo) in enumerate(zip(finals, echoes)) for c in o.outputs],
                 usage=_usage(finals, body.echo_only))
 
@@ -557,8 +566,7 @@ class OpenAIServer:
                               else logprobs[k].build(token_ids, entries)}
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model,
-                    choices=[CompletionChoice(index=k, **choice, finish_reason=_finish_reason(c),
-                                              stop_reason=_stop_reason(c))]))
+                    choices=[CompletionChoice(index=k, **choice, **_ending(c, echo_only))]))
             if include_usage:
                 yield _sse(CompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[], usage=_usage(finals, echo_only)))
