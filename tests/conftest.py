@@ -205,6 +205,34 @@ def random_prompts(n: int, seed: int = 3, max_len: int = 100, min_len: int = 1) 
     return [[rng.randrange(256) for _ in range(rng.randrange(min_len, max_len))] for _ in range(n)]
 
 
+POISON_SEED = 4242  # the seed that marks the request an injected sampling fault hits
+
+
+def inject_sampling_fault(monkeypatch, after_tokens: int, in_company: bool = False) -> list[str]:
+    """Make building a step's sampling rows (ModelRunner._sampling_batch) raise for the request
+    seeded POISON_SEED once it has `after_tokens` output tokens (0: its first, sampled by a
+    prefill; more: in a decode step); with `in_company`, also for every batch holding it beside
+    other requests (so each such step runs again one request at a time). Returns the request ids
+    it raised for."""
+    from rapidserve.runner.model_runner import ModelRunner
+
+    real = ModelRunner._sampling_batch
+    hits: list[str] = []
+
+    def faulty(self, rows):
+        marked = [s.request for s in rows if s.request.params.seed == POISON_SEED]
+        if in_company and marked and len(rows) > 1:
+            raise RuntimeError("injected: a batch holding the marked request")
+        for req in marked:
+            if req.num_output_tokens + req.num_pending >= after_tokens:
+                hits.append(req.request_id)
+                raise RuntimeError(f"injected fault for request {req.request_id}")
+        return real(self, rows)
+
+    monkeypatch.setattr(ModelRunner, "_sampling_batch", faulty)
+    return hits
+
+
 def run_engine(engine, prompts, params, *, arrivals_every: int = 0, ids=None, seen: list | None = None,
                timeout_s: float = 120.0) -> list:
     """Submit the prompts to an engine front (`params`: one SamplingParams for all, or one per

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import LiveServer, random_prompts, run_engine, served_url
+from conftest import POISON_SEED, LiveServer, inject_sampling_fault, random_prompts, run_engine, served_url
 
 from rapidserve import SamplingParams
 from rapidserve.async_engine import AsyncEngine
@@ -26,7 +26,7 @@ from rapidserve.serving.hybrid import LLMEngine
 from rapidserve.entrypoints.openai.server import ServerConfig, build_app
 from rapidserve.runner.model_runner import ModelRunner, is_device_failure
 
-POISON = 4242  # the seed that marks the request the injected fault hits (greedy: the seed is unused)
+POISON = POISON_SEED  # (greedy: the seed is unused)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 MARKED = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=POISON)
 
@@ -44,25 +44,6 @@ def _wait_all_free(engine, timeout_s: float = 10.0) -> None:
         if s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0:
             return
         assert time.monotonic() < deadline, f"blocks not freed: {s}"
-
-
-def _inject_fault(monkeypatch, after_tokens: int) -> list[str]:
-    """Make building the sampling rows raise for the marked request once it has `after_tokens`
-    output tokens (0: its first token, sampled by a prefill; more: in a decode step). Returns
-    the ids it was raised for."""
-    real = ModelRunner._sampling_batch
-    hits: list[str] = []
-
-    def faulty(self, rows):
-        for s in rows:
-            req = s.request
-            if req.params.seed == POISON and req.num_output_tokens + req.num_pending >= after_tokens:
-                hits.append(req.request_id)
-                raise RuntimeError(f"injected fault for request {req.request_id}")
-        return real(self, rows)
-
-    monkeypatch.setattr(ModelRunner, "_sampling_batch", faulty)
-    return hits
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +91,7 @@ def test_out_of_vocabulary_stop_ids_are_refused_at_admission(tiny, mode):
 def test_a_request_failing_in_a_step_fails_alone(tiny, clean_tokens, monkeypatch, mode, async_scheduling,
                                                  after_tokens):
     prompts, clean = clean_tokens
-    hits = _inject_fault(monkeypatch, after_tokens)
+    hits = inject_sampling_fault(monkeypatch, after_tokens)
     engine = _engine(tiny, mode, **({} if async_scheduling is None else {"async_scheduling": async_scheduling}))
     try:
         marked = 2
@@ -197,7 +178,7 @@ def test_a_failure_making_one_output_fails_that_request_only(tiny, clean_tokens,
 
 @pytest.mark.parametrize("mode", ["hybrid", "rapid"])
 def test_the_killer_request_gets_a_400_and_the_server_stays_healthy(tiny, mode, monkeypatch):
-    hits = _inject_fault(monkeypatch, after_tokens=2)
+    hits = inject_sampling_fault(monkeypatch, after_tokens=2)
     eng = AsyncEngine(_engine(tiny, mode))
     live = LiveServer(build_app(eng, ServerConfig()))
     url = live.start()

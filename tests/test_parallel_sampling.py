@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import hf_greedy, random_prompts, run_engine
+from conftest import POISON_SEED, hf_greedy, inject_sampling_fault, random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -177,20 +177,10 @@ def test_a_failing_child_fails_the_parent(tiny_llama, monkeypatch):
     """A child whose step fails (cut out of its batch, ModelRunner.submit_isolated) ends the
     parent at once: its final carries the error, the siblings are aborted and their blocks freed;
     other requests go on."""
-    from rapidserve.runner.model_runner import ModelRunner
-
-    real = ModelRunner._sampling_batch
-
-    def faulty(self, rows):
-        if any(s.request.params.seed == 4242 and s.request.num_output_tokens + s.request.num_pending >= 2
-               for s in rows):
-            raise RuntimeError("injected: the marked child's third token")
-        return real(self, rows)
-
-    monkeypatch.setattr(ModelRunner, "_sampling_batch", faulty)
+    inject_sampling_fault(monkeypatch, after_tokens=2)  # the marked child's third token
     engine = _engine(tiny_llama)
     free = engine.blocks.num_free_blocks
-    marked = SamplingParams(n=3, seed=4241, temperature=1.0, max_tokens=8, ignore_eos=True)  # child 1: 4242
+    marked = SamplingParams(n=3, seed=POISON_SEED - 1, temperature=1.0, max_tokens=8, ignore_eos=True)  # child 1's
     (parent, other), seen = _run(engine, [[7, 8, 9], [10, 11]], [marked, GREEDY2])
     assert parent.error is not None and "injected" in parent.error
     # The siblings were aborted with the parent: nothing of theirs comes out afterwards.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_prompts, run_engine
+from conftest import POISON_SEED, inject_sampling_fault, random_prompts, run_engine
 
 from rapidserve import LLM, SamplingParams
 from rapidserve.config import EngineConfig
@@ -249,23 +249,11 @@ def test_prompt_logprobs_survive_a_step_run_one_request_at_a_time(tiny_llama, mo
     """A request that makes a step fail is cut out of it (the step runs again one request at a
     time, ModelRunner.submit_isolated): the others' prompt logprobs come from their runs alone,
     each position once; the failed request's output still carries its own."""
-    from rapidserve.runner.model_runner import ModelRunner
-
     path, hf = tiny_llama
-    real = ModelRunner._sampling_batch
-
-    def faulty(self, rows):
-        if len(rows) > 1 and any(s.request.params.seed == 4242 for s in rows):
-            raise RuntimeError("injected: only batches holding the marked request fail")
-        if any(s.request.params.seed == 4242 and s.request.num_output_tokens + s.request.num_pending >= 2
-               for s in rows):
-            raise RuntimeError("injected: the marked request's third token")
-        return real(self, rows)
-
-    monkeypatch.setattr(ModelRunner, "_sampling_batch", faulty)
+    inject_sampling_fault(monkeypatch, after_tokens=2, in_company=True)  # its third token fails
     prompts = random_prompts(3, seed=14, min_len=10, max_len=40)
     two = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
-    marked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, seed=4242, prompt_logprobs=1)
+    marked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, seed=POISON_SEED, prompt_logprobs=1)
     engine = create_engine(EngineConfig(model=path, device="cpu", dtype="float32"))
     outs = run_engine(engine, prompts, [two, marked, two])
     assert outs[1].error is not None
