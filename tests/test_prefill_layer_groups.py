@@ -79,7 +79,7 @@ def _prefill(prepared, prompts, groups: LayerGroups | None, between=None):
         assert blocks.allocate(req.request_id, len(p))
         batch.append(ScheduledRequest(req, 0, len(p), True))
     with torch.inference_mode():
-        logits = runner._logits(batch, None, between)
+        logits = runner._forward_step(batch, None, between)[0]
     return logits, runner.execute(batch, between)
 
 

@@ -548,8 +548,7 @@ class AsyncEngine:
     def _on_wedged(self, role: str, age: float) -> None:
         """The watcher's verdict (on its thread): the engine thread has been in one step too long."""
         assert self._step_watcher is not None
-        reason = (f"the {role} thread has been in one step for {age:.1f} s (wedged: a kernel that never "
-                  f"ends or a deadlock; --step-timeout-s {self._step_watcher.watch.timeout_s:g})")
+        reason = self._step_watcher.watch.verdict(f"the {role} thread", age)
         log.error("%s; failing every request (the thread is left behind: it cannot be stopped)", reason)
         error = EngineFailure(reason)
         # NOTE: not _stop(): the engine's own shutdown is the engine thread's to run (it is inside

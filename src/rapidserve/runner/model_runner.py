@@ -380,11 +380,6 @@ class ModelRunner:
         where = self._tensor(np.stack([inp.pending_index, np.array(src, dtype=np.int64)]))  # [2, P]: one copy
         input_ids.index_copy_(0, where[0], prev.sampled.index_select(0, where[1]))
 
-    def _logits(self, scheduled: list[ScheduledRequest], prev: StepResult | None,
-                between_groups: Callable[[], None] | None = None) -> torch.Tensor | None:
-        """The logits of the step's sampling rows [S, V] (None if none samples)."""
-        return self._forward_step(scheduled, prev, between_groups)[0]
-
     def _forward_step(self, scheduled: list[ScheduledRequest], prev: StepResult | None,
                       between_groups: Callable[[], None] | None = None, plan: PromptLogprobsPlan | None = None,
                       ) -> tuple[torch.Tensor | None, PromptLogprobsTensors | None]:

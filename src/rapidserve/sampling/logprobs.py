@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from rapidserve.sampling.sampler import _to_device
+from rapidserve.sampling.transfer import to_device
 from rapidserve.sampling_params import SamplingParams
 
 
@@ -51,7 +51,7 @@ def compute_logprobs(logits: torch.Tensor, sampled: torch.Tensor,
     if len(rows) == logits.shape[0]:
         x, tokens = logits, sampled
     else:
-        index = _to_device(rows, torch.long, logits.device)  # [R]
+        index = to_device(rows, torch.long, logits.device)  # [R]
         x, tokens = logits.index_select(0, index), sampled.index_select(0, index)
     return LogprobsTensors(rows, num, pack_logprobs(x, tokens, k))
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from rapidserve.sampling.transfer import to_device
 from rapidserve.sampling_params import SamplingParams
 
 
@@ -73,7 +74,7 @@ def apply_penalties(
     vocab = x.shape[1]
     device = x.device
     all_rows = len(rows) == x.shape[0]
-    index = None if all_rows else _to_device(rows, torch.long, device)  # [R]
+    index = None if all_rows else to_device(rows, torch.long, device)  # [R]
     sub = x if index is None else x.index_select(0, index)  # [R, V]
     sub_params = [params[i] for i in rows]
 
@@ -84,8 +85,8 @@ def apply_penalties(
         if ids.max() >= vocab:
             raise ValueError(f"logit_bias token id {int(ids.max())} is outside the vocabulary [0, {vocab})")
         owners = np.concatenate([np.full(len(a[0]), r, dtype=np.int64) for r, a in biased])  # [N]
-        values = _to_device(np.concatenate([a[1] for _, a in biased]), torch.float32, device)  # [N]
-        where = _to_device(np.stack([owners, ids]), torch.long, device)  # [2, N]
+        values = to_device(np.concatenate([a[1] for _, a in biased]), torch.float32, device)  # [N]
+        where = to_device(np.stack([owners, ids]), torch.long, device)  # [2, N]
         sub.index_put_((where[0], where[1]), values, accumulate=True)
 
     if any(p.penalized for p in sub_params):
@@ -123,16 +124,16 @@ def _apply_history_penalties(
     # device-side assert (an index past the counts).
     if ids.min() < 0 or ids.max() > 2 * vocab + 1:
         raise ValueError(f"a token history holds an id outside the vocabulary [0, {vocab})")
-    index = _to_device(ids, torch.long, device)  # [R, W]
+    index = to_device(ids, torch.long, device)  # [R, W]
     if pending is not None:
         mine = [(local[row], k) for k, row in enumerate(pending.rows) if row in local]
         if mine:
-            at = _to_device([[r for r, _ in mine], [k for _, k in mine]], torch.long, device)  # [2, P]
+            at = to_device([[r for r, _ in mine], [k for _, k in mine]], torch.long, device)  # [2, P]
             index[at[0], -1] = pending.tokens.index_select(0, at[1])
     counts = torch.zeros(num_rows, 2 * (vocab + 1), dtype=torch.float32, device=device)
     counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
     output_counts = counts[:, :vocab]  # [R, V]
-    table = _to_device(
+    table = to_device(
         [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device
     )  # [R, 3]
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -142,12 +143,3 @@ def _apply_history_penalties(
         x.copy_(torch.where(seen, torch.where(x > 0, x / r, x * r), x))
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
         x.sub_(table[:, 1:2] * output_counts + table[:, 2:3] * (output_counts > 0))
-
-
-def _to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values -> device tensor without making the host wait for queued GPU work (through
-    pinned memory on CUDA; see sampler._to_device)."""
-    t = torch.as_tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from rapidserve.sampling.penalties import PendingTokens, TokenHistory, apply_penalties, needs_penalties
+from rapidserve.sampling.transfer import to_device
 from rapidserve.sampling_params import SamplingParams
 
 # Slack for "cumulative probability reaches top_p" (absolute, in probability).
@@ -73,18 +74,6 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
     return gen
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor without making the host wait for queued GPU work.
-
-    A plain `.to(cuda)` from pageable memory synchronizes the stream; staging through
-    pinned memory lets the copy be queued behind the forward pass instead.
-    """
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def apply_filters(
@@ -258,7 +247,7 @@ class Sampler:
 
         # Mixed batch: argmax everywhere, then overwrite the sampled rows.
         out = x.argmax(dim=-1)  # [B]
-        rows = _to_device(sampled_rows, torch.long, x.device)  # [S]
+        rows = to_device(sampled_rows, torch.long, x.device)  # [S]
         sampled = self._sample(
             x.index_select(0, rows),
             [batch.params[i] for i in sampled_rows],
@@ -277,7 +266,7 @@ class Sampler:
                     raise ValueError(f"banned token id {t} is outside the vocabulary [0, {vocab})")
                 rows.append(row)
                 cols.append(t)
-        index = _to_device([rows, cols], torch.long, x.device)  # [2, N]
+        index = to_device([rows, cols], torch.long, x.device)  # [2, N]
         # new_full fills on the device; torch.tensor(..., device=cuda) would be a blocking copy.
         x.index_put_((index[0], index[1]), x.new_full((), float("-inf")))
 
@@ -295,7 +284,7 @@ class Sampler:
         if use_temperature or use_top_k or use_top_p or use_min_p:
             # One host->device copy for every per-row parameter (top_k is exact in float32
             # for any vocabulary below 2**24).
-            table = _to_device(
+            table = to_device(
                 [[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32, x.device
             )  # [S, 4]
             if use_temperature:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from rapidserve.config import EngineConfig
@@ -400,11 +401,8 @@ class EngineFront:
             return
         if logprobs is None:
             raise RuntimeError(f"token {token} came without the logprobs the request asked for")
-        entry = {token: Logprob(logprobs.logprob, logprobs.rank, self._token_text(req, token))}
-        for rank, (t, lp) in enumerate(zip(logprobs.top_ids, logprobs.top_logprobs), start=1):
-            if t not in entry:
-                entry[t] = Logprob(lp, rank, self._token_text(req, t))
-        state.logprobs.append(entry)
+        state.logprobs.append(self._logprob_entry(req, token, logprobs.logprob, logprobs.rank,
+                                                  logprobs.top_ids, logprobs.top_logprobs))
         state.cumulative_logprob += logprobs.logprob
 
     def _take_prompt_logprobs(self, req: Request, chunk: PromptLogprobsChunk) -> RequestOutput | None:
@@ -429,12 +427,18 @@ class EngineFront:
         k = chunk.k
         prompt = req.prompt_token_ids
         for i, row in enumerate(chunk.packed.tolist()[skip:], start=chunk.first + skip):
-            token = prompt[i]
-            entry = {token: Logprob(row[0], int(row[1]), self._token_text(req, token))}
-            for rank, (t, lp) in enumerate(zip(row[2:2 + k], row[2 + k:2 + 2 * k]), start=1):
-                if int(t) not in entry:
-                    entry[int(t)] = Logprob(lp, rank, self._token_text(req, int(t)))
-            entries.append(entry)
+            top_ids = [int(t) for t in row[2:2 + k]]
+            entries.append(self._logprob_entry(req, prompt[i], row[0], int(row[1]), top_ids, row[2 + k:2 + 2 * k]))
+
+    def _logprob_entry(self, req: Request, token: int, logprob: float, rank: int, top_ids: Sequence[int],
+                       top_logprobs: Sequence[float]) -> dict[int, Logprob]:
+        """One position's vLLM-style dict: the token there first, then the position's top k (a
+        token among them once)."""
+        entry = {token: Logprob(logprob, rank, self._token_text(req, token))}
+        for r, (t, lp) in enumerate(zip(top_ids, top_logprobs), start=1):
+            if t not in entry:
+                entry[t] = Logprob(lp, r, self._token_text(req, t))
+        return entry
 
     def _token_text(self, req: Request, token: int) -> str | None:
         """A token alone as text (special tokens too), as vLLM decodes a Logprob's token."""

@@ -262,6 +262,12 @@ class StepWatch(_Bound):
         super().__init__(timeout_s)
         self.slots = {role: make_slot() for role in roles}
 
+    def verdict(self, who: str, age: float) -> str:
+        """The one-line reason the engine fails with, for `who` (e.g. "the decode worker") whose
+        step has run `age` seconds."""
+        return (f"{who} has been in one step for {age:.1f} s (wedged: a kernel that never ends or a "
+                f"deadlock; --step-timeout-s {self.timeout_s:g})")
+
     def hung(self) -> tuple[str, float] | None:
         """The first worker whose current step has run longer than the bound, with the step's
         age; None if none has (or the check is not armed)."""

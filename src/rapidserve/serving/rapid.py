@@ -210,8 +210,7 @@ class RapidEngine(EngineFront):
             self._hung.add(role)
             # NOTE: a thread cannot be killed: it is left blocked (a daemon: the process's exit
             # ends it); the engine is failed all the same.
-            self._fail(f"the {role} worker has been in one step for {age:.1f} s (wedged: a kernel that "
-                       f"never ends or a deadlock; --step-timeout-s {self.steps.timeout_s:g})")
+            self._fail(self.steps.verdict(f"the {role} worker", age))
 
     def _last_words(self) -> m.WorkerFailed | None:
         """A WorkerFailed still on its way to the front (anything else is dropped: we fail)."""
